@@ -1,0 +1,170 @@
+"""One image in, every cell out: the path shared by the service, validation during training, and the CLIs.
+
+The work is split in three steps so the service can batch the middle one across requests:
+`prepare` (normalize, resize or rescale, cut into tiles) -> `run_network` (any batch of equal tiles) ->
+`finish` (stitch, resize back to the original size, instances).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from app.ml.checkpoint import Checkpoint, load_checkpoint
+from app.ml.errors import InvalidOptionError
+from app.ml.postprocess import InstanceConfig, Instances, probabilities_to_instances
+from app.ml.transforms import (
+    PreprocessConfig,
+    TileGrid,
+    extract_tiles,
+    normalize,
+    resize_image,
+    scaled_size,
+    stitch_tiles,
+)
+from app.ml.unet import UNet
+
+
+class Mode(StrEnum):
+    """resize: the model card's 572x572 and back. tile: overlap-tile at the model's training pixel scale."""
+
+    RESIZE = "resize"
+    TILE = "tile"
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """An image made ready for the network: (N, 1, h, w) float32 tiles and how to put them back."""
+
+    tiles: np.ndarray
+    grid: TileGrid
+    original_shape: tuple[int, int]
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    """'auto' -> CUDA when available, else CPU; anything else is passed to torch.device."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+class Predictor:
+    """A network with the pre- and postprocessing it was validated with."""
+
+    def __init__(
+        self,
+        model: UNet,
+        preprocess: PreprocessConfig,
+        instances: InstanceConfig,
+        device: torch.device | str = "cpu",
+        half: bool = False,
+        version: str = "unsaved",
+    ) -> None:
+        self.device = torch.device(device)
+        self.half = half and self.device.type == "cuda"
+        self.model = model.to(self.device).eval()
+        if self.half:
+            self.model.half()
+        self.config = model.config
+        self.preprocess = preprocess
+        self.instances = instances
+        self.version = version
+
+    @classmethod
+    def from_checkpoint(cls, source: str | Path | Checkpoint, device: str = "auto", half: bool = True) -> Predictor:
+        checkpoint = source if isinstance(source, Checkpoint) else load_checkpoint(source)
+        return cls(
+            checkpoint.build_model(),
+            checkpoint.preprocess,
+            checkpoint.instances,
+            device=pick_device(device),
+            half=half and checkpoint.card.get("inference", {}).get("half_precision", False),
+            version=checkpoint.version,
+        )
+
+    # ------------------------------------------------------------------ the three steps
+
+    def prepare(self, image: np.ndarray, mode: Mode | str = Mode.RESIZE) -> Prepared:
+        """(H, W) float image in [0, 1] -> Prepared tiles for the network."""
+        mode = _parse_mode(mode)
+        working = resize_image(image, self.working_size(image.shape, mode))
+        grid = self.grid(working.shape, mode)
+        tiles = extract_tiles(normalize(working), grid)[:, None]
+        return Prepared(tiles=tiles, grid=grid, original_shape=(image.shape[0], image.shape[1]))
+
+    @torch.inference_mode()
+    def run_network(self, tiles: np.ndarray) -> np.ndarray:
+        """(N, 1, h, w) float32 -> (N, C, h', w') float32 class probabilities."""
+        batch = torch.from_numpy(tiles).to(self.device, non_blocking=True)
+        if self.half:
+            batch = batch.half()
+        probs = torch.softmax(self.model(batch).float(), dim=1)
+        return probs.cpu().numpy()
+
+    def finish(self, prepared: Prepared, outputs: np.ndarray, config: InstanceConfig | None = None) -> Instances:
+        """Network outputs of `prepared` -> Instances at the original image size."""
+        probs = self.probabilities(prepared, outputs)
+        return probabilities_to_instances(probs, config or self.instances)
+
+    def probabilities(self, prepared: Prepared, outputs: np.ndarray) -> np.ndarray:
+        """Network outputs of `prepared` -> (C, H, W) probabilities at the original image size."""
+        return resize_image(stitch_tiles(outputs, prepared.grid), prepared.original_shape)
+
+    # ------------------------------------------------------------------ conveniences
+
+    def predict(
+        self,
+        image: np.ndarray,
+        mode: Mode | str = Mode.RESIZE,
+        config: InstanceConfig | None = None,
+        max_batch: int = 8,
+    ) -> Instances:
+        """(H, W) float image in [0, 1] -> Instances; the three steps in a row."""
+        prepared = self.prepare(image, mode)
+        return self.finish(prepared, self.run_tiles(prepared.tiles, max_batch), config)
+
+    def run_tiles(self, tiles: np.ndarray, max_batch: int = 8) -> np.ndarray:
+        """run_network over any number of tiles, max_batch at a time."""
+        chunks = [self.run_network(tiles[i : i + max_batch]) for i in range(0, len(tiles), max_batch)]
+        return np.concatenate(chunks)
+
+    def warm_up(self, mode: Mode | str = Mode.RESIZE) -> None:
+        """Run one blank image through every step, so the first request does not pay for lazy initialisation."""
+        self.predict(np.full((64, 64), 0.5, dtype=np.float32), mode)
+
+    # ------------------------------------------------------------------ geometry
+
+    def working_size(self, shape: tuple[int, ...], mode: Mode | str) -> tuple[int, int]:
+        """The (H, W) the image is resized to before tiling."""
+        if _parse_mode(mode) is Mode.RESIZE:
+            return self.preprocess.input_size, self.preprocess.input_size
+        return scaled_size((shape[0], shape[1]), self.preprocess.pixel_scale)
+
+    def grid(self, shape: tuple[int, int], mode: Mode | str) -> TileGrid:
+        """How the working image is tiled for this network.
+
+        The unpadded paper network always uses the paper's overlap-tile (572 in, 388 out). The padded one sees
+        the whole resized image at once in resize mode (mirrored up to a multiple of its stride), and tiles of
+        tile_size with tile_margin of context in tile mode.
+        """
+        if not self.config.padded:
+            size = self.preprocess.input_size
+            out = self.config.output_size(size)
+            return TileGrid(shape=shape, tile_out=(out, out), margin=(size - out) // 2)
+        if _parse_mode(mode) is Mode.RESIZE:
+            stride = self.config.stride
+            return TileGrid(shape=shape, tile_out=tuple(math.ceil(s / stride) * stride for s in shape), margin=0)
+        out = self.preprocess.tile_size - 2 * self.preprocess.tile_margin
+        return TileGrid(shape=shape, tile_out=(out, out), margin=self.preprocess.tile_margin)
+
+
+def _parse_mode(mode: Mode | str) -> Mode:
+    try:
+        return Mode(mode)
+    except ValueError:
+        raise InvalidOptionError(f"unknown mode {mode!r}; accepted: {', '.join(m.value for m in Mode)}") from None

@@ -1,0 +1,93 @@
+"""Run-length encoding in the Kaggle Sartorius convention.
+
+A mask is written as space-separated `start length` pairs. Starts are 1-indexed and pixels are numbered
+row-major (index = row * width + col + 1), which is what the competition's files really use.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from app.ml.errors import InvalidRLEError
+
+
+def encode(mask: np.ndarray) -> str:
+    """(H, W) bool -> 'start length ...' (empty string for an empty mask)."""
+    flat = np.asarray(mask, dtype=bool).ravel()
+    padded = np.concatenate(([False], flat, [False]))
+    edges = np.flatnonzero(padded[1:] != padded[:-1])
+    starts, ends = edges[0::2], edges[1::2]
+    return _format_runs(starts + 1, ends - starts)
+
+
+def decode(rle: str, shape: tuple[int, int]) -> np.ndarray:
+    """'start length ...' -> (H, W) bool. Raises InvalidRLEError naming the problem; never clips."""
+    starts, lengths = parse(rle, shape)
+    size = shape[0] * shape[1]
+    # Mark run boundaries with +1/-1 and integrate: one vectorized pass whatever the number of runs.
+    steps = np.zeros(size + 1, dtype=np.int8)
+    steps[starts - 1] += 1
+    steps[starts - 1 + lengths] -= 1
+    return np.cumsum(steps[:-1], dtype=np.int8).astype(bool).reshape(shape)
+
+
+def parse(rle: str, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Validate an RLE string against an image shape -> (1-indexed starts, lengths) as int64 arrays."""
+    values = _parse_integers(rle)
+    if values.size % 2:
+        raise InvalidRLEError(f"RLE has an odd number of values ({values.size}); it must be 'start length' pairs")
+    starts, lengths = values[0::2], values[1::2]
+    _check_runs(starts, lengths, shape[0] * shape[1])
+    return starts, lengths
+
+
+def encode_labels(labels: np.ndarray) -> dict[int, str]:
+    """(H, W) int label map (0 = background) -> {label: rle} for every label present, in one pass."""
+    flat = np.asarray(labels).ravel()
+    change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    starts = np.concatenate(([0], change))
+    lengths = np.diff(np.concatenate((starts, [flat.size])))
+    values = flat[starts]
+    keep = values != 0
+    starts, lengths, values = starts[keep], lengths[keep], values[keep]
+    # A stable sort groups each label's runs while keeping them in pixel order.
+    order = np.argsort(values, kind="stable")
+    starts, lengths, values = starts[order], lengths[order], values[order]
+    bounds = np.flatnonzero(np.diff(values)) + 1
+    groups = zip(np.split(starts, bounds), np.split(lengths, bounds), np.split(values, bounds), strict=True)
+    return {int(v[0]): _format_runs(s + 1, n) for s, n, v in groups if v.size}
+
+
+def _format_runs(starts: np.ndarray, lengths: np.ndarray) -> str:
+    pairs = np.empty(starts.size * 2, dtype=np.int64)
+    pairs[0::2], pairs[1::2] = starts, lengths
+    return " ".join(map(str, pairs.tolist()))
+
+
+def _parse_integers(rle: str) -> np.ndarray:
+    tokens = rle.split()
+    bad = [t for t in tokens if not t.isascii() or not t.lstrip("-").isdigit()]
+    if bad:
+        raise InvalidRLEError(f"RLE contains non-integer values, e.g. {bad[0]!r}; it must be integers only")
+    return np.array(tokens, dtype=np.int64) if tokens else np.zeros(0, dtype=np.int64)
+
+
+def _check_runs(starts: np.ndarray, lengths: np.ndarray, size: int) -> None:
+    if (lengths <= 0).any():
+        i = int(np.flatnonzero(lengths <= 0)[0])
+        raise InvalidRLEError(f"RLE run {i + 1} has length {lengths[i]}; lengths must be at least 1")
+    if (starts < 1).any():
+        i = int(np.flatnonzero(starts < 1)[0])
+        raise InvalidRLEError(f"RLE run {i + 1} starts at {starts[i]}; starts are 1-indexed")
+    ends = starts + lengths - 1
+    if (ends > size).any():
+        i = int(np.flatnonzero(ends > size)[0])
+        raise InvalidRLEError(
+            f"RLE run {i + 1} ends at pixel {ends[i]}, past the image's {size} pixels; check width and height"
+        )
+    if starts.size > 1 and (starts[1:] <= ends[:-1]).any():
+        i = int(np.flatnonzero(starts[1:] <= ends[:-1])[0]) + 1
+        raise InvalidRLEError(
+            f"RLE run {i + 1} starts at {starts[i]}, not after the previous run's end {ends[i - 1]}; "
+            "runs must be in increasing order without overlap"
+        )

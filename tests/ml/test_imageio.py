@@ -1,0 +1,98 @@
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+from app.ml.errors import ImageTooLargeError, InvalidImageError
+from app.ml.imageio import decode_image
+
+
+def encode(array: np.ndarray, fmt: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+def tiff(array: np.ndarray, **options) -> bytes:
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, array, **options)
+    return buffer.getvalue()
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header declares width x height but which carries almost no data (a decompression bomb)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 10))
+        + chunk(b"IEND", b"")
+    )
+
+
+GRAY8 = np.random.default_rng(0).integers(0, 256, (40, 50)).astype(np.uint8)
+
+
+def test_8_bit_png_becomes_floats_in_unit_range():
+    image = decode_image(encode(GRAY8, "PNG"))
+    assert image.dtype == np.float32 and image.shape == (40, 50)
+    assert np.allclose(image, GRAY8 / 255.0)
+
+
+def test_16_bit_png_and_tiff_keep_their_precision():
+    gray16 = GRAY8.astype(np.uint16) * 257
+    assert np.allclose(decode_image(encode(gray16, "PNG")), GRAY8 / 255.0, atol=1e-6)
+    assert np.allclose(decode_image(tiff(gray16)), GRAY8 / 255.0, atol=1e-6)
+
+
+def test_rgb_rgba_and_16_bit_rgb_tiff_become_luminance():
+    rgb = np.stack([GRAY8, GRAY8, GRAY8], axis=-1)
+    rgba = np.concatenate([rgb, np.full((40, 50, 1), 128, np.uint8)], axis=-1)
+    planar = tiff(np.moveaxis(rgb, -1, 0), photometric="rgb", planarconfig="separate")
+    for data in (encode(rgb, "PNG"), encode(rgba, "PNG"), tiff(rgb.astype(np.uint16) * 257), planar):
+        assert np.allclose(decode_image(data), GRAY8 / 255.0, atol=1e-5)
+
+
+def test_jpeg_is_read():
+    image = decode_image(encode(GRAY8, "JPEG", quality=95))
+    assert image.shape == (40, 50) and np.abs(image - GRAY8 / 255.0).mean() < 0.05
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"", "the file is empty"),
+        (b"hello, this is text", "not a readable image"),
+        (encode(GRAY8, "PNG")[:200], "truncated or corrupt"),
+        (encode(np.zeros((1, 1), np.uint8), "PNG"), "1x1, too small"),
+        (tiff(np.zeros((3, 40, 50), np.uint8), photometric="minisblack"), "3 frames"),
+        (encode(GRAY8, "GIF"), "GIF images are not supported"),
+    ],
+)
+def test_bad_images_are_refused_with_the_reason_and_what_is_accepted(data, message):
+    with pytest.raises(InvalidImageError, match=message) as info:
+        decode_image(data)
+    assert "Accepted: one PNG, JPEG or TIFF image" in str(info.value)
+
+
+def test_a_header_declaring_100000x100000_pixels_is_refused_before_decoding():
+    bomb = png_header_only(100_000, 100_000)
+    assert len(bomb) < 200
+    with pytest.raises(ImageTooLargeError, match="declares 100000x100000 = 10,000,000,000 pixels"):
+        decode_image(bomb)
+
+
+def test_a_tiff_declaring_huge_dimensions_is_refused_before_decoding():
+    buffer = io.BytesIO()
+    with tifffile.TiffWriter(buffer) as writer:
+        writer.write(shape=(60_000, 60_000), dtype=np.uint8)  # header only: no pixel data is written
+    with pytest.raises(ImageTooLargeError, match="60000x60000"):
+        decode_image(buffer.getvalue())

@@ -1,0 +1,57 @@
+import numpy as np
+import pytest
+import torch
+
+from app.ml.errors import InvalidOptionError
+from app.ml.postprocess import InstanceConfig
+from app.ml.predictor import Mode, Predictor
+from app.ml.transforms import PreprocessConfig
+from app.ml.unet import UNet, UNetConfig
+
+
+def predictor(config=None, **preprocess):
+    torch.manual_seed(0)
+    config = config or UNetConfig(base_width=4, depth=2)
+    defaults = {"input_size": 64, "tile_size": 64, "tile_margin": 16}
+    return Predictor(UNet(config), PreprocessConfig(**{**defaults, **preprocess}), InstanceConfig())
+
+
+@pytest.mark.parametrize("mode", list(Mode))
+@pytest.mark.parametrize("shape", [(50, 90), (130, 70), (16, 16)])
+def test_instances_always_have_the_input_size(mode, shape):
+    image = np.random.default_rng(0).random(shape, dtype=np.float32)
+    instances = predictor().predict(image, mode)
+    assert instances.labels.shape == shape
+
+
+def test_resize_mode_feeds_the_network_the_model_input_size():
+    prepared = predictor(input_size=60).prepare(np.zeros((520, 704), np.float32), Mode.RESIZE)
+    assert prepared.tiles.shape == (1, 1, 60, 60)  # 60 mirrored up to the next multiple of the stride (4)
+    assert prepared.original_shape == (520, 704)
+
+
+def test_tile_mode_works_at_the_model_pixel_scale():
+    pred = predictor(pixel_scale=(0.5, 0.25))
+    assert pred.working_size((200, 400), Mode.TILE) == (100, 100)
+    prepared = pred.prepare(np.zeros((200, 400), np.float32), Mode.TILE)
+    assert prepared.tiles.shape == (16, 1, 64, 64)  # centres of 64 - 2 * 16 = 32: 100 / 32 -> 4 x 4 tiles
+
+
+def test_the_paper_network_uses_overlap_tile_in_both_modes():
+    config = UNetConfig(base_width=2, depth=2, num_classes=3, padded=False, batch_norm=False)
+    pred = predictor(config, input_size=92)
+    prepared = pred.prepare(np.zeros((100, 100), np.float32), Mode.RESIZE)
+    assert prepared.tiles.shape[-2:] == (92, 92)
+    assert pred.predict(np.zeros((100, 100), np.float32)).labels.shape == (100, 100)
+
+
+def test_unknown_mode_is_refused():
+    with pytest.raises(InvalidOptionError, match="unknown mode 'zoom'; accepted: resize, tile"):
+        predictor().prepare(np.zeros((20, 20), np.float32), "zoom")
+
+
+def test_network_outputs_are_probabilities():
+    pred = predictor()
+    outputs = pred.run_network(np.random.default_rng(0).random((2, 1, 64, 64), dtype=np.float32))
+    assert outputs.shape == (2, 3, 64, 64)
+    assert np.allclose(outputs.sum(axis=1), 1.0, atol=1e-5)

@@ -1,0 +1,41 @@
+import numpy as np
+
+from app.ml.targets import BACKGROUND, BORDER, INTERIOR, label_to_classes, nearest_two_distances, weight_map
+from tests.conftest import disk
+
+
+def test_classes_mark_the_contour_of_every_cell_as_border():
+    labels = np.zeros((30, 30), dtype=np.int32)
+    labels[5:15, 5:15] = 1
+    labels[5:15, 15:25] = 2  # touches cell 1
+    classes = label_to_classes(labels)
+    assert classes[0, 0] == BACKGROUND
+    assert classes[10, 10] == INTERIOR
+    assert classes[10, 14] == BORDER and classes[10, 15] == BORDER  # the seam between the two cells
+    assert classes[5, 10] == BORDER  # the outer contour
+    assert (classes[labels == 0] == BACKGROUND).all()
+
+
+def test_nearest_two_distances_match_brute_force():
+    rng = np.random.default_rng(0)
+    labels = np.zeros((50, 60), dtype=np.int32)
+    for number in range(1, 6):
+        labels[disk(labels.shape, (rng.integers(5, 45), rng.integers(5, 55)), rng.integers(3, 6))] = number
+    d1, d2 = nearest_two_distances(labels, cutoff=1000)
+    yy, xx = np.mgrid[0:50, 0:60]
+    brute = []
+    for number in range(1, labels.max() + 1):
+        cy, cx = np.nonzero(labels == number)
+        brute.append(np.sqrt((yy[..., None] - cy) ** 2 + (xx[..., None] - cx) ** 2).min(axis=-1))
+    brute = np.sort(np.stack(brute), axis=0)
+    assert np.allclose(d1, brute[0]) and np.allclose(d2, brute[1])
+
+
+def test_weight_map_is_highest_in_the_narrow_gap_between_cells():
+    labels = np.zeros((40, 60), dtype=np.int32)
+    labels[disk(labels.shape, (20, 18), 10)] = 1
+    labels[disk(labels.shape, (20, 41), 10)] = 2  # a 3-pixel gap at columns 29..30
+    weights = weight_map(labels, label_to_classes(labels), w0=10, sigma=5)
+    gap, far = weights[20, 29], weights[2, 2]
+    assert gap > 8 and far < 1.5
+    assert gap > weights[20, 18]  # more than inside a cell
