@@ -31,3 +31,24 @@ def disk(shape: tuple[int, int], centre: tuple[float, float], radius: float) -> 
     """(H, W) bool disk, for hand-made test scenes."""
     yy, xx = np.mgrid[0 : shape[0], 0 : shape[1]]
     return (yy - centre[0]) ** 2 + (xx - centre[1]) ** 2 <= radius**2
+
+
+@pytest.fixture(scope="session")
+def synth_train_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Twelve 256x256 synthetic images (six samples of two images) to train on."""
+    return write_dataset(tmp_path_factory.mktemp("synth-train"), images=12, height=256, width=256, seed=1)
+
+
+@pytest.fixture(scope="session")
+def trained_model(synth_train_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small U-Net trained by our own `train` for about a minute on synthetic data: a real checkpoint."""
+    from app.train import main as train  # noqa: PLC0415 - imported where the fixture runs
+
+    store = tmp_path_factory.mktemp("model_store")
+    train([
+        "--data", str(synth_train_data), "--out", str(store), "--version", "synth-v1", "--set-default",
+        "--epochs", "24", "--epoch-size", "64", "--batch-size", "8", "--crop", "128",
+        "--width", "8", "--depth", "3", "--input-size", "256", "--tile-size", "256",
+        "--val-fraction", "0.34", "--val-every", "4", "--threads", "2",
+    ])  # fmt: skip
+    return store / "synth-v1"

@@ -1,0 +1,87 @@
+"""`evaluate`: score a checkpoint on a labelled Kaggle-layout folder with the competition metric, per cell type.
+
+Examples:
+  evaluate --model model_store/default-v1 --data /data/sartorius                      # every image
+  evaluate --model model_store/default-v1 --data /data/sartorius --subset validation  # its own validation split
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+from app.cli import add_model_arguments, model_folder, setup_logging
+from app.ml.checkpoint import load_checkpoint
+from app.ml.errors import CellSegError
+from app.ml.evaluation import Evaluation, probabilities, score_probabilities
+from app.ml.kaggle import KaggleDataset, Sample
+from app.ml.predictor import Predictor
+from app.ml.trainset import Split, load_split
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_model_arguments(parser)
+    parser.add_argument("--data", required=True, help="Kaggle-layout folder: train.csv and train/<id>.png")
+    parser.add_argument(
+        "--subset",
+        choices=["all", "validation"],
+        default="all",
+        help="'all' images, or the 'validation' part recorded in the model's model.json (default: all)",
+    )
+    parser.add_argument("--json", metavar="FILE", help="also write the full result (per image too) as JSON")
+    return parser
+
+
+def select_samples(dataset: KaggleDataset, split: dict | None, subset: str) -> list[Sample]:
+    """All samples, or the model's validation part of them (whole images, or held-out bottom rows)."""
+    if subset == "all":
+        return list(tqdm(dataset, total=len(dataset), desc="load", unit="img", leave=False))
+    if split is None:
+        raise CellSegError("this model's model.json records no split; use --subset all")
+    recorded = Split.from_dict(split)
+    present = set(dataset.image_ids)
+    ids = [i for i in recorded.val_ids if i in present]
+    if not ids:
+        raise CellSegError(f"none of the model's validation images {recorded.val_ids[:5]} are in {dataset.root}")
+    return load_split(dataset, Split(recorded.kind, ids, ids, recorded.holdout_rows))[1]
+
+
+def report(evaluation: Evaluation) -> str:
+    lines = [
+        f"score {evaluation.score:.4f} on {evaluation.images} image(s), {evaluation.cells} cells "
+        f"({evaluation.predicted_cells} predicted)"
+    ]
+    lines += [f"  {cell_type:<10} {score:.4f}" for cell_type, score in evaluation.per_cell_type.items()]
+    lines.append("  per IoU threshold: " + " ".join(f"{t}:{v:.3f}" for t, v in evaluation.per_threshold.items()))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    setup_logging()
+    args = build_parser().parse_args(argv)
+    try:
+        checkpoint = load_checkpoint(model_folder(args))
+        predictor = Predictor.from_checkpoint(checkpoint, device=args.device, half=False)
+        split = checkpoint.card.get("training", {}).get("data", {}).get("split")
+        samples = select_samples(KaggleDataset(args.data), split, args.subset)
+        scored = [(s, probabilities(predictor, s.image)) for s in tqdm(samples, desc="evaluate", unit="img")]
+        evaluation = score_probabilities(scored, predictor.instances)
+    except CellSegError as exc:
+        print(f"evaluate: {exc}", file=sys.stderr)
+        raise SystemExit(2) from exc
+    print(f"model {checkpoint.version}, subset {args.subset}")
+    print(report(evaluation))
+    if args.json:
+        with Path(args.json).open("w") as handle:
+            json.dump({"model": checkpoint.version, "subset": args.subset, **evaluation.to_dict()}, handle, indent=2)
+
+
+if __name__ == "__main__":
+    main()
