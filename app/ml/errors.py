@@ -9,6 +9,10 @@ class InvalidImageError(CellSegError):
     """The bytes are not an image we can read (not an image, truncated, several frames, too small)."""
 
 
+class UnsupportedImageError(InvalidImageError):
+    """The bytes are not an image at all, or an image format or pixel mode we do not read."""
+
+
 class ImageTooLargeError(InvalidImageError):
     """The image declares more pixels than allowed; raised before any pixel memory is allocated."""
 

@@ -15,7 +15,7 @@ import numpy as np
 import tifffile
 from PIL import Image, UnidentifiedImageError
 
-from app.ml.errors import ImageTooLargeError, InvalidImageError
+from app.ml.errors import ImageTooLargeError, InvalidImageError, UnsupportedImageError
 
 MAX_PIXELS = 40_000_000
 MIN_SIDE = 16
@@ -84,11 +84,11 @@ def _decode_with_pillow(data: bytes, limits: ImageLimits) -> np.ndarray:
     try:
         img = Image.open(io.BytesIO(data))
         if img.format not in {"PNG", "JPEG", "MPO"}:
-            raise InvalidImageError(f"{img.format} images are not supported. {ACCEPTED}")
+            raise UnsupportedImageError(f"{img.format} images are not supported. {ACCEPTED}")
         _check_geometry(img.height, img.width, getattr(img, "n_frames", 1), limits)
         img.load()
     except UnidentifiedImageError as exc:
-        raise InvalidImageError(f"the file is not a readable image ({exc}). {ACCEPTED}") from exc
+        raise UnsupportedImageError(f"the file is not an image we can read. {ACCEPTED}") from exc
     except (OSError, SyntaxError, ValueError) as exc:
         raise InvalidImageError(f"the image is truncated or corrupt ({exc}). {ACCEPTED}") from exc
     return _pillow_to_gray(img)
@@ -98,7 +98,7 @@ def _pillow_to_gray(img: Image.Image) -> np.ndarray:
     if img.mode in {"I;16", "I;16B", "I;16L", "I"}:
         return _array_to_gray(np.asarray(img))
     if img.mode not in {"L", "RGB", "RGBA", "LA", "P", "1", "CMYK", "YCbCr"}:
-        raise InvalidImageError(f"image mode {img.mode} is not supported. {ACCEPTED}")
+        raise UnsupportedImageError(f"image mode {img.mode} is not supported. {ACCEPTED}")
     if img.mode in {"P", "CMYK", "YCbCr", "1"}:
         img = img.convert("RGB")
     if img.mode == "LA":

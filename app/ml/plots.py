@@ -11,17 +11,9 @@ matplotlib.use("Agg")  # before pyplot: render to files, never to a window
 
 import matplotlib.pyplot as plt
 import numpy as np
-from skimage.segmentation import find_boundaries
 
 from app.ml.checkpoint import atomic_write_bytes
-
-
-def contour_overlay(image: np.ndarray, labels: np.ndarray, color: tuple[int, int, int] = (255, 64, 0)) -> np.ndarray:
-    """(H, W) float image in [0, 1] and (H, W) labels -> (H, W, 3) uint8 with every cell's outline drawn."""
-    gray = np.clip(np.rint(image * 255), 0, 255).astype(np.uint8)
-    rgb = np.repeat(gray[..., None], 3, axis=-1)
-    rgb[find_boundaries(labels, mode="inner")] = color
-    return rgb
+from app.ml.render import overlay
 
 
 def save_curves(history: list[dict], path: Path) -> None:
@@ -45,8 +37,8 @@ def save_overlays(examples: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]
     for row, (name, image, truth, pred) in zip(axes, examples, strict=True):
         panels = [
             (image, f"{name}: image"),
-            (contour_overlay(image, truth, (0, 200, 0)), f"truth ({truth.max()})"),
-            (contour_overlay(image, pred), f"prediction ({pred.max()})"),
+            (overlay(image, truth), f"truth ({truth.max()} cells)"),
+            (overlay(image, pred), f"prediction ({pred.max()} cells)"),
         ]
         for ax, (picture, title) in zip(row, panels, strict=True):
             ax.imshow(picture, cmap="gray", vmin=0, vmax=1) if picture.ndim == 2 else ax.imshow(picture)

@@ -70,7 +70,7 @@ def test_jpeg_is_read():
     ("data", "message"),
     [
         (b"", "the file is empty"),
-        (b"hello, this is text", "not a readable image"),
+        (b"hello, this is text", "not an image we can read"),
         (encode(GRAY8, "PNG")[:200], "truncated or corrupt"),
         (encode(np.zeros((1, 1), np.uint8), "PNG"), "1x1, too small"),
         (tiff(np.zeros((3, 40, 50), np.uint8), photometric="minisblack"), "3 frames"),

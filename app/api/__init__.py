@@ -1,0 +1,1 @@
+"""HTTP only: routes, schemas, dependencies, error mapping. The work itself happens in app.ml."""

@@ -1,0 +1,57 @@
+"""Map the typed errors of app.ml and request validation to clear JSON 4xx/5xx answers: {"detail": "..."}."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from app.ml.batcher import QueueFullError
+from app.ml.errors import (
+    CellSegError,
+    ImageTooLargeError,
+    InvalidImageError,
+    InvalidOptionError,
+    UnsupportedImageError,
+)
+
+log = logging.getLogger("cellseg.api")
+
+# Most specific first: the first matching class decides the status.
+STATUS_OF: list[tuple[type[CellSegError], int]] = [
+    (ImageTooLargeError, 413),
+    (UnsupportedImageError, 415),
+    (InvalidImageError, 422),
+    (InvalidOptionError, 422),
+    (QueueFullError, 503),
+]
+
+
+def status_of(exc: CellSegError) -> int:
+    return next((status for cls, status in STATUS_OF if isinstance(exc, cls)), 500)
+
+
+async def handle_cellseg_error(request: Request, exc: CellSegError) -> JSONResponse:
+    status = status_of(exc)
+    headers = {"Retry-After": "1"} if isinstance(exc, QueueFullError) else None
+    if status >= 500 and not isinstance(exc, QueueFullError):
+        log.error("unexpected error: %s", exc, exc_info=exc)
+    return JSONResponse({"detail": str(exc)}, status_code=status, headers=headers)
+
+
+async def handle_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """FastAPI's list of validation errors -> one readable sentence per problem."""
+    problems = []
+    for error in exc.errors():
+        where, *path = error.get("loc", ("request",))
+        name = ".".join(str(p) for p in path) or where
+        got = f" (got {error['input']!r})" if "input" in error and not isinstance(error["input"], dict) else ""
+        problems.append(f"{where} parameter '{name}': {error.get('msg', 'invalid')}{got}")
+    return JSONResponse({"detail": "; ".join(problems)}, status_code=422)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(CellSegError, handle_cellseg_error)
+    app.add_exception_handler(RequestValidationError, handle_validation_error)

@@ -1,0 +1,53 @@
+"""Prometheus metrics of one app instance (its own registry, so several apps can live in one process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "cellseg_requests", "HTTP requests by route and status", ["method", "route", "status"],
+            registry=self.registry,
+        )  # fmt: skip
+        self.latency = Histogram(
+            "cellseg_request_latency_seconds", "HTTP request latency", ["route"], buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )  # fmt: skip
+        self.stage = Histogram(
+            "cellseg_stage_seconds", "time per pipeline stage and image", ["stage"], buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )  # fmt: skip
+        self.batch_size = Histogram(
+            "cellseg_batch_size", "network inputs per micro-batch", buckets=BATCH_BUCKETS, registry=self.registry
+        )
+        self.inference = Histogram(
+            "cellseg_inference_seconds", "network time per micro-batch", buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )  # fmt: skip
+        self.skipped = Counter(
+            "cellseg_skipped_inputs", "network inputs dropped because their client went away", registry=self.registry
+        )
+        self.disconnects = Counter(
+            "cellseg_disconnects", "requests abandoned by their client before the answer", registry=self.registry
+        )
+        self.queue_depth = Gauge("cellseg_queue_depth", "network inputs waiting", registry=self.registry)
+        self.cells = Histogram(
+            "cellseg_cells_per_image", "cells found per image", buckets=(0, 10, 50, 100, 200, 400, 800, 1600),
+            registry=self.registry,
+        )  # fmt: skip
+
+    def observe_batch(self, size: int, seconds: float) -> None:
+        self.batch_size.observe(size)
+        self.inference.observe(seconds)
+
+    def observe_skipped(self, count: int) -> None:
+        self.skipped.inc(count)
+
+    def observe_stage(self, stage: str, seconds: float) -> None:
+        self.stage.labels(stage).observe(seconds)

@@ -1,0 +1,140 @@
+"""POST /segment: one image (field `file`) or several (field `files`) in, every cell out."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, File, HTTPException, Query, Request, UploadFile
+from fastapi.responses import Response
+
+from app.api import schemas
+from app.api.deps import PipelineDep, ServiceDep, require_api_key
+from app.ml.pipeline import OutputFormat, Segmentation, SegmentationPipeline
+from app.ml.postprocess import THRESHOLD_RANGES, InstanceConfig
+from app.ml.predictor import Mode
+
+router = APIRouter(tags=["segmentation"], dependencies=[Depends(require_api_key)])
+
+PNG_DESCRIPTIONS = {
+    OutputFormat.PNG: "16-bit PNG: 0 = background, 1..N = cells",
+    OutputFormat.MASK: "8-bit PNG: 255 = cell, 0 = background",
+    OutputFormat.OVERLAY: "RGB PNG of the image with every cell tinted and outlined",
+}
+
+
+def threshold(name: str) -> object:
+    low, high = THRESHOLD_RANGES[name]
+    return Query(ge=low, le=high, description=f"override the model's {name} ({low}..{high})")
+
+
+@router.post(
+    "/segment",
+    response_model=schemas.Segmentation | schemas.BatchSegmentation,
+    responses={**schemas.ERROR_RESPONSES, 200: {"content": {"image/png": {}}, "description": "cells"}},
+    summary="Find every cell in one or several images",
+)
+async def segment(
+    request: Request,
+    service: ServiceDep,
+    pipeline: PipelineDep,
+    file: Annotated[UploadFile | None, File(description="one image: PNG, JPEG or TIFF")] = None,
+    files: Annotated[list[UploadFile] | None, File(description="several images (JSON output only)")] = None,
+    output: Annotated[OutputFormat, Query(alias="format", description="json | png | mask | overlay")] = (
+        OutputFormat.JSON
+    ),
+    mode: Annotated[Mode, Query(description="resize (572x572 and back) | tile (overlap-tile)")] = Mode.RESIZE,
+    foreground_threshold: Annotated[float | None, threshold("foreground_threshold")] = None,
+    seed_threshold: Annotated[float | None, threshold("seed_threshold")] = None,
+    min_cell_area: Annotated[int | None, threshold("min_cell_area")] = None,
+) -> Response | schemas.Segmentation | schemas.BatchSegmentation:
+    """Each cell comes back as its own non-overlapping mask, at the upload's exact size in pixels.
+
+    `format=json` (default) gives one Kaggle RLE per cell with area, bbox and score; `png`, `mask` and `overlay`
+    give a PNG. Send one image as `file`, or several as `files` (JSON only).
+    """
+    uploads = _uploads(file, files, output, service.settings.max_files)
+    config = pipeline.predictor.instances.with_overrides(
+        foreground_threshold=foreground_threshold, seed_threshold=seed_threshold, min_cell_area=min_cell_area
+    )
+    results = [await _segment_one(request, pipeline, upload, mode, config) for upload in uploads]
+    for result in results:
+        service.metrics.cells.observe(result.instances.count)
+    version = pipeline.predictor.version
+    if output is not OutputFormat.JSON:
+        return await _png_response(pipeline, results[0], output, version)
+    bodies = [
+        await _json_body(pipeline, upload.filename, r, version) for upload, r in zip(uploads, results, strict=True)
+    ]
+    return bodies[0] if file is not None else schemas.BatchSegmentation(model_version=version, results=bodies)
+
+
+def _uploads(
+    file: UploadFile | None, files: list[UploadFile] | None, output: OutputFormat, max_files: int
+) -> list[UploadFile]:
+    if file is not None and files:
+        raise HTTPException(400, "send one image as 'file' or several as 'files', not both")
+    uploads = [file] if file is not None else list(files or [])
+    if not uploads:
+        raise HTTPException(400, "no file uploaded: send the image as multipart/form-data field 'file' "
+                                 "(or several as 'files'), e.g. curl -F file=@cells.png")  # fmt: skip
+    if len(uploads) > max_files:
+        raise HTTPException(400, f"{len(uploads)} files in one request; at most {max_files} are accepted")
+    if len(uploads) > 1 and output is not OutputFormat.JSON:
+        raise HTTPException(400, f"format={output.value} answers one image; use format=json for several")
+    return uploads
+
+
+async def _segment_one(
+    request: Request, pipeline: SegmentationPipeline, upload: UploadFile, mode: Mode, config: InstanceConfig
+) -> Segmentation:
+    data = await upload.read()
+    if not data:
+        raise HTTPException(422, f"the file {upload.filename!r} is empty; send a PNG, JPEG or TIFF image")
+    return await _cancel_on_disconnect(request, pipeline.segment(data, mode, config))
+
+
+async def _cancel_on_disconnect(request: Request, work: Coroutine[Any, Any, Segmentation]) -> Segmentation:
+    """Run `work`, but cancel it (and its queued network inputs) if the client goes away meanwhile."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if not task.done():
+        task.cancel()
+        request.app.state.service.metrics.disconnects.inc()
+        raise HTTPException(499, "client closed the request")
+    return task.result()
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _png_response(
+    pipeline: SegmentationPipeline, result: Segmentation, output: OutputFormat, version: str
+) -> Response:
+    png = await pipeline.encode(result, output)
+    headers = {"X-Model-Version": version, "X-Cell-Count": str(result.instances.count),
+               "Server-Timing": _server_timing(result.timings)}  # fmt: skip
+    return Response(png, media_type="image/png", headers=headers)
+
+
+async def _json_body(
+    pipeline: SegmentationPipeline, filename: str | None, result: Segmentation, version: str
+) -> schemas.Segmentation:
+    cells = await pipeline.encode(result, OutputFormat.JSON)
+    height, width = result.shape
+    timings = {f"{stage}_ms": round(seconds * 1000, 2) for stage, seconds in result.timings.items()}
+    return schemas.Segmentation(
+        filename=filename, width=width, height=height, model_version=version, mode=result.mode.value,
+        cell_count=len(cells), cells=cells, timings=timings,
+    )  # fmt: skip
+
+
+def _server_timing(timings: dict[str, float]) -> str:
+    return ", ".join(f"{stage};dur={seconds * 1000:.1f}" for stage, seconds in timings.items())

@@ -1,0 +1,77 @@
+"""Response bodies, with examples for the OpenAPI docs at /docs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class Cell(BaseModel):
+    id: int = Field(description="1..N, as in the PNG label image")
+    rle: str = Field(description="Kaggle RLE: 'start length' pairs, 1-indexed, row-major pixel numbers")
+    area: int = Field(description="pixels")
+    bbox: list[int] = Field(description="[x, y, width, height] in pixels")
+    score: float = Field(description="mean foreground probability over the cell, 0..1")
+
+
+class Timings(BaseModel):
+    decode_ms: float
+    preprocess_ms: float
+    network_ms: float
+    instances_ms: float
+    encode_ms: float
+
+
+class Segmentation(BaseModel):
+    filename: str | None
+    width: int
+    height: int
+    model_version: str
+    mode: str
+    cell_count: int
+    cells: list[Cell]
+    timings: Timings
+
+    model_config = {"json_schema_extra": {"examples": [{
+        "filename": "7ae19de7bc2a.png", "width": 704, "height": 520, "model_version": "sartorius-w16-v1",
+        "mode": "resize", "cell_count": 1,
+        "cells": [{"id": 1, "rle": "120428 3 121132 5", "area": 8, "bbox": [36, 171, 5, 2], "score": 0.91}],
+        "timings": {"decode_ms": 4.1, "preprocess_ms": 6.0, "network_ms": 330.2, "instances_ms": 41.5,
+                    "encode_ms": 3.2},
+    }]}}  # fmt: skip
+
+
+class BatchSegmentation(BaseModel):
+    model_version: str
+    results: list[Segmentation]
+
+
+class Error(BaseModel):
+    detail: str = Field(description="what was wrong and what is accepted")
+
+
+class Health(BaseModel):
+    status: str
+
+
+class Ready(BaseModel):
+    ready: bool
+    model_version: str | None
+    device: str | None
+
+
+class Models(BaseModel):
+    loaded: dict[str, Any] | None = Field(description="model.json of the model being served")
+    available: list[str] = Field(description="versions in the model store")
+    default: str | None = Field(description="the store's default version")
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"model": Error, "description": "no file, or options that do not go together"},
+    401: {"model": Error, "description": "API key missing or wrong (only when one is configured)"},
+    413: {"model": Error, "description": "upload or image dimensions over the limit"},
+    415: {"model": Error, "description": "not an image, or an unsupported format"},
+    422: {"model": Error, "description": "a truncated, too small or multi-frame image, or an invalid option"},
+    503: {"model": Error, "description": "busy (retry after the Retry-After header) or still loading"},
+}

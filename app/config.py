@@ -1,0 +1,36 @@
+"""Service settings, read from environment variables prefixed CELLSEG_ (e.g. CELLSEG_MODEL_VERSION)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every setting of the service; README.md lists them with their defaults."""
+
+    model_config = SettingsConfigDict(env_prefix="CELLSEG_", env_file=None, protected_namespaces=())
+
+    model_store: Path = Field(Path("model_store"), description="folder holding <version>/model.json folders")
+    model_version: str | None = Field(None, description="version to serve (default: model_store/DEFAULT)")
+    device: str = Field("auto", description="'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'")
+    half_precision: bool = Field(True, description="float16 on CUDA when the model allows it")
+    torch_threads: int = Field(0, ge=0, description="CPU threads for the network (0: torch's default)")
+    warmup: bool = Field(True, description="run a blank image through the model before reporting ready")
+
+    max_upload_bytes: int = Field(50 * 1024 * 1024, gt=0, description="largest request body accepted")
+    max_pixels: int = Field(40_000_000, gt=0, description="largest image (width x height) accepted")
+    max_files: int = Field(16, gt=0, description="most images in one request (field 'files')")
+
+    max_batch: int = Field(8, gt=0, description="most network inputs in one micro-batch")
+    max_wait_ms: float = Field(5.0, ge=0, description="how long a micro-batch waits to fill up")
+    max_queue: int = Field(64, gt=0, description="most network inputs waiting; beyond it requests get 503")
+
+    api_key: SecretStr | None = Field(None, description="when set, every route but /health needs it")
+    log_level: str = Field("INFO", description="logging level")
+    log_json: bool = Field(True, description="one JSON object per log line (else plain text)")
+
+    host: str = Field("0.0.0.0", description="address `serve` listens on")
+    port: int = Field(8000, description="port `serve` listens on")

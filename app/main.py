@@ -1,0 +1,84 @@
+"""Assembles the FastAPI app; the lifespan loads the model once, warms it up and starts the micro-batcher."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import torch
+from fastapi import FastAPI
+
+import app as package
+from app.api.deps import Service
+from app.api.errors import install_error_handlers
+from app.api.logs import configure_logging
+from app.api.metrics import Metrics
+from app.api.middleware import BodySizeLimitMiddleware, RequestContextMiddleware
+from app.api.routes import ops, segment
+from app.config import Settings
+from app.ml.batcher import MicroBatcher
+from app.ml.checkpoint import load_checkpoint, resolve_model_folder
+from app.ml.errors import CheckpointError
+from app.ml.imageio import ImageLimits
+from app.ml.pipeline import SegmentationPipeline
+from app.ml.predictor import Predictor
+
+log = logging.getLogger("cellseg.service")
+
+DESCRIPTION = """Finds every single cell in phase-contrast microscopy images with a U-Net
+(Ronneberger et al. 2015). Post an image to `/segment`; get each cell as its own non-overlapping mask:
+Kaggle-style RLE in JSON, or a PNG."""
+
+
+def load_predictor(settings: Settings) -> tuple[Predictor, dict]:
+    """The model named by the settings (or the store's default), verified and on its device. Blocking."""
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    checkpoint = load_checkpoint(resolve_model_folder(settings.model_store, settings.model_version))
+    predictor = Predictor.from_checkpoint(checkpoint, device=settings.device, half=settings.half_precision)
+    if settings.warmup:
+        predictor.warm_up()
+    return predictor, checkpoint.card
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    service: Service = app.state.service
+    settings = service.settings
+    try:
+        predictor, card = await asyncio.to_thread(load_predictor, settings)
+    except CheckpointError as exc:
+        log.critical("cannot load the model: %s", exc)
+        raise
+    batcher = MicroBatcher(predictor.run_network, settings.max_batch, settings.max_wait_ms / 1000,
+                           settings.max_queue, observe_batch=service.metrics.observe_batch,
+                           observe_skipped=service.metrics.observe_skipped)  # fmt: skip
+    batcher.start()
+    limits = ImageLimits(max_pixels=settings.max_pixels)
+    service.predictor, service.card, service.batcher = predictor, card, batcher
+    service.pipeline = SegmentationPipeline(predictor, batcher, limits, service.metrics.observe_stage)
+    service.ready = True
+    log.info("serving model %s on %s", predictor.version, predictor.device,
+             extra={"model_version": predictor.version, "device": str(predictor.device)})  # fmt: skip
+    try:
+        yield
+    finally:
+        service.ready = False
+        await batcher.stop()
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    configure_logging(settings.log_level, settings.log_json)
+    app = FastAPI(title="cellseg", version=package.__version__, description=DESCRIPTION, lifespan=lifespan)
+    metrics = Metrics()
+    app.state.service = Service(settings=settings, metrics=metrics)
+    app.include_router(ops.open_router)
+    app.include_router(ops.router)
+    app.include_router(segment.router)
+    install_error_handlers(app)
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(RequestContextMiddleware, metrics=metrics)  # outermost: sees every answer, 413s too
+    return app

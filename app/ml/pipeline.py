@@ -1,0 +1,127 @@
+"""Upload bytes -> cells, asynchronously: CPU steps in worker threads, the network through the micro-batcher.
+
+decode -> preprocess -> network -> instances -> encode, each timed, so a slow stage shows in the response and
+in the metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+from app.ml import rle
+from app.ml.batcher import MicroBatcher
+from app.ml.imageio import ImageLimits, decode_image
+from app.ml.postprocess import InstanceConfig, Instances
+from app.ml.predictor import Mode, Predictor, Prepared
+from app.ml.render import label_png, mask_png, overlay_png
+
+StageObserver = Callable[[str, float], None]
+
+
+class OutputFormat(StrEnum):
+    """json: per-cell RLE; png: 16-bit label image; mask: 0/255 image; overlay: RGB picture of the cells."""
+
+    JSON = "json"
+    PNG = "png"
+    MASK = "mask"
+    OVERLAY = "overlay"
+
+
+@dataclass
+class Segmentation:
+    """The cells of one image, the image itself (for overlays) and seconds spent per stage."""
+
+    image: np.ndarray
+    instances: Instances
+    mode: Mode
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.instances.labels.shape
+
+
+def describe_cells(instances: Instances) -> list[dict[str, Any]]:
+    """Instances -> one dict per cell: id, Kaggle RLE, area, bbox [x, y, width, height], score."""
+    labels = instances.labels
+    encoded = rle.encode_labels(labels)
+    areas = np.bincount(labels.ravel(), minlength=instances.count + 1)
+    cells = []
+    for index, box in enumerate(ndimage.find_objects(labels), start=1):
+        if box is None:
+            continue
+        rows, cols = box
+        cells.append({
+            "id": index,
+            "rle": encoded[index],
+            "area": int(areas[index]),
+            "bbox": [cols.start, rows.start, cols.stop - cols.start, rows.stop - rows.start],
+            "score": round(float(instances.scores[index - 1]), 4),
+        })  # fmt: skip
+    return cells
+
+
+class SegmentationPipeline:
+    def __init__(
+        self,
+        predictor: Predictor,
+        batcher: MicroBatcher,
+        limits: ImageLimits | None = None,
+        observe_stage: StageObserver | None = None,
+    ) -> None:
+        self.predictor, self.batcher, self.limits = predictor, batcher, limits or ImageLimits()
+        self.observe_stage = observe_stage or (lambda stage, seconds: None)
+
+    async def segment(self, data: bytes, mode: Mode, config: InstanceConfig) -> Segmentation:
+        """Raises InvalidImageError for bad bytes and QueueFullError when the service is overloaded."""
+        timings: dict[str, float] = {}
+        image, prepared = await asyncio.to_thread(self._decode_and_prepare, data, mode, timings)
+        started = time.perf_counter()
+        outputs = await self.batcher.submit(prepared.tiles)
+        self._record(timings, "network", started)
+        instances = await asyncio.to_thread(self._instances, prepared, outputs, config, timings)
+        return Segmentation(image=image, instances=instances, mode=mode, timings=timings)
+
+    async def encode(self, segmentation: Segmentation, output: OutputFormat) -> list[dict[str, Any]] | bytes:
+        """Cells as dicts (json) or PNG bytes (png, mask, overlay); timed as the 'encode' stage."""
+        started = time.perf_counter()
+        result = await asyncio.to_thread(_ENCODERS[output], segmentation)
+        self._record(segmentation.timings, "encode", started)
+        return result
+
+    def _decode_and_prepare(self, data: bytes, mode: Mode, timings: dict[str, float]) -> tuple[np.ndarray, Prepared]:
+        started = time.perf_counter()
+        image = decode_image(data, self.limits)
+        self._record(timings, "decode", started)
+        started = time.perf_counter()
+        prepared = self.predictor.prepare(image, mode)
+        self._record(timings, "preprocess", started)
+        return image, prepared
+
+    def _instances(
+        self, prepared: Prepared, outputs: np.ndarray, config: InstanceConfig, timings: dict[str, float]
+    ) -> Instances:
+        started = time.perf_counter()
+        instances = self.predictor.finish(prepared, outputs, config)
+        self._record(timings, "instances", started)
+        return instances
+
+    def _record(self, timings: dict[str, float], stage: str, started: float) -> None:
+        timings[stage] = time.perf_counter() - started
+        self.observe_stage(stage, timings[stage])
+
+
+_ENCODERS: dict[OutputFormat, Callable[[Segmentation], Any]] = {
+    OutputFormat.JSON: lambda s: describe_cells(s.instances),
+    OutputFormat.PNG: lambda s: label_png(s.instances.labels),
+    OutputFormat.MASK: lambda s: mask_png(s.instances.labels),
+    OutputFormat.OVERLAY: lambda s: overlay_png(s.image, s.instances.labels),
+}

@@ -1,0 +1,119 @@
+"""POST /segment end to end, through a real uvicorn process and an httpx client."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+from app.ml import rle
+from tests.api.conftest import png
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def real_image(sartorius) -> bytes:
+    return (sartorius / "test" / "7ae19de7bc2a.png").read_bytes()
+
+
+def decode_cells(body: dict) -> np.ndarray:
+    """Every cell's RLE painted into one label map; fails if any two cells share a pixel."""
+    shape = (body["height"], body["width"])
+    labels = np.zeros(shape, dtype=np.int32)
+    for cell in body["cells"]:
+        mask = rle.decode(cell["rle"], shape)
+        assert not (labels[mask] > 0).any(), f"cell {cell['id']} overlaps another"
+        assert mask.sum() == cell["area"]
+        labels[mask] = cell["id"]
+    return labels
+
+
+def test_a_real_test_image_comes_back_as_non_overlapping_rles_of_520x704(client, real_image):
+    response = client.post("/segment", files={"file": ("7ae19de7bc2a.png", real_image, "image/png")})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert (body["height"], body["width"]) == (520, 704)
+    assert body["filename"] == "7ae19de7bc2a.png" and body["mode"] == "resize"
+    assert body["model_version"] == "synth-v1"
+    assert body["cell_count"] == len(body["cells"]) > 0
+    labels = decode_cells(body)
+    for cell in body["cells"]:
+        x, y, w, h = cell["bbox"]
+        rows, cols = np.nonzero(labels == cell["id"])
+        assert (rows.min(), cols.min(), rows.max() + 1 - y, cols.max() + 1 - x) == (y, x, h, w)
+        assert 0 < cell["score"] <= 1
+    assert set(body["timings"]) == {"decode_ms", "preprocess_ms", "network_ms", "instances_ms", "encode_ms"}
+
+
+def test_the_png_output_is_a_16_bit_label_image_that_matches_the_json(client, real_image):
+    as_json = client.post("/segment", files={"file": ("a.png", real_image)}).json()
+    response = client.post("/segment", params={"format": "png"}, files={"file": ("a.png", real_image)})
+    assert response.status_code == 200 and response.headers["content-type"] == "image/png"
+    labels = np.asarray(Image.open(io.BytesIO(response.content)))
+    assert labels.shape == (520, 704) and labels.dtype == np.uint16
+    assert np.array_equal(labels, decode_cells(as_json))
+    assert response.headers["x-cell-count"] == str(as_json["cell_count"])
+    assert "network;dur=" in response.headers["server-timing"]
+
+
+def test_mask_and_overlay_formats(client, real_image):
+    mask = client.post("/segment", params={"format": "mask"}, files={"file": ("a.png", real_image)})
+    overlay = client.post("/segment", params={"format": "overlay"}, files={"file": ("a.png", real_image)})
+    mask_image = np.asarray(Image.open(io.BytesIO(mask.content)))
+    overlay_image = Image.open(io.BytesIO(overlay.content))
+    assert mask_image.shape == (520, 704) and set(np.unique(mask_image)) <= {0, 255}
+    assert overlay_image.size == (704, 520) and overlay_image.mode == "RGB"
+
+
+@pytest.mark.parametrize("mode", ["resize", "tile"])
+def test_a_1040x1408_image_works_in_both_modes(client, real_image, mode):
+    big = Image.open(io.BytesIO(real_image)).resize((1408, 1040))
+    response = client.post("/segment", params={"mode": mode}, files={"file": ("big.png", png(np.asarray(big)))})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert (body["height"], body["width"], body["mode"]) == (1040, 1408, mode)
+    assert decode_cells(body).shape == (1040, 1408)
+
+
+def test_a_16_bit_tiff_gives_the_same_cells_as_the_8_bit_png(client, real_image):
+    pixels = np.asarray(Image.open(io.BytesIO(real_image)))
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, pixels.astype(np.uint16) * 257)
+    from_tiff = client.post("/segment", files={"file": ("a.tif", buffer.getvalue(), "image/tiff")}).json()
+    from_png = client.post("/segment", files={"file": ("a.png", real_image)}).json()
+    assert (from_tiff["height"], from_tiff["width"]) == (520, 704)
+    assert [c["rle"] for c in from_tiff["cells"]] == [c["rle"] for c in from_png["cells"]]
+
+
+def test_an_rgb_image_of_another_size_keeps_its_size(client, real_image):
+    gray = np.asarray(Image.open(io.BytesIO(real_image)))[:300, :411]
+    rgb = np.stack([gray, gray, gray], axis=-1)
+    body = client.post("/segment", files={"file": ("rgb.png", png(rgb))}).json()
+    assert (body["height"], body["width"]) == (300, 411)
+
+
+def test_several_files_in_one_request(client, real_image, sartorius):
+    second = (sartorius / "test" / "d48ec7815252.png").read_bytes()
+    response = client.post("/segment", files=[("files", ("a.png", real_image)), ("files", ("b.png", second))])
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert [r["filename"] for r in body["results"]] == ["a.png", "b.png"]
+    assert body["model_version"] == "synth-v1"
+    for result in body["results"]:
+        assert decode_cells(result).shape == (520, 704)
+
+
+def test_thresholds_can_be_overridden_within_range(client, real_image):
+    strict = client.post("/segment", params={"min_cell_area": 400}, files={"file": ("a.png", real_image)}).json()
+    loose = client.post("/segment", params={"min_cell_area": 1}, files={"file": ("a.png", real_image)}).json()
+    assert strict["cell_count"] < loose["cell_count"]
+    assert all(c["area"] >= 400 for c in strict["cells"])
+
+
+def test_the_request_id_is_returned_and_a_given_one_is_kept(client):
+    assert len(client.get("/health").headers["x-request-id"]) == 32
+    assert client.get("/health", headers={"X-Request-ID": "lab-42"}).headers["x-request-id"] == "lab-42"
