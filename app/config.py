@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -34,3 +34,9 @@ class Settings(BaseSettings):
 
     host: str = Field("0.0.0.0", description="address `serve` listens on")
     port: int = Field(8000, description="port `serve` listens on")
+
+    @field_validator("model_version", "api_key", mode="before")
+    @classmethod
+    def _empty_means_unset(cls, value: object) -> object:
+        """docker compose passes unset variables as empty strings: treat them as not given."""
+        return None if value == "" else value
