@@ -24,7 +24,7 @@ HELP = {
     "seed": "seed of the split, the initial weights, and every crop and augmentation",
     "epochs": "number of epochs",
     "epoch_size": "crops per epoch (default 0: one per training image)",
-    "batch_size": "crops per optimizer step, summed over all processes under torchrun",
+    "batch_size": "crops per optimizer step in each process (under torchrun the global batch is this x processes)",
     "lr": "peak learning rate of AdamW (linear warm-up, then cosine decay to 0)",
     "weight_decay": "AdamW weight decay",
     "warmup": "fraction of all steps spent warming the learning rate up",

@@ -33,7 +33,8 @@ def save_curves(history: list[dict], path: Path) -> None:
 
 def save_overlays(examples: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]], path: Path) -> None:
     """Rows of (name, image, truth labels, predicted labels) -> image | truth | prediction."""
-    fig, axes = plt.subplots(len(examples), 3, figsize=(15, 4.5 * len(examples)), squeeze=False)
+    aspect = max(e[1].shape[0] / e[1].shape[1] for e in examples)  # rows as tall as the images need
+    fig, axes = plt.subplots(len(examples), 3, figsize=(15, (5 * aspect + 0.5) * len(examples)), squeeze=False)
     for row, (name, image, truth, pred) in zip(axes, examples, strict=True):
         panels = [
             (image, f"{name}: image"),

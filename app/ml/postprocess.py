@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 from scipy import ndimage
-from skimage.segmentation import relabel_sequential, watershed
+from skimage.segmentation import watershed
 
 from app.ml.errors import InvalidOptionError
 from app.ml.targets import BACKGROUND, BORDER, INTERIOR
@@ -99,8 +99,10 @@ def _add_unseeded_blobs(labels: np.ndarray, foreground: np.ndarray) -> np.ndarra
 
 
 def _drop_small(labels: np.ndarray, min_area: int) -> np.ndarray:
+    """Remove labels under min_area pixels and renumber the rest 1..N in one lookup pass."""
     sizes = np.bincount(labels.ravel())
-    small = sizes < min_area
-    small[0] = True
-    labels = np.where(small[labels], 0, labels)
-    return relabel_sequential(labels)[0].astype(np.int32)
+    keep = sizes >= min_area
+    keep[0] = False
+    renumber = np.zeros(sizes.size, dtype=np.int32)
+    renumber[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
+    return renumber[labels]

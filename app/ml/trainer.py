@@ -204,6 +204,7 @@ class Trainer:
         progress = tqdm(train_samples, desc="targets", unit="img", disable=not self.dist.is_main, leave=False)
         self.examples = [prepare_example(s, self.preprocess.pixel_scale, targets) for s in progress]
         self.train_cells = sum(int(s.labels.max()) for s in train_samples)
+        self.fingerprint = self.dataset.fingerprint() if self.dist.is_main else ""
 
     def _build_model(self) -> None:
         cfg = self.config
@@ -387,7 +388,7 @@ class Trainer:
                 "args": asdict(self.config),
                 "data": {
                     "path": str(Path(self.config.data).resolve()),
-                    "fingerprint": self.dataset.fingerprint(),
+                    "fingerprint": self.fingerprint,
                     "images": len(self.dataset),
                     "train_cells": self.train_cells,
                     "split": self.split.to_dict(),

@@ -1,0 +1,61 @@
+"""The companion entrypoints `evaluate` and `predict`, run as a user runs them."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from app.evaluate import main as evaluate
+from app.ml import rle
+from app.predict import main as predict
+
+pytestmark = pytest.mark.slow
+
+
+def test_predict_on_the_real_test_images_writes_a_valid_submission(trained_model, sartorius, tmp_path, capsys):
+    out = tmp_path / "submission.csv"
+    predict(["--model", str(trained_model), "--images", str(sartorius / "test"), "--out", str(out)])
+    with out.open() as handle:
+        reader = csv.DictReader(handle)
+        assert reader.fieldnames == ["id", "predicted"]
+        rows = list(reader)
+    ids = sorted({p.stem for p in (sartorius / "test").glob("*.png")})
+    assert sorted({r["id"] for r in rows}) == ids
+    for image_id in ids:
+        covered = np.zeros((520, 704), dtype=bool)
+        for row in (r for r in rows if r["id"] == image_id and r["predicted"]):
+            mask = rle.decode(row["predicted"], (520, 704))
+            assert mask.any() and not (covered & mask).any(), "masks of one image must not overlap"
+            covered |= mask
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_evaluate_reproduces_the_validation_score_recorded_in_model_json(trained_model, synth_train_data, tmp_path,
+                                                                         capsys):  # fmt: skip
+    report = tmp_path / "evaluation.json"
+    evaluate(["--model", str(trained_model), "--data", str(synth_train_data), "--subset", "validation",
+              "--json", str(report)])  # fmt: skip
+    card = json.loads((trained_model / "model.json").read_text())
+    result = json.loads(report.read_text())
+    assert result["score"] == pytest.approx(card["metrics"]["validation"]["score"], abs=1e-9)
+    assert result["per_cell_type"] == pytest.approx(card["metrics"]["validation"]["per_cell_type"])
+    printed = capsys.readouterr().out
+    assert f"score {result['score']:.4f}" in printed and "per IoU threshold" in printed
+
+
+def test_evaluate_on_every_image_reports_each_cell_type(trained_model, synth_train_data, capsys):
+    evaluate(["--model", str(trained_model), "--data", str(synth_train_data)])
+    printed = capsys.readouterr().out
+    assert "on 12 image(s)" in printed
+    for cell_type in ("shsy5y", "astro", "cort"):
+        assert cell_type in printed
+
+
+def test_a_model_that_does_not_exist_is_a_clear_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        evaluate(["--model", str(tmp_path / "nope"), "--data", str(tmp_path)])
+    assert info.value.code == 2
+    assert "model folder" in capsys.readouterr().err
