@@ -24,7 +24,12 @@ class Settings(BaseSettings):
     max_pixels: int = Field(40_000_000, gt=0, description="largest image (width x height) accepted")
     max_files: int = Field(16, gt=0, description="most images in one request (field 'files')")
 
-    max_batch: int = Field(8, gt=0, description="most network inputs in one micro-batch")
+    max_batch: int = Field(
+        0,
+        ge=0,
+        description="most network inputs in one micro-batch (0: 8 on CUDA, 1 on CPU, where bench measured "
+        "batches to be slower per image than single inputs)",
+    )
     max_wait_ms: float = Field(5.0, ge=0, description="how long a micro-batch waits to fill up")
     max_queue: int = Field(64, gt=0, description="most network inputs waiting; beyond it requests get 503")
 

@@ -52,7 +52,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     except CheckpointError as exc:
         log.critical("cannot load the model: %s", exc)
         raise
-    batcher = MicroBatcher(predictor.run_network, settings.max_batch, settings.max_wait_ms / 1000,
+    max_batch = settings.max_batch or (8 if predictor.device.type == "cuda" else 1)
+    batcher = MicroBatcher(predictor.run_network, max_batch, settings.max_wait_ms / 1000,
                            settings.max_queue, observe_batch=service.metrics.observe_batch,
                            observe_skipped=service.metrics.observe_skipped)  # fmt: skip
     batcher.start()

@@ -64,10 +64,14 @@ class Predictor:
         device: torch.device | str = "cpu",
         half: bool = False,
         version: str = "unsaved",
+        channels_last: bool = True,
     ) -> None:
         self.device = torch.device(device)
         self.half = half and self.device.type == "cuda"
-        self.model = model.to(self.device).eval()
+        # channels_last: 576x576 at batch 1 on 2 CPU cores, 238 -> 150 ms (bench). Training validation turns it
+        # off, so validating never changes the layout of the weights being trained.
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.model = model.to(self.device, memory_format=self.memory_format).eval()
         if self.half:
             self.model.half()
         self.config = model.config
@@ -100,7 +104,7 @@ class Predictor:
     @torch.inference_mode()
     def run_network(self, tiles: np.ndarray) -> np.ndarray:
         """(N, 1, h, w) float32 -> (N, C, h', w') float32 class probabilities."""
-        batch = torch.from_numpy(tiles).to(self.device, non_blocking=True)
+        batch = torch.from_numpy(tiles).to(self.device, memory_format=self.memory_format, non_blocking=True)
         if self.half:
             batch = batch.half()
         probs = torch.softmax(self.model(batch).float(), dim=1)

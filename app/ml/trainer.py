@@ -336,7 +336,7 @@ class Trainer:
             dist.barrier()
 
     def _val_probabilities(self) -> list[tuple[Sample, np.ndarray]]:
-        predictor = Predictor(self.model, self.preprocess, InstanceConfig(), device=self.device)
+        predictor = Predictor(self.model, self.preprocess, InstanceConfig(), device=self.device, channels_last=False)
         try:
             return [(sample, probabilities(predictor, sample.image)) for sample in self.val_samples]
         finally:

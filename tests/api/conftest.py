@@ -25,7 +25,8 @@ def running_server(model_store: Path, **settings: str) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def server(trained_model: Path) -> Iterator[str]:
-    with running_server(trained_model.parent, max_upload_bytes=str(8 * 1024 * 1024)) as url:
+    # Micro-batches of up to 8 (the CUDA default; on CPU the service defaults to 1), so batching is exercised.
+    with running_server(trained_model.parent, max_upload_bytes=str(8 * 1024 * 1024), max_batch="8") as url:
         yield url
 
 
