@@ -10,6 +10,7 @@ import json
 import re
 import shutil
 import subprocess
+import sysconfig
 from importlib.metadata import entry_points
 
 import pytest
@@ -49,8 +50,8 @@ def test_every_command_of_the_image_and_compose_file_exists(command):
         assert "/health" in create_app().openapi()["paths"], "the healthcheck polls a real route"
         return
     assert program in SCRIPTS, f"{program} is not a console script of the package"
-    executable = shutil.which(program)
-    assert executable, f"{program} is declared but not installed on PATH"
+    executable = shutil.which(program, path=sysconfig.get_path("scripts"))
+    assert executable, f"{program} is declared but not installed beside this Python"
     done = subprocess.run([executable, "--help"], capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr
     assert "usage:" in done.stdout
