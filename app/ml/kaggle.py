@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import hashlib
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -111,7 +112,7 @@ class KaggleDataset:
             metadata=dict(record.metadata),
         )
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Sample]:
         return (self.load(i) for i in range(len(self)))
 
     def fingerprint(self) -> str:

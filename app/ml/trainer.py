@@ -14,6 +14,7 @@ import math
 import os
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
@@ -463,7 +464,7 @@ def code_version() -> str:
     return f"{app.__version__}+{commit}" if commit else app.__version__
 
 
-def _warmup_cosine(total_steps: int, warmup: float):
+def _warmup_cosine(total_steps: int, warmup: float) -> Callable[[int], float]:
     warmup_steps = max(1, round(total_steps * warmup))
 
     def factor(step: int) -> float:

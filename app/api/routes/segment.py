@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
-from typing import Annotated, Any
+from collections.abc import Awaitable
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, HTTPException, Query, Request, UploadFile
 from fastapi.responses import Response
@@ -12,7 +12,7 @@ from fastapi.responses import Response
 from app.api import schemas
 from app.api.deps import PipelineDep, ServiceDep, require_api_key
 from app.ml.pipeline import OutputFormat, Segmentation, SegmentationPipeline
-from app.ml.postprocess import THRESHOLD_RANGES, InstanceConfig
+from app.ml.postprocess import THRESHOLD_RANGES
 from app.ml.predictor import Mode
 
 router = APIRouter(tags=["segmentation"], dependencies=[Depends(require_api_key)])
@@ -22,6 +22,7 @@ PNG_DESCRIPTIONS = {
     OutputFormat.MASK: "8-bit PNG: 255 = cell, 0 = background",
     OutputFormat.OVERLAY: "RGB PNG of the image with every cell tinted and outlined",
 }
+OK_DESCRIPTION = "JSON cells by default; a PNG for " + "; ".join(f"{f.value}: {t}" for f, t in PNG_DESCRIPTIONS.items())
 
 
 def threshold(name: str) -> object:
@@ -32,7 +33,7 @@ def threshold(name: str) -> object:
 @router.post(
     "/segment",
     response_model=schemas.Segmentation | schemas.BatchSegmentation,
-    responses={**schemas.ERROR_RESPONSES, 200: {"content": {"image/png": {}}, "description": "cells"}},
+    responses={**schemas.ERROR_RESPONSES, 200: {"content": {"image/png": {}}, "description": OK_DESCRIPTION}},
     summary="Find every cell in one or several images",
 )
 async def segment(
@@ -58,7 +59,10 @@ async def segment(
     config = pipeline.predictor.instances.with_overrides(
         foreground_threshold=foreground_threshold, seed_threshold=seed_threshold, min_cell_area=min_cell_area
     )
-    results = [await _segment_one(request, pipeline, upload, mode, config) for upload in uploads]
+    images = [await _read(upload) for upload in uploads]
+    # Several images go through the pipeline together, so their network inputs can share micro-batches.
+    work = asyncio.gather(*(pipeline.segment(data, mode, config) for data in images))
+    results = await _cancel_on_disconnect(request, work)
     for result in results:
         service.metrics.cells.observe(result.instances.count)
     version = pipeline.predictor.version
@@ -86,21 +90,22 @@ def _uploads(
     return uploads
 
 
-async def _segment_one(
-    request: Request, pipeline: SegmentationPipeline, upload: UploadFile, mode: Mode, config: InstanceConfig
-) -> Segmentation:
+async def _read(upload: UploadFile) -> bytes:
     data = await upload.read()
     if not data:
         raise HTTPException(422, f"the file {upload.filename!r} is empty; send a PNG, JPEG or TIFF image")
-    return await _cancel_on_disconnect(request, pipeline.segment(data, mode, config))
+    return data
 
 
-async def _cancel_on_disconnect(request: Request, work: Coroutine[Any, Any, Segmentation]) -> Segmentation:
+async def _cancel_on_disconnect(request: Request, work: Awaitable[list[Segmentation]]) -> list[Segmentation]:
     """Run `work`, but cancel it (and its queued network inputs) if the client goes away meanwhile."""
     task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(_wait_for_disconnect(request))
     try:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:  # the server itself is cancelling this request (e.g. shutting down)
+        task.cancel()
+        raise
     finally:
         watcher.cancel()
     if not task.done():
