@@ -44,8 +44,7 @@ def evaluation_mode(shape: tuple[int, int], preprocess: PreprocessConfig) -> Mod
 
 def probabilities(predictor: Predictor, image: np.ndarray) -> np.ndarray:
     """(H, W) image -> (C, H, W) probabilities through the mode the evaluation uses."""
-    prepared = predictor.prepare(image, evaluation_mode(image.shape, predictor.preprocess))
-    return predictor.probabilities(prepared, predictor.run_tiles(prepared.tiles))
+    return predictor.predict_probabilities(image, evaluation_mode(image.shape, predictor.preprocess))
 
 
 def evaluate(predictor: Predictor, samples: Iterable[Sample], config: InstanceConfig | None = None) -> Evaluation:

@@ -129,8 +129,15 @@ class Predictor:
         max_batch: int = 8,
     ) -> Instances:
         """(H, W) float image in [0, 1] -> Instances; the three steps in a row."""
+        probs = self.predict_probabilities(image, mode, max_batch)
+        return probabilities_to_instances(probs, config or self.instances)
+
+    def predict_probabilities(
+        self, image: np.ndarray, mode: Mode | str = Mode.RESIZE, max_batch: int = 8
+    ) -> np.ndarray:
+        """(H, W) float image in [0, 1] -> (C, H, W) class probabilities at the image's size."""
         prepared = self.prepare(image, mode)
-        return self.finish(prepared, self.run_tiles(prepared.tiles, max_batch), config)
+        return self.probabilities(prepared, self.run_tiles(prepared.tiles, max_batch))
 
     def run_tiles(self, tiles: np.ndarray, max_batch: int = 8) -> np.ndarray:
         """run_network over any number of tiles, max_batch at a time."""

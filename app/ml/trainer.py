@@ -373,8 +373,7 @@ class Trainer:
         return card
 
     def _card(self, instances: InstanceConfig, evaluation: Evaluation, untuned: dict | None) -> dict[str, Any]:
-        metrics = {"validation": {k: v for k, v in evaluation.to_dict().items() if k != "per_image"}}
-        metrics["validation"]["per_image"] = evaluation.per_image
+        metrics = {"validation": evaluation.to_dict()}
         if untuned is not None:
             metrics["validation_default_thresholds"] = untuned
         return {
