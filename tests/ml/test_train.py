@@ -185,6 +185,18 @@ def test_two_gloo_processes_under_torchrun_write_exactly_one_checkpoint(synth_da
     assert not any(k.startswith("module.") for k in weights)
 
 
+def test_the_paper_unpadded_network_trains_and_serves(synth_dataset, tmp_path):
+    config = TrainConfig(data=str(synth_dataset), out=str(tmp_path), version="paper", epochs=1, epoch_size=8,
+                         batch_size=4, crop=92, width=4, depth=2, paper=True, input_size=92, val_fraction=0.34,
+                         tune_thresholds=False)  # fmt: skip
+    Trainer(config).fit()
+    predictor = Predictor.from_checkpoint(tmp_path / "paper")
+    assert not predictor.config.padded
+    assert predictor.predict(np.zeros((100, 130), np.float32)).labels.shape == (100, 130)
+    with pytest.raises(ValueError, match="try 572"):
+        Trainer(TrainConfig(**{**config.__dict__, "version": "bad", "crop": 90}))
+
+
 def test_help_explains_every_option():
     text = build_parser().format_help()
     for field in TrainConfig.__dataclass_fields__:
