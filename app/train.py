@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from dataclasses import fields
 
+from app.cli import setup_logging
 from app.ml.errors import CellSegError
 from app.ml.trainer import TrainConfig, Trainer, load_resume_state
 
@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     args = build_parser().parse_args(argv)
     try:
         if args.resume:
