@@ -11,6 +11,7 @@ import pytest
 from app.ml.synth import write_dataset
 
 REPO = Path(__file__).resolve().parents[1]
+MODEL_STORE = REPO / "model_store"  # its DEFAULT names the shipped model
 SARTORIUS = Path(os.environ.get("CELLSEG_SHARED_DATA", REPO.parent / "shared" / "data" / "sartorius"))
 
 

@@ -9,9 +9,8 @@ import pytest
 
 from app.evaluate import main as evaluate
 from app.ml.checkpoint import default_version, load_checkpoint, resolve_model_folder
+from tests.conftest import MODEL_STORE as STORE
 from tests.conftest import REPO
-
-STORE = REPO / "model_store"
 
 
 def bundled_card() -> dict:

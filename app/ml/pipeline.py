@@ -53,7 +53,6 @@ def describe_cells(instances: Instances) -> list[dict[str, Any]]:
     """Instances -> one dict per cell: id, Kaggle RLE, area, bbox [x, y, width, height], score."""
     labels = instances.labels
     encoded = rle.encode_labels(labels)
-    areas = np.bincount(labels.ravel(), minlength=instances.count + 1)
     cells = []
     for index, box in enumerate(ndimage.find_objects(labels), start=1):
         if box is None:
@@ -62,7 +61,7 @@ def describe_cells(instances: Instances) -> list[dict[str, Any]]:
         cells.append({
             "id": index,
             "rle": encoded[index],
-            "area": int(areas[index]),
+            "area": int(instances.areas[index - 1]),
             "bbox": [cols.start, rows.start, cols.stop - cols.start, rows.stop - rows.start],
             "score": round(float(instances.scores[index - 1]), 4),
         })  # fmt: skip

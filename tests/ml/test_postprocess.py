@@ -1,14 +1,18 @@
 import numpy as np
 import pytest
 from scipy import ndimage
+from skimage.segmentation import watershed
 
+from app.ml.checkpoint import resolve_model_folder
 from app.ml.errors import InvalidOptionError
+from app.ml.imageio import read_image
 from app.ml.kaggle import KaggleDataset
 from app.ml.metrics import image_score, iou_matrix
-from app.ml.postprocess import InstanceConfig, mean_per_label, probabilities_to_instances
+from app.ml.postprocess import InstanceConfig, grow_seeds, probabilities_to_instances
+from app.ml.predictor import Predictor
 from app.ml.synth import generate_image
 from app.ml.targets import BORDER, INTERIOR, label_to_classes
-from tests.conftest import disk
+from tests.conftest import MODEL_STORE, disk
 
 
 def soft_probabilities(labels: np.ndarray, noise: float = 0.0, seed: int = 0) -> np.ndarray:
@@ -90,7 +94,32 @@ def test_threshold_overrides_are_range_checked():
         InstanceConfig().with_overrides(foreground_threshold=1.5)
 
 
-def test_mean_per_label():
-    labels = np.array([[0, 1, 1], [2, 2, 2]])
-    values = np.array([[9.0, 1.0, 3.0], [1.0, 2.0, 3.0]])
-    assert mean_per_label(values, labels).tolist() == [2.0, 2.0]
+def test_areas_and_scores_are_each_cells_pixel_count_and_mean_foreground_probability():
+    labels = np.zeros((40, 60), dtype=np.int32)
+    labels[disk((40, 60), (20, 15), 9)] = 1
+    labels[disk((40, 60), (20, 45), 6)] = 2
+    probs = soft_probabilities(labels, noise=0.3)
+    instances = probabilities_to_instances(probs)
+    foreground_prob = 1.0 - probs[0]
+    for cell in range(1, instances.count + 1):
+        pixels = instances.labels == cell
+        assert instances.areas[cell - 1] == pixels.sum()
+        assert instances.scores[cell - 1] == pytest.approx(foreground_prob[pixels].mean(), rel=1e-5)
+    assert sorted(instances.areas.tolist()) == sorted([(labels == 1).sum(), (labels == 2).sum()])
+
+
+@pytest.mark.parametrize("source", ["synthetic", "real"])
+def test_grow_seeds_gives_the_labels_of_the_plain_watershed(source, sartorius):
+    """Leaving the seeds' inner pixels out of the flood is a speed-up only: the labels must not change."""
+    if source == "real":
+        predictor = Predictor.from_checkpoint(resolve_model_folder(MODEL_STORE), device="cpu")
+        probs = predictor.predict_probabilities(read_image(next((sartorius / "test").glob("*.png"))))
+    else:
+        synth = generate_image(np.random.default_rng(5), 160, 160, "astro", density=1.5)
+        probs = soft_probabilities(synth.labels, noise=0.4)
+    foreground = probs[0] < 0.5
+    seeds, _ = ndimage.label((probs[INTERIOR] > 0.6) & foreground)
+    landscape = probs[BORDER] - probs[INTERIOR]
+    plain = watershed(landscape, markers=seeds, mask=foreground)
+    assert seeds.max() > 5 and (plain != seeds).sum() > 100  # the flood has real work to do
+    np.testing.assert_array_equal(grow_seeds(landscape, seeds, foreground), plain)
