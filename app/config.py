@@ -7,6 +7,8 @@ from pathlib import Path
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from app.ml.predictor import Backend
+
 
 class Settings(BaseSettings):
     """Every setting of the service; README.md lists them with their defaults."""
@@ -16,6 +18,10 @@ class Settings(BaseSettings):
     model_store: Path = Field(Path("model_store"), description="folder holding <version>/model.json folders")
     model_version: str | None = Field(None, description="version to serve (default: model_store/DEFAULT)")
     device: str = Field("auto", description="'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'")
+    backend: Backend = Field(
+        Backend.AUTO,
+        description="'auto' (ONNX Runtime on the CPU when installed, else PyTorch), 'torch' or 'onnxruntime'",
+    )
     half_precision: bool = Field(True, description="float16 on CUDA when the model allows it")
     torch_threads: int = Field(0, ge=0, description="CPU threads for the network (0: torch's default)")
     warmup: bool = Field(True, description="run a blank image through the model before reporting ready")

@@ -20,7 +20,7 @@ from app.api.routes import ops, segment
 from app.config import Settings
 from app.ml.batcher import MicroBatcher
 from app.ml.checkpoint import load_checkpoint, resolve_model_folder
-from app.ml.errors import CheckpointError
+from app.ml.errors import CheckpointError, InvalidOptionError
 from app.ml.imageio import ImageLimits
 from app.ml.pipeline import SegmentationPipeline
 from app.ml.predictor import Predictor
@@ -37,7 +37,9 @@ def load_predictor(settings: Settings) -> tuple[Predictor, dict]:
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     checkpoint = load_checkpoint(resolve_model_folder(settings.model_store, settings.model_version))
-    predictor = Predictor.from_checkpoint(checkpoint, device=settings.device, half=settings.half_precision)
+    predictor = Predictor.from_checkpoint(
+        checkpoint, device=settings.device, half=settings.half_precision, backend=settings.backend
+    )
     if settings.warmup:
         predictor.warm_up()
     return predictor, checkpoint.card
@@ -49,7 +51,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings = service.settings
     try:
         predictor, card = await asyncio.to_thread(load_predictor, settings)
-    except CheckpointError as exc:
+    except (CheckpointError, InvalidOptionError) as exc:
         log.critical("cannot load the model: %s", exc)
         raise
     max_batch = settings.max_batch or (8 if predictor.device.type == "cuda" else 1)
@@ -61,8 +63,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     service.predictor, service.card, service.batcher = predictor, card, batcher
     service.pipeline = SegmentationPipeline(predictor, batcher, limits, service.metrics.observe_stage)
     service.ready = True
-    log.info("serving model %s on %s", predictor.version, predictor.device,
-             extra={"model_version": predictor.version, "device": str(predictor.device)})  # fmt: skip
+    log.info("serving model %s on %s with %s", predictor.version, predictor.device, predictor.backend.value,
+             extra={"model_version": predictor.version, "device": str(predictor.device),
+                    "backend": predictor.backend.value})  # fmt: skip
     try:
         yield
     finally:

@@ -59,6 +59,7 @@ class Ready(BaseModel):
     ready: bool
     model_version: str | None
     device: str | None
+    backend: str | None = Field(description="what runs the network: torch or onnxruntime")
 
 
 class Models(BaseModel):

@@ -11,12 +11,14 @@ import math
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
 
 from app.ml.checkpoint import Checkpoint, load_checkpoint
 from app.ml.errors import InvalidOptionError
+from app.ml.onnx_backend import OnnxRuntimeNetwork, onnxruntime_available
 from app.ml.postprocess import InstanceConfig, Instances, probabilities_to_instances
 from app.ml.transforms import (
     PreprocessConfig,
@@ -28,6 +30,17 @@ from app.ml.transforms import (
     stitch_tiles,
 )
 from app.ml.unet import UNet
+
+_Option = TypeVar("_Option", bound=StrEnum)
+
+
+class Backend(StrEnum):
+    """What runs the network: PyTorch (CPU or CUDA), or ONNX Runtime on CPU (optional, faster there).
+    auto: ONNX Runtime on the CPU when it is installed, PyTorch otherwise."""
+
+    AUTO = "auto"
+    TORCH = "torch"
+    ONNXRUNTIME = "onnxruntime"
 
 
 class Mode(StrEnum):
@@ -65,8 +78,14 @@ class Predictor:
         half: bool = False,
         version: str = "unsaved",
         channels_last: bool = True,
+        backend: Backend | str = Backend.TORCH,
     ) -> None:
         self.device = torch.device(device)
+        self.backend = _parse_option(Backend, backend, "backend")
+        if self.backend is Backend.AUTO:
+            raise InvalidOptionError("resolve backend 'auto' first (Predictor.from_checkpoint does)")
+        if self.backend is Backend.ONNXRUNTIME and self.device.type != "cpu":
+            raise InvalidOptionError(f"the onnxruntime backend runs on the CPU, not {self.device}; use backend torch")
         self.half = half and self.device.type == "cuda"
         # channels_last: 576x576 at batch 1 on 2 CPU cores, 238 -> 150 ms (bench). Training validation turns it
         # off, so validating never changes the layout of the weights being trained.
@@ -75,13 +94,24 @@ class Predictor:
         if self.half:
             self.model.half()
         self.config = model.config
+        self.onnx = (
+            OnnxRuntimeNetwork(self.model, torch.get_num_threads()) if self.backend is Backend.ONNXRUNTIME else None
+        )
         self.preprocess = preprocess
         self.instances = instances
         self.version = version
 
     @classmethod
-    def from_checkpoint(cls, source: str | Path | Checkpoint, device: str = "auto", half: bool = True) -> Predictor:
+    def from_checkpoint(
+        cls, source: str | Path | Checkpoint, device: str = "auto", half: bool = True, backend: Backend | str = "torch"
+    ) -> Predictor:
         checkpoint = source if isinstance(source, Checkpoint) else load_checkpoint(source)
+        backend = _parse_option(Backend, backend, "backend")
+        if backend is Backend.ONNXRUNTIME and device == "auto":
+            device = "cpu"
+        if backend is Backend.AUTO:
+            on_cpu = pick_device(device).type == "cpu"
+            backend = Backend.ONNXRUNTIME if on_cpu and onnxruntime_available() else Backend.TORCH
         return cls(
             checkpoint.build_model(),
             checkpoint.preprocess,
@@ -89,6 +119,7 @@ class Predictor:
             device=pick_device(device),
             half=half and checkpoint.card.get("inference", {}).get("half_precision", False),
             version=checkpoint.version,
+            backend=backend,
         )
 
     # ------------------------------------------------------------------ the three steps
@@ -104,11 +135,12 @@ class Predictor:
     @torch.inference_mode()
     def run_network(self, tiles: np.ndarray) -> np.ndarray:
         """(N, 1, h, w) float32 -> (N, C, h', w') float32 class probabilities."""
-        batch = torch.from_numpy(tiles).to(self.device, memory_format=self.memory_format, non_blocking=True)
-        if self.half:
-            batch = batch.half()
-        probs = torch.softmax(self.model(batch).float(), dim=1)
-        return probs.cpu().numpy()
+        if self.onnx is not None:
+            logits = torch.from_numpy(self.onnx(tiles))
+        else:
+            batch = torch.from_numpy(tiles).to(self.device, memory_format=self.memory_format, non_blocking=True)
+            logits = self.model(batch.half() if self.half else batch).float()
+        return torch.softmax(logits, dim=1).cpu().numpy()
 
     def finish(self, prepared: Prepared, outputs: np.ndarray, config: InstanceConfig | None = None) -> Instances:
         """Network outputs of `prepared` -> Instances at the original image size."""
@@ -144,9 +176,11 @@ class Predictor:
         chunks = [self.run_network(tiles[i : i + max_batch]) for i in range(0, len(tiles), max_batch)]
         return np.concatenate(chunks)
 
-    def warm_up(self, mode: Mode | str = Mode.RESIZE) -> None:
-        """Run one blank image through every step, so the first request does not pay for lazy initialisation."""
-        self.predict(np.full((64, 64), 0.5, dtype=np.float32), mode)
+    def warm_up(self) -> None:
+        """Run a blank image through every step in each mode, so no request pays for lazy initialisation
+        (with ONNX Runtime, that includes exporting the network for each mode's input size)."""
+        for mode in Mode:
+            self.predict(np.full((64, 64), 0.5, dtype=np.float32), mode)
 
     # ------------------------------------------------------------------ geometry
 
@@ -175,7 +209,11 @@ class Predictor:
 
 
 def _parse_mode(mode: Mode | str) -> Mode:
+    return _parse_option(Mode, mode, "mode")
+
+
+def _parse_option(kind: type[_Option], value: _Option | str, name: str) -> _Option:
     try:
-        return Mode(mode)
+        return kind(value)
     except ValueError:
-        raise InvalidOptionError(f"unknown mode {mode!r}; accepted: {', '.join(m.value for m in Mode)}") from None
+        raise InvalidOptionError(f"unknown {name} {value!r}; accepted: {', '.join(kind)}") from None

@@ -25,7 +25,8 @@ def metric(text: str, name: str) -> float:
 
 def test_health_ready_and_models(client, trained_model):
     assert client.get("/health").json() == {"status": "ok"}
-    assert client.get("/ready").json() == {"ready": True, "model_version": "synth-v1", "device": "cpu"}
+    ready = {"ready": True, "model_version": "synth-v1", "device": "cpu", "backend": "onnxruntime"}  # as shipped
+    assert client.get("/ready").json() == ready
     models = client.get("/models").json()
     assert models["available"] == ["synth-v1"] and models["default"] == "synth-v1"
     assert models["loaded"]["weights"]["sha256"] and models["loaded"]["architecture"]["base_width"] == 8

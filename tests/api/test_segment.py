@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import io
 
+import httpx
 import numpy as np
 import pytest
 import tifffile
 from PIL import Image
 
 from app.ml import rle
-from tests.api.conftest import png
+from app.ml.metrics import image_score
+from tests.api.conftest import png, running_server
 
 pytestmark = pytest.mark.slow
 
@@ -77,6 +79,16 @@ def test_a_1040x1408_image_works_in_both_modes(client, real_image, mode):
     body = response.json()
     assert (body["height"], body["width"], body["mode"]) == (1040, 1408, mode)
     assert decode_cells(body).shape == (1040, 1408)
+
+
+def test_the_pytorch_backend_serves_the_same_cells(client, real_image, trained_model):
+    """The session's server runs ONNX Runtime (backend auto on CPU); this one runs PyTorch."""
+    with running_server(trained_model.parent, backend="torch") as url:
+        assert httpx.get(f"{url}/ready").json()["backend"] == "torch"
+        pytorch = httpx.post(f"{url}/segment", files={"file": ("a.png", real_image)}, timeout=120).json()
+    onnxruntime = client.post("/segment", files={"file": ("a.png", real_image)}).json()
+    assert pytorch["cell_count"] > 5
+    assert image_score(decode_cells(pytorch), decode_cells(onnxruntime)) > 0.99
 
 
 def test_a_16_bit_tiff_gives_the_same_cells_as_the_8_bit_png(client, real_image):

@@ -1,0 +1,57 @@
+"""The optional ONNX Runtime backend: the same probabilities and cells as PyTorch, whatever the batch and mode."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from app.ml.checkpoint import load_checkpoint, resolve_model_folder
+from app.ml.errors import InvalidOptionError
+from app.ml.imageio import read_image
+from app.ml.metrics import image_score
+from app.ml.postprocess import probabilities_to_instances
+from app.ml.predictor import Backend, Mode, Predictor
+from tests.conftest import MODEL_STORE
+
+BUNDLED = resolve_model_folder(MODEL_STORE)
+
+
+@pytest.fixture(scope="module")
+def pytorch() -> Predictor:
+    return Predictor.from_checkpoint(BUNDLED, device="cpu", backend="torch")
+
+
+@pytest.fixture(scope="module")
+def onnxruntime() -> Predictor:
+    return Predictor.from_checkpoint(BUNDLED, device="cpu", backend="onnxruntime")
+
+
+@pytest.mark.parametrize("mode", list(Mode))
+def test_onnxruntime_finds_the_cells_pytorch_finds(pytorch, onnxruntime, sartorius, mode):
+    image = read_image(sartorius / "test" / "7ae19de7bc2a.png")
+    expected, got = pytorch.predict_probabilities(image, mode), onnxruntime.predict_probabilities(image, mode)
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+    cells = probabilities_to_instances(expected, pytorch.instances)
+    assert cells.count > 100
+    assert image_score(cells.labels, probabilities_to_instances(got, onnxruntime.instances).labels) > 0.99
+
+
+def test_one_export_per_input_size_serves_every_batch_size(pytorch, onnxruntime):
+    tiles = np.random.default_rng(0).standard_normal((3, 1, 576, 576), dtype=np.float32)
+    np.testing.assert_allclose(onnxruntime.run_network(tiles), pytorch.run_network(tiles), atol=1e-4)
+    np.testing.assert_allclose(onnxruntime.run_network(tiles[:1]), pytorch.run_network(tiles[:1]), atol=1e-4)
+    assert onnxruntime.onnx.session_for((576, 576)) is onnxruntime.onnx.session_for((576, 576))
+
+
+def test_auto_picks_onnxruntime_on_the_cpu_when_it_is_installed():
+    assert Predictor.from_checkpoint(BUNDLED, device="cpu", backend="auto").backend is Backend.ONNXRUNTIME
+    assert Predictor.from_checkpoint(BUNDLED, device="cpu").backend is Backend.TORCH  # the library default
+
+
+def test_wrong_backends_are_refused_with_what_is_accepted():
+    with pytest.raises(InvalidOptionError, match=r"unknown backend 'tensorrt'; accepted: auto, torch, onnxruntime"):
+        Predictor.from_checkpoint(BUNDLED, backend="tensorrt")
+    checkpoint = load_checkpoint(BUNDLED)
+    with pytest.raises(InvalidOptionError, match="the onnxruntime backend runs on the CPU, not cuda"):
+        Predictor(checkpoint.build_model(), checkpoint.preprocess, checkpoint.instances, device="cuda",
+                  backend="onnxruntime")  # fmt: skip
