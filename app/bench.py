@@ -1,9 +1,10 @@
 """`bench`: measure the network and the service on this machine, each figure beside its reference from the same run.
 
-Sections: a large fp32 matmul (the ceiling); the network alone (default model and the paper's 572 U-Net) at batch 1
-and its best batch; the service end to end through a real uvicorn on 127.0.0.1 (latency per format and mode, and
-where the time goes); throughput at several concurrencies, as shipped and with micro-batches of 8 forced;
-server memory after 50 and 500 requests. Prints a table and writes the same figures as JSON.
+Sections: a large fp32 matmul (the ceiling); the network alone (the default model with PyTorch and, when installed,
+ONNX Runtime; the paper's 572 U-Net with PyTorch) at batch 1 and its best batch; the service end to end through a
+real uvicorn on 127.0.0.1 (latency per format and mode, and where the time goes); throughput at several
+concurrencies, as shipped and with micro-batches of 8 forced; server memory after 50 and 500 requests. Prints a
+table and writes the same figures as JSON.
 
 Example:  bench --out bench.json            (about 10 minutes on 2 CPU cores; --quick for about 3)
 """
@@ -27,6 +28,7 @@ from torch import nn
 from app.cli import add_model_arguments, model_folder
 from app.localserver import LocalServer, running_server
 from app.ml import rle
+from app.ml.onnx_backend import OnnxRuntimeNetwork, onnxruntime_available
 from app.ml.predictor import Mode, Predictor
 from app.ml.unet import UNet, UNetConfig
 
@@ -73,15 +75,14 @@ def conv_flops(model: nn.Module, input_shape: tuple[int, ...]) -> float:
     return total / input_shape[0]
 
 
-def network_figures(model: nn.Module, side: int, batches: list[int], repeats: int, ceiling: float) -> dict:
-    """ms per image and GFLOP/s at each batch size, for a (N, 1, side, side) input."""
-    model = model.eval()
-    flops = conv_flops(model, (1, 1, side, side))
+def network_figures(
+    run: Callable[[np.ndarray], object], flops: float, side: int, batches: list[int], repeats: int, ceiling: float
+) -> dict:
+    """ms per image and GFLOP/s at each batch size of `run` on (N, 1, side, side) inputs."""
     rows = {}
     for batch in batches:
-        x = torch.randn(batch, 1, side, side)
-        with torch.inference_mode():
-            seconds = best_of(lambda x=x: model(x), repeats) / batch
+        x = np.random.default_rng(0).standard_normal((batch, 1, side, side), dtype=np.float32)
+        seconds = best_of(lambda x=x: run(x), repeats) / batch
         rows[batch] = {
             "ms_per_image": seconds * 1000,
             "images_per_s": 1 / seconds,
@@ -90,6 +91,18 @@ def network_figures(model: nn.Module, side: int, batches: list[int], repeats: in
         }
     best = max(rows, key=lambda b: rows[b]["images_per_s"])
     return {"input": side, "gflop_per_image": flops / 1e9, "batches": rows, "best_batch": best}
+
+
+def torch_runner(model: nn.Module, channels_last: bool = True) -> Callable[[np.ndarray], object]:
+    """The network as the PyTorch backend runs it: inference mode, channels-last on the CPU."""
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.eval().to(memory_format=layout)
+
+    @torch.inference_mode()
+    def run(x: np.ndarray) -> torch.Tensor:
+        return model(torch.from_numpy(x).to(memory_format=layout))
+
+    return run
 
 
 # ---------------------------------------------------------------- the service
@@ -202,16 +215,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result["matmul_gflops"] = matmul_gflops()
     print("network alone ...", flush=True)
     batches = [1, 2, 4] if quick else [1, 2, 4, 8]
-    result["network_default"] = network_figures(
-        predictor.model, side, batches, 3 if quick else 5, result["matmul_gflops"]
-    )
+    repeats, ceiling = 3 if quick else 5, result["matmul_gflops"]
+    flops = conv_flops(predictor.model, (1, 1, side, side))
+    result["network_default"] = network_figures(torch_runner(predictor.model), flops, side, batches, repeats, ceiling)
+    if onnxruntime_available():
+        onnx = OnnxRuntimeNetwork(predictor.model, torch.get_num_threads())
+        result["network_default_onnxruntime"] = network_figures(onnx, flops, side, batches, repeats, ceiling)
     paper = UNet(UNetConfig.paper())
-    result["network_paper_572"] = network_figures(paper, 572, [1] if quick else [1, 2], 2, result["matmul_gflops"])
+    result["network_paper_572"] = network_figures(
+        torch_runner(paper), conv_flops(paper, (1, 1, 572, 572)), 572, [1] if quick else [1, 2], 2, ceiling
+    )
     result["rle"] = rle_figures()
-    settings = {"model_store": str(folder.parent), "model_version": folder.name, "log_level": "WARNING"}
+    settings = {"model_store": str(folder.parent), "model_version": folder.name, "log_level": "WARNING",
+                "backend": args.backend}  # fmt: skip
     print("service end to end ...", flush=True)
     # The service as shipped (max_batch auto: 1 on CPU, 8 on CUDA), then with micro-batches of up to 8 forced on.
     with running_server(**settings) as server:
+        result["service_backend"] = httpx.get(f"{server.url}/ready").json()["backend"]
         result["latency"] = latency_figures(server, image, 8 if quick else 20)
         result["throughput_default"] = throughput_figures(server, image, args.concurrency, 16 if quick else 32)
         result["memory"] = memory_figures(server, image, 150 if quick else 500)
@@ -221,9 +241,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+NETWORK_OF_BACKEND = {"torch": "network_default", "onnxruntime": "network_default_onnxruntime"}
+
+
 def ratios(result: dict[str, Any]) -> dict[str, float]:
-    """The figures the issue's goals are stated in, each from this run's own references."""
-    network = result["network_default"]
+    """The figures the issue's goals are stated in, each from this run's own references: the network alone is
+    measured with the backend the service runs."""
+    network = result[NETWORK_OF_BACKEND[result["service_backend"]]]
     best = network["batches"][network["best_batch"]]
     e2e = result["latency"]["json/resize"]
     stages = e2e["stages_ms"]
@@ -242,11 +266,12 @@ def ratios(result: dict[str, Any]) -> dict[str, float]:
 
 def table(result: dict[str, Any]) -> str:
     lines = [
-        f"model {result['model']}, torch {result['machine']['torch']}, {result['machine']['threads']} threads",
+        f"model {result['model']}, torch {result['machine']['torch']}, {result['machine']['threads']} threads, "
+        f"service backend {result['service_backend']}",
         f"matmul ceiling                      {result['matmul_gflops']:8.1f} GFLOP/s",
     ]
-    for name in ("network_default", "network_paper_572"):
-        section = result[name]
+    for name in ("network_default", "network_default_onnxruntime", "network_paper_572"):
+        section = result.get(name, {"batches": {}})
         for batch, row in section["batches"].items():
             lines.append(
                 f"{name} {section['input']}px batch {batch:<3} {row['ms_per_image']:8.1f} ms/img "
@@ -279,6 +304,8 @@ def main(argv: list[str] | None = None) -> None:
     add_model_arguments(parser)
     parser.add_argument("--image", default=str(DEFAULT_IMAGE), help="a real 520x704 image to post")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64], help="levels to measure")
+    parser.add_argument("--backend", default="auto", choices=["auto", "torch", "onnxruntime"],
+                        help="the service's backend (CELLSEG_BACKEND)")  # fmt: skip
     parser.add_argument("--threads", type=int, default=0, help="torch threads in this process (0: default)")
     parser.add_argument("--quick", action="store_true", help="fewer requests and repeats (about 3 minutes)")
     parser.add_argument("--out", default="bench.json", help="where to write the figures as JSON")

