@@ -14,6 +14,7 @@ import logging
 import threading
 import time
 import warnings
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -63,8 +64,7 @@ class OnnxRuntimeNetwork:
         # Batch 2, not 1: torch.export fixes any dimension whose example size is 1.
         example = torch.zeros(2, self.model.config.in_channels, *size)
         batch = torch.export.Dim("batch", min=1, max=1024)
-        with contextlib.redirect_stdout(io.StringIO()), torch.inference_mode(False), warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # torch's exporter, about its own internals
+        with _quiet_exporter(), torch.inference_mode(False):
             program = torch.onnx.export(
                 self.model, (example,), input_names=["x"], output_names=["logits"],
                 dynamic_shapes={"x": {0: batch}}, dynamo=True, verbose=False,
@@ -78,3 +78,18 @@ class OnnxRuntimeNetwork:
         )
         log.info("exported the network to ONNX for %dx%d inputs in %.1f s", *size, time.perf_counter() - started)
         return session
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """The exporter prints progress, warns about its own internals and logs in a format of its own (which would
+    break the service's one-JSON-object-per-line logs); none of it is news to our users."""
+    exporter_log = logging.getLogger("torch.onnx")
+    level = exporter_log.level
+    exporter_log.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
+    finally:
+        exporter_log.setLevel(level)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import httpx
 import numpy as np
 import pytest
 
+from app.localserver import running_server as start_server
 from tests.api.conftest import png, running_server
 
 pytestmark = pytest.mark.slow
@@ -124,3 +126,13 @@ def test_a_missing_model_stops_startup_with_a_message(tmp_path):
                           text=True, timeout=120, check=False)  # fmt: skip
     assert done.returncode != 0
     assert f"no model in {tmp_path}" in done.stderr
+
+
+def test_every_log_line_is_one_json_object_with_onnxruntime_exporting_at_startup(trained_model, tmp_path):
+    log = tmp_path / "server.log"
+    with start_server(log, model_store=str(trained_model.parent), backend="onnxruntime") as server:
+        assert httpx.post(f"{server.url}/segment", files={"file": ("a.png", IMAGE)}, timeout=60).status_code == 200
+    records = [json.loads(line) for line in log.read_text().splitlines()]  # fails on any other line
+    assert any("exported the network to ONNX" in r["message"] for r in records)
+    access = [r for r in records if r.get("path") == "/segment"]
+    assert access and access[0]["status"] == 200 and access[0]["request_id"] != "-"
