@@ -1,10 +1,10 @@
 """`bench`: measure the network and the service on this machine, each figure beside its reference from the same run.
 
-Sections: a large fp32 matmul (the ceiling); the network alone (the default model with PyTorch and, when installed,
-ONNX Runtime; the paper's 572 U-Net with PyTorch) at batch 1 and its best batch; the service end to end through a
-real uvicorn on 127.0.0.1 (latency per format and mode, and where the time goes); throughput at several
-concurrencies, as shipped and with micro-batches of 8 forced; server memory after 50 and 500 requests. Prints a
-table and writes the same figures as JSON.
+Sections: a large matmul (the ceiling; fp32, and bfloat16 on CPUs with AMX); the network alone (the default model
+with PyTorch in fp32 and, where available, bfloat16 and ONNX Runtime; the paper's 572 U-Net with PyTorch) at batch
+1 and its best batch; the service end to end through a real uvicorn on 127.0.0.1 (latency per format and mode, and
+where the time goes); throughput at several concurrencies, as shipped and with micro-batches of 8 forced; server
+memory after 50 and 500 requests. Prints a table and writes the same figures as JSON.
 
 Example:  bench --out bench.json            (about 10 minutes on 2 CPU cores; --quick for about 3)
 """
@@ -29,7 +29,7 @@ from app.cli import add_model_arguments, model_folder
 from app.localserver import LocalServer, running_server
 from app.ml import rle
 from app.ml.onnx_backend import OnnxRuntimeNetwork, onnxruntime_available
-from app.ml.predictor import Mode, Predictor
+from app.ml.predictor import Mode, Predictor, native_bfloat16
 from app.ml.unet import UNet, UNetConfig
 
 DEFAULT_IMAGE = Path(__file__).resolve().parents[2] / "shared/data/sartorius/test/7ae19de7bc2a.png"
@@ -49,9 +49,9 @@ def best_of(run: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
-def matmul_gflops(size: int = 2048, repeats: int = 10) -> float:
-    """Achieved GFLOP/s of a size x size fp32 matmul: what these cores can do at best."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def matmul_gflops(size: int = 2048, repeats: int = 10, dtype: torch.dtype = torch.float32) -> float:
+    """Achieved GFLOP/s of a size x size matmul in `dtype`: what these cores can do at best."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     return 2 * size**3 / best_of(lambda: a @ b, repeats) / 1e9
 
 
@@ -93,14 +93,15 @@ def network_figures(
     return {"input": side, "gflop_per_image": flops / 1e9, "batches": rows, "best_batch": best}
 
 
-def torch_runner(model: nn.Module, channels_last: bool = True) -> Callable[[np.ndarray], object]:
-    """The network as the PyTorch backend runs it: inference mode, channels-last on the CPU."""
-    layout = torch.channels_last if channels_last else torch.contiguous_format
-    model = model.eval().to(memory_format=layout)
+def torch_runner(model: nn.Module, bfloat16: bool = False) -> Callable[[np.ndarray], object]:
+    """The network as the PyTorch backend runs it on the CPU: inference mode, channels-last, optionally under
+    bfloat16 autocast."""
+    model = model.eval().to(memory_format=torch.channels_last)
 
     @torch.inference_mode()
     def run(x: np.ndarray) -> torch.Tensor:
-        return model(torch.from_numpy(x).to(memory_format=layout))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bfloat16):
+            return model(torch.from_numpy(x).to(memory_format=torch.channels_last))
 
     return run
 
@@ -213,11 +214,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     print("matmul ceiling ...", flush=True)
     result["matmul_gflops"] = matmul_gflops()
+    if native_bfloat16():
+        result["matmul_gflops_bfloat16"] = matmul_gflops(dtype=torch.bfloat16)
     print("network alone ...", flush=True)
     batches = [1, 2, 4] if quick else [1, 2, 4, 8]
     repeats, ceiling = 3 if quick else 5, result["matmul_gflops"]
     flops = conv_flops(predictor.model, (1, 1, side, side))
     result["network_default"] = network_figures(torch_runner(predictor.model), flops, side, batches, repeats, ceiling)
+    if native_bfloat16():
+        bf16_ceiling = result["matmul_gflops_bfloat16"]
+        bf16 = torch_runner(predictor.model, bfloat16=True)
+        result["network_default_bfloat16"] = network_figures(bf16, flops, side, batches, repeats, bf16_ceiling)
     if onnxruntime_available():
         onnx = OnnxRuntimeNetwork(predictor.model, torch.get_num_threads())
         result["network_default_onnxruntime"] = network_figures(onnx, flops, side, batches, repeats, ceiling)
@@ -227,11 +234,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     result["rle"] = rle_figures()
     settings = {"model_store": str(folder.parent), "model_version": folder.name, "log_level": "WARNING",
-                "backend": args.backend}  # fmt: skip
+                "backend": args.backend, "half_precision": str(not args.full_precision).lower()}  # fmt: skip
     print("service end to end ...", flush=True)
     # The service as shipped (max_batch auto: 1 on CPU, 8 on CUDA), then with micro-batches of up to 8 forced on.
     with running_server(**settings) as server:
-        result["service_backend"] = httpx.get(f"{server.url}/ready").json()["backend"]
+        ready = httpx.get(f"{server.url}/ready").json()
+        result["service"] = {"backend": ready["backend"], "precision": ready["precision"]}
         result["latency"] = latency_figures(server, image, 8 if quick else 20)
         result["throughput_default"] = throughput_figures(server, image, args.concurrency, 16 if quick else 32)
         result["memory"] = memory_figures(server, image, 150 if quick else 500)
@@ -241,13 +249,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-NETWORK_OF_BACKEND = {"torch": "network_default", "onnxruntime": "network_default_onnxruntime"}
+# The "network alone" figures that match what the service runs, by (backend, precision).
+NETWORK_OF_SERVICE = {
+    ("torch", "float32"): "network_default",
+    ("torch", "bfloat16"): "network_default_bfloat16",
+    ("onnxruntime", "float32"): "network_default_onnxruntime",
+}
 
 
 def ratios(result: dict[str, Any]) -> dict[str, float]:
     """The figures the issue's goals are stated in, each from this run's own references: the network alone is
-    measured with the backend the service runs."""
-    network = result[NETWORK_OF_BACKEND[result["service_backend"]]]
+    measured with the backend and precision the service runs, and against the matmul ceiling in that precision."""
+    network = result[NETWORK_OF_SERVICE[result["service"]["backend"], result["service"]["precision"]]]
     best = network["batches"][network["best_batch"]]
     e2e = result["latency"]["json/resize"]
     stages = e2e["stages_ms"]
@@ -267,10 +280,12 @@ def ratios(result: dict[str, Any]) -> dict[str, float]:
 def table(result: dict[str, Any]) -> str:
     lines = [
         f"model {result['model']}, torch {result['machine']['torch']}, {result['machine']['threads']} threads, "
-        f"service backend {result['service_backend']}",
+        f"service: {result['service']['backend']} in {result['service']['precision']}",
         f"matmul ceiling                      {result['matmul_gflops']:8.1f} GFLOP/s",
     ]
-    for name in ("network_default", "network_default_onnxruntime", "network_paper_572"):
+    if "matmul_gflops_bfloat16" in result:
+        lines.append(f"matmul ceiling, bfloat16            {result['matmul_gflops_bfloat16']:8.1f} GFLOP/s")
+    for name in ("network_default", "network_default_bfloat16", "network_default_onnxruntime", "network_paper_572"):
         section = result.get(name, {"batches": {}})
         for batch, row in section["batches"].items():
             lines.append(
@@ -306,6 +321,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64], help="levels to measure")
     parser.add_argument("--backend", default="auto", choices=["auto", "torch", "onnxruntime"],
                         help="the service's backend (CELLSEG_BACKEND)")  # fmt: skip
+    parser.add_argument("--full-precision", action="store_true",
+                        help="the service in float32 (CELLSEG_HALF_PRECISION=false)")  # fmt: skip
     parser.add_argument("--threads", type=int, default=0, help="torch threads in this process (0: default)")
     parser.add_argument("--quick", action="store_true", help="fewer requests and repeats (about 3 minutes)")
     parser.add_argument("--out", default="bench.json", help="where to write the figures as JSON")

@@ -20,9 +20,12 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'")
     backend: Backend = Field(
         Backend.AUTO,
-        description="'auto' (ONNX Runtime on the CPU when installed, else PyTorch), 'torch' or 'onnxruntime'",
+        description="'auto' (PyTorch on CUDA and on CPUs with native bfloat16, else ONNX Runtime when installed, "
+        "else PyTorch), 'torch' or 'onnxruntime' (CPU, float32)",
     )
-    half_precision: bool = Field(True, description="float16 on CUDA when the model allows it")
+    half_precision: bool = Field(
+        True, description="when the model allows it: float16 on CUDA, bfloat16 on CPUs with AMX (PyTorch backend)"
+    )
     torch_threads: int = Field(0, ge=0, description="CPU threads for the network (0: torch's default)")
     warmup: bool = Field(True, description="run a blank image through the model before reporting ready")
 

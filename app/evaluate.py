@@ -36,6 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="'all' images, or the 'validation' part recorded in the model's model.json (default: all)",
     )
     parser.add_argument("--json", metavar="FILE", help="also write the full result (per image too) as JSON")
+    parser.add_argument(
+        "--half",
+        action="store_true",
+        help="compute in reduced precision as the service does where the hardware has it (float16 on CUDA, "
+        "bfloat16 on CPUs with AMX); default float32",
+    )
     return parser
 
 
@@ -68,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         checkpoint = load_checkpoint(model_folder(args))
-        predictor = Predictor.from_checkpoint(checkpoint, device=args.device, half=False)
+        predictor = Predictor.from_checkpoint(checkpoint, device=args.device, half=args.half)
         split = checkpoint.card.get("training", {}).get("data", {}).get("split")
         samples = select_samples(KaggleDataset(args.data), split, args.subset)
         scored = [(s, probabilities(predictor, s.image)) for s in tqdm(samples, desc="evaluate", unit="img")]
@@ -76,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     except CellSegError as exc:
         print(f"evaluate: {exc}", file=sys.stderr)
         raise SystemExit(2) from exc
-    print(f"model {checkpoint.version}, subset {args.subset}")
+    print(f"model {checkpoint.version}, subset {args.subset}, {predictor.precision}")
     print(report(evaluation))
     if args.json:
         with Path(args.json).open("w") as handle:

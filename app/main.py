@@ -63,9 +63,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     service.predictor, service.card, service.batcher = predictor, card, batcher
     service.pipeline = SegmentationPipeline(predictor, batcher, limits, service.metrics.observe_stage)
     service.ready = True
-    log.info("serving model %s on %s with %s", predictor.version, predictor.device, predictor.backend.value,
-             extra={"model_version": predictor.version, "device": str(predictor.device),
-                    "backend": predictor.backend.value})  # fmt: skip
+    where = {"model_version": predictor.version, "device": str(predictor.device),
+             "backend": predictor.backend.value, "precision": predictor.precision}  # fmt: skip
+    log.info("serving model %(model_version)s on %(device)s with %(backend)s in %(precision)s", where, extra=where)
     try:
         yield
     finally:

@@ -60,6 +60,7 @@ class Ready(BaseModel):
     model_version: str | None
     device: str | None
     backend: str | None = Field(description="what runs the network: torch or onnxruntime")
+    precision: str | None = Field(description="what it computes in: float32, float16 (CUDA) or bfloat16 (CPU)")
 
 
 class Models(BaseModel):

@@ -35,8 +35,8 @@ _Option = TypeVar("_Option", bound=StrEnum)
 
 
 class Backend(StrEnum):
-    """What runs the network: PyTorch (CPU or CUDA), or ONNX Runtime on CPU (optional, faster there).
-    auto: ONNX Runtime on the CPU when it is installed, PyTorch otherwise."""
+    """What runs the network: PyTorch (CPU or CUDA), or ONNX Runtime on the CPU (optional). auto: PyTorch on CUDA
+    and on CPUs that compute in bfloat16 natively; ONNX Runtime on other CPUs when it is installed."""
 
     AUTO = "auto"
     TORCH = "torch"
@@ -66,6 +66,22 @@ def pick_device(requested: str = "auto") -> torch.device:
     return torch.device(requested)
 
 
+def native_bfloat16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (Intel AMX tiles). There, on 2 cores, bench measured the
+    default model 2.7x faster under bfloat16 autocast than in float32 (59 against 158 ms at 576x576), and its
+    validation score was unchanged (0.1852 against 0.1837); without AMX, bfloat16 brings little or is emulated."""
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private, hence the guard
+    return bool(amx and amx())
+
+
+def auto_backend(device: torch.device, half: bool) -> Backend:
+    """What backend auto resolves to: PyTorch on CUDA and on CPUs where reduced precision (allowed by `half`) runs
+    natively; else ONNX Runtime when installed (float32, 1.2x faster than PyTorch); else PyTorch."""
+    if device.type != "cpu" or (half and native_bfloat16()) or not onnxruntime_available():
+        return Backend.TORCH
+    return Backend.ONNXRUNTIME
+
+
 class Predictor:
     """A network with the pre- and postprocessing it was validated with."""
 
@@ -86,7 +102,9 @@ class Predictor:
             raise InvalidOptionError("resolve backend 'auto' first (Predictor.from_checkpoint does)")
         if self.backend is Backend.ONNXRUNTIME and self.device.type != "cpu":
             raise InvalidOptionError(f"the onnxruntime backend runs on the CPU, not {self.device}; use backend torch")
+        # Reduced precision where the hardware has it: float16 weights on CUDA, bfloat16 autocast on AMX CPUs.
         self.half = half and self.device.type == "cuda"
+        self.bfloat16 = half and self.device.type == "cpu" and self.backend is Backend.TORCH and native_bfloat16()
         # channels_last: 576x576 at batch 1 on 2 CPU cores, 238 -> 150 ms (bench). Training validation turns it
         # off, so validating never changes the layout of the weights being trained.
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -109,18 +127,23 @@ class Predictor:
         backend = _parse_option(Backend, backend, "backend")
         if backend is Backend.ONNXRUNTIME and device == "auto":
             device = "cpu"
+        half = half and checkpoint.card.get("inference", {}).get("half_precision", False)
         if backend is Backend.AUTO:
-            on_cpu = pick_device(device).type == "cpu"
-            backend = Backend.ONNXRUNTIME if on_cpu and onnxruntime_available() else Backend.TORCH
+            backend = auto_backend(pick_device(device), half)
         return cls(
             checkpoint.build_model(),
             checkpoint.preprocess,
             checkpoint.instances,
             device=pick_device(device),
-            half=half and checkpoint.card.get("inference", {}).get("half_precision", False),
+            half=half,
             version=checkpoint.version,
             backend=backend,
         )
+
+    @property
+    def precision(self) -> str:
+        """The number format the network computes in: float32, float16 (CUDA) or bfloat16 (CPU)."""
+        return "float16" if self.half else "bfloat16" if self.bfloat16 else "float32"
 
     # ------------------------------------------------------------------ the three steps
 
@@ -139,7 +162,8 @@ class Predictor:
             logits = torch.from_numpy(self.onnx(tiles))
         else:
             batch = torch.from_numpy(tiles).to(self.device, memory_format=self.memory_format, non_blocking=True)
-            logits = self.model(batch.half() if self.half else batch).float()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bfloat16):
+                logits = self.model(batch.half() if self.half else batch).float()
         return torch.softmax(logits, dim=1).cpu().numpy()
 
     def finish(self, prepared: Prepared, outputs: np.ndarray, config: InstanceConfig | None = None) -> Instances:

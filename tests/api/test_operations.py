@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from app.localserver import running_server as start_server
+from app.ml.predictor import native_bfloat16
 from tests.api.conftest import png, running_server
 
 pytestmark = pytest.mark.slow
@@ -27,7 +28,9 @@ def metric(text: str, name: str) -> float:
 
 def test_health_ready_and_models(client, trained_model):
     assert client.get("/health").json() == {"status": "ok"}
-    ready = {"ready": True, "model_version": "synth-v1", "device": "cpu", "backend": "onnxruntime"}  # as shipped
+    # As shipped (backend auto): PyTorch in bfloat16 on CPUs with AMX, else ONNX Runtime.
+    backend, precision = ("torch", "bfloat16") if native_bfloat16() else ("onnxruntime", "float32")
+    ready = {"ready": True, "model_version": "synth-v1", "device": "cpu", "backend": backend, "precision": precision}
     assert client.get("/ready").json() == ready
     models = client.get("/models").json()
     assert models["available"] == ["synth-v1"] and models["default"] == "synth-v1"

@@ -81,14 +81,22 @@ def test_a_1040x1408_image_works_in_both_modes(client, real_image, mode):
     assert decode_cells(body).shape == (1040, 1408)
 
 
-def test_the_pytorch_backend_serves_the_same_cells(client, real_image, trained_model):
-    """The session's server runs ONNX Runtime (backend auto on CPU); this one runs PyTorch."""
-    with running_server(trained_model.parent, backend="torch") as url:
-        assert httpx.get(f"{url}/ready").json()["backend"] == "torch"
-        pytorch = httpx.post(f"{url}/segment", files={"file": ("a.png", real_image)}, timeout=120).json()
-    onnxruntime = client.post("/segment", files={"file": ("a.png", real_image)}).json()
-    assert pytorch["cell_count"] > 5
-    assert image_score(decode_cells(pytorch), decode_cells(onnxruntime)) > 0.99
+FLOAT32_SERVERS = [
+    ({"backend": "onnxruntime"}, ("onnxruntime", "float32")),
+    ({"backend": "torch", "half_precision": "false"}, ("torch", "float32")),
+]
+
+
+@pytest.mark.parametrize(("settings", "served"), FLOAT32_SERVERS)
+def test_every_backend_and_precision_serves_the_same_cells(client, real_image, trained_model, settings, served):
+    """The session's server runs what backend auto picks here; these run the float32 alternatives."""
+    with running_server(trained_model.parent, **settings) as url:
+        ready = httpx.get(f"{url}/ready").json()
+        assert (ready["backend"], ready["precision"]) == served
+        other = httpx.post(f"{url}/segment", files={"file": ("a.png", real_image)}, timeout=120).json()
+    shipped = client.post("/segment", files={"file": ("a.png", real_image)}).json()
+    assert other["cell_count"] > 5
+    assert image_score(decode_cells(other), decode_cells(shipped)) > 0.9
 
 
 def test_a_16_bit_tiff_gives_the_same_cells_as_the_8_bit_png(client, real_image):

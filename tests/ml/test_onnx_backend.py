@@ -10,7 +10,7 @@ from app.ml.errors import InvalidOptionError
 from app.ml.imageio import read_image
 from app.ml.metrics import image_score
 from app.ml.postprocess import probabilities_to_instances
-from app.ml.predictor import Backend, Mode, Predictor
+from app.ml.predictor import Backend, Mode, Predictor, native_bfloat16
 from tests.conftest import MODEL_STORE
 
 BUNDLED = resolve_model_folder(MODEL_STORE)
@@ -18,7 +18,7 @@ BUNDLED = resolve_model_folder(MODEL_STORE)
 
 @pytest.fixture(scope="module")
 def pytorch() -> Predictor:
-    return Predictor.from_checkpoint(BUNDLED, device="cpu", backend="torch")
+    return Predictor.from_checkpoint(BUNDLED, device="cpu", backend="torch", half=False)  # float32, as ONNX
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +43,14 @@ def test_one_export_per_input_size_serves_every_batch_size(pytorch, onnxruntime)
     assert onnxruntime.onnx.session_for((576, 576)) is onnxruntime.onnx.session_for((576, 576))
 
 
-def test_auto_picks_onnxruntime_on_the_cpu_when_it_is_installed():
-    assert Predictor.from_checkpoint(BUNDLED, device="cpu", backend="auto").backend is Backend.ONNXRUNTIME
+def test_auto_picks_onnxruntime_on_the_cpu_unless_it_computes_bfloat16_natively():
+    auto = Predictor.from_checkpoint(BUNDLED, device="cpu", backend="auto")
+    if native_bfloat16():  # Intel AMX: PyTorch in bfloat16 is faster still
+        assert (auto.backend, auto.precision) == (Backend.TORCH, "bfloat16")
+    else:
+        assert (auto.backend, auto.precision) == (Backend.ONNXRUNTIME, "float32")
+    full_precision = Predictor.from_checkpoint(BUNDLED, device="cpu", backend="auto", half=False)
+    assert full_precision.backend is Backend.ONNXRUNTIME
     assert Predictor.from_checkpoint(BUNDLED, device="cpu").backend is Backend.TORCH  # the library default
 
 

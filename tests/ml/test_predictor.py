@@ -2,11 +2,15 @@ import numpy as np
 import pytest
 import torch
 
+from app.ml.checkpoint import resolve_model_folder
 from app.ml.errors import InvalidOptionError
-from app.ml.postprocess import InstanceConfig
-from app.ml.predictor import Mode, Predictor
+from app.ml.imageio import read_image
+from app.ml.metrics import image_score
+from app.ml.postprocess import InstanceConfig, probabilities_to_instances
+from app.ml.predictor import Mode, Predictor, native_bfloat16
 from app.ml.transforms import PreprocessConfig
 from app.ml.unet import UNet, UNetConfig
+from tests.conftest import MODEL_STORE
 
 
 def predictor(config=None, **preprocess):
@@ -55,3 +59,22 @@ def test_network_outputs_are_probabilities():
     outputs = pred.run_network(np.random.default_rng(0).random((2, 1, 64, 64), dtype=np.float32))
     assert outputs.shape == (2, 3, 64, 64)
     assert np.allclose(outputs.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_reduced_precision_on_the_cpu_is_bfloat16_where_amx_computes_it_and_finds_the_same_cells(sartorius):
+    folder = resolve_model_folder(MODEL_STORE)
+    fast = Predictor.from_checkpoint(folder, device="cpu", backend="torch")  # the model card allows it
+    exact = Predictor.from_checkpoint(folder, device="cpu", backend="torch", half=False)
+    assert exact.precision == "float32"
+    assert fast.precision == ("bfloat16" if native_bfloat16() else "float32")
+    image = read_image(sartorius / "test" / "7ae19de7bc2a.png")
+    expected, got = exact.predict_probabilities(image), fast.predict_probabilities(image)
+    assert np.abs(got - expected).mean() < 0.01
+    cells = probabilities_to_instances(expected, exact.instances)
+    assert cells.count > 100
+    assert image_score(cells.labels, probabilities_to_instances(got, fast.instances).labels) > 0.9
+
+
+def test_the_onnxruntime_backend_never_computes_in_bfloat16():
+    predictor = Predictor.from_checkpoint(resolve_model_folder(MODEL_STORE), device="cpu", backend="onnxruntime")
+    assert predictor.precision == "float32"

@@ -56,8 +56,12 @@ def test_a_few_minutes_of_training_is_far_above_an_untrained_network(trained_mod
     trained_score = card["metrics"]["validation"]["score"]
     assert trained_score > 0.25, card["metrics"]
     assert trained_score > untrained_score + 0.2
-    # The service's own predictor loads the checkpoint and reproduces the recorded score.
-    assert evaluate(Predictor.from_checkpoint(trained_model), val_samples).score == pytest.approx(trained_score)
+    # The service's own predictor loads the checkpoint and reproduces the recorded score in float32, and comes
+    # close to it in the reduced precision it serves in where the hardware has one (bfloat16 on AMX CPUs).
+    exact = Predictor.from_checkpoint(trained_model, device="cpu", half=False)
+    assert evaluate(exact, val_samples).score == pytest.approx(trained_score)
+    reduced = Predictor.from_checkpoint(trained_model, device="cpu", backend="torch")
+    assert abs(evaluate(reduced, val_samples).score - trained_score) < 0.05
 
 
 def test_the_run_folder_has_everything_a_person_and_the_service_need(trained_model):

@@ -26,7 +26,8 @@ def ready(service: ServiceDep, response: Response) -> schemas.Ready:
         response.status_code = 503
     return schemas.Ready(ready=service.ready, model_version=predictor.version if predictor else None,
                          device=str(predictor.device) if predictor else None,
-                         backend=predictor.backend.value if predictor else None)  # fmt: skip
+                         backend=predictor.backend.value if predictor else None,
+                         precision=predictor.precision if predictor else None)  # fmt: skip
 
 
 @router.get("/models", response_model=schemas.Models, summary="The loaded model's model.json and the versions")
