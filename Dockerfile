@@ -19,7 +19,7 @@ WORKDIR /app
 # CELLSEG_BACKEND=auto run the network on ONNX Runtime on CPUs without AMX (bfloat16), where it beats PyTorch.
 COPY pyproject.toml README.md ./
 RUN mkdir app && touch app/__init__.py \
-    && pip install ".[onnx]" \
+    && pip install "./[onnx]" \
     && pip uninstall --yes cellseg \
     && rm -rf app build
 
