@@ -28,8 +28,10 @@ from torch import nn
 from app.cli import add_model_arguments, model_folder
 from app.localserver import LocalServer, running_server
 from app.ml import rle
-from app.ml.onnx_backend import OnnxRuntimeNetwork, onnxruntime_available
+from app.ml.onnx_backend import onnxruntime_available
+from app.ml.postprocess import InstanceConfig
 from app.ml.predictor import Mode, Predictor, native_bfloat16
+from app.ml.transforms import PreprocessConfig
 from app.ml.unet import UNet, UNetConfig
 
 DEFAULT_IMAGE = Path(__file__).resolve().parents[2] / "shared/data/sartorius/test/7ae19de7bc2a.png"
@@ -91,19 +93,6 @@ def network_figures(
         }
     best = max(rows, key=lambda b: rows[b]["images_per_s"])
     return {"input": side, "gflop_per_image": flops / 1e9, "batches": rows, "best_batch": best}
-
-
-def torch_runner(model: nn.Module, bfloat16: bool = False) -> Callable[[np.ndarray], object]:
-    """The network as the PyTorch backend runs it on the CPU: inference mode, channels-last, optionally under
-    bfloat16 autocast."""
-    model = model.eval().to(memory_format=torch.channels_last)
-
-    @torch.inference_mode()
-    def run(x: np.ndarray) -> torch.Tensor:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bfloat16):
-            return model(torch.from_numpy(x).to(memory_format=torch.channels_last))
-
-    return run
 
 
 # ---------------------------------------------------------------- the service
@@ -217,20 +206,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if native_bfloat16():
         result["matmul_gflops_bfloat16"] = matmul_gflops(dtype=torch.bfloat16)
     print("network alone ...", flush=True)
+    # Each variant through Predictor.run_network, the call the service's micro-batcher makes.
     batches = [1, 2, 4] if quick else [1, 2, 4, 8]
     repeats, ceiling = 3 if quick else 5, result["matmul_gflops"]
     flops = conv_flops(predictor.model, (1, 1, side, side))
-    result["network_default"] = network_figures(torch_runner(predictor.model), flops, side, batches, repeats, ceiling)
+    variants = {"network_default": (predictor, ceiling)}
     if native_bfloat16():
-        bf16_ceiling = result["matmul_gflops_bfloat16"]
-        bf16 = torch_runner(predictor.model, bfloat16=True)
-        result["network_default_bfloat16"] = network_figures(bf16, flops, side, batches, repeats, bf16_ceiling)
+        bf16 = Predictor.from_checkpoint(folder, device="cpu", half=True, backend="torch")
+        variants["network_default_bfloat16"] = (bf16, result["matmul_gflops_bfloat16"])
     if onnxruntime_available():
-        onnx = OnnxRuntimeNetwork(predictor.model, torch.get_num_threads())
-        result["network_default_onnxruntime"] = network_figures(onnx, flops, side, batches, repeats, ceiling)
-    paper = UNet(UNetConfig.paper())
+        variants["network_default_onnxruntime"] = (Predictor.from_checkpoint(folder, backend="onnxruntime"), ceiling)
+    for name, (variant, its_ceiling) in variants.items():
+        result[name] = network_figures(variant.run_network, flops, side, batches, repeats, its_ceiling)
+    paper = Predictor(UNet(UNetConfig.paper()), PreprocessConfig(), InstanceConfig())
     result["network_paper_572"] = network_figures(
-        torch_runner(paper), conv_flops(paper, (1, 1, 572, 572)), 572, [1] if quick else [1, 2], 2, ceiling
+        paper.run_network, conv_flops(paper.model, (1, 1, 572, 572)), 572, [1] if quick else [1, 2], 2, ceiling
     )
     result["rle"] = rle_figures()
     settings = {"model_store": str(folder.parent), "model_version": folder.name, "log_level": "WARNING",

@@ -99,7 +99,7 @@ class Predictor:
         self.device = torch.device(device)
         self.backend = _parse_option(Backend, backend, "backend")
         if self.backend is Backend.AUTO:
-            raise InvalidOptionError("resolve backend 'auto' first (Predictor.from_checkpoint does)")
+            self.backend = auto_backend(self.device, half)
         if self.backend is Backend.ONNXRUNTIME and self.device.type != "cpu":
             raise InvalidOptionError(f"the onnxruntime backend runs on the CPU, not {self.device}; use backend torch")
         # Reduced precision where the hardware has it: float16 weights on CUDA, bfloat16 autocast on AMX CPUs.
@@ -124,18 +124,14 @@ class Predictor:
         cls, source: str | Path | Checkpoint, device: str = "auto", half: bool = True, backend: Backend | str = "torch"
     ) -> Predictor:
         checkpoint = source if isinstance(source, Checkpoint) else load_checkpoint(source)
-        backend = _parse_option(Backend, backend, "backend")
-        if backend is Backend.ONNXRUNTIME and device == "auto":
+        if _parse_option(Backend, backend, "backend") is Backend.ONNXRUNTIME and device == "auto":
             device = "cpu"
-        half = half and checkpoint.card.get("inference", {}).get("half_precision", False)
-        if backend is Backend.AUTO:
-            backend = auto_backend(pick_device(device), half)
         return cls(
             checkpoint.build_model(),
             checkpoint.preprocess,
             checkpoint.instances,
             device=pick_device(device),
-            half=half,
+            half=half and checkpoint.card.get("inference", {}).get("half_precision", False),
             version=checkpoint.version,
             backend=backend,
         )
