@@ -20,8 +20,8 @@ def limit_malloc_arenas(arenas: int = 2) -> None:
 
     glibc gives threads that allocate at the same time arenas of their own (up to 8 per core) and keeps freed
     memory in each; with the service's worker threads resident memory crept up for hundreds of requests (500 ->
-    599 MiB over the first 200). With 2 arenas it stayed flat (486 MiB after 50, 500 and 1100 requests) at the same
-    throughput. A no-op where the C library is not glibc.
+    599 MiB over the first 200). With 2 arenas it stayed between 453 and 526 MiB from 50 to 1100 requests, with no
+    trend, at the same throughput. A no-op where the C library is not glibc.
     """
     if "MALLOC_ARENA_MAX" in os.environ:
         return
