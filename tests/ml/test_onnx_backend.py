@@ -36,6 +36,10 @@ def test_onnxruntime_finds_the_cells_pytorch_finds(pytorch, onnxruntime, sartori
     assert image_score(cells.labels, probabilities_to_instances(got, onnxruntime.instances).labels) > 0.99
 
 
+def test_onnxruntime_computes_in_float32_even_where_the_model_allows_reduced_precision(onnxruntime):
+    assert onnxruntime.precision == "float32"  # the fixture keeps from_checkpoint's half=True
+
+
 def test_one_export_per_input_size_serves_every_batch_size(pytorch, onnxruntime):
     tiles = np.random.default_rng(0).standard_normal((3, 1, 576, 576), dtype=np.float32)
     np.testing.assert_allclose(onnxruntime.run_network(tiles), pytorch.run_network(tiles), atol=1e-4)

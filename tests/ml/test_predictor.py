@@ -73,8 +73,3 @@ def test_reduced_precision_on_the_cpu_is_bfloat16_where_amx_computes_it_and_find
     cells = probabilities_to_instances(expected, exact.instances)
     assert cells.count > 100
     assert image_score(cells.labels, probabilities_to_instances(got, fast.instances).labels) > 0.9
-
-
-def test_the_onnxruntime_backend_never_computes_in_bfloat16():
-    predictor = Predictor.from_checkpoint(resolve_model_folder(MODEL_STORE), device="cpu", backend="onnxruntime")
-    assert predictor.precision == "float32"
