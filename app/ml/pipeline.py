@@ -106,10 +106,11 @@ class SegmentationPipeline:
         return image, prepared
 
     def _instances(
-        self, prepared: Prepared, outputs: np.ndarray, config: InstanceConfig, timings: dict[str, float]
+        self, prepared: Prepared, outputs: list[np.ndarray], config: InstanceConfig, timings: dict[str, float]
     ) -> Instances:
         started = time.perf_counter()
-        instances = self.predictor.finish(prepared, outputs, config)
+        stacked = outputs[0][None] if len(outputs) == 1 else np.stack(outputs)  # one tile: a view, no copy
+        instances = self.predictor.finish(prepared, stacked, config)
         self._record(timings, "instances", started)
         return instances
 
