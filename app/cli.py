@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
 import logging
+import os
 from pathlib import Path
 
 from app.ml.checkpoint import resolve_model_folder
@@ -21,3 +23,33 @@ def model_folder(args: argparse.Namespace) -> Path:
 
 def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+# glibc's mallopt parameters (malloc.h), each with the environment variable that sets it at start-up instead.
+_MALLOC_SETTINGS = {
+    "MALLOC_ARENA_MAX": (-8, 2),
+    "MALLOC_MMAP_THRESHOLD_": (-3, 32 * 1024 * 1024),
+    "MALLOC_TRIM_THRESHOLD_": (-1, 1024 * 1024 * 1024),
+}
+
+
+def tune_malloc() -> None:
+    """Set glibc's malloc for a server that allocates the same large arrays on every request, except where
+    a MALLOC_* environment variable already says otherwise. A no-op where the C library is not glibc.
+
+    - 2 arenas: glibc gives threads that allocate at the same time arenas of their own (up to 8 per core) and
+      keeps freed memory in each; with the service's worker threads resident memory crept up for hundreds of
+      requests (500 -> 599 MiB over the first 200). With 2 it stayed between 453 and 526 MiB from 50 to 1100.
+    - Blocks up to 32 MiB (glibc's maximum) from the heap, kept there when freed (trim threshold 1 GiB):
+      otherwise each request maps fresh pages for the network's activations (a 576x576x16 float32 map is
+      21 MiB) and the arrays around them, and pays a page fault for each 4 KiB page it touches. The network
+      alone took 55-57 instead of 70-77 ms (3 runs each), in the service 66 instead of 75 ms; resident memory
+      is a tenth higher and level (542 MiB after 50 requests, 560 from 500 to 800).
+    """
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return
+    for variable, (parameter, value) in _MALLOC_SETTINGS.items():
+        if variable not in os.environ:
+            mallopt(parameter, value)
