@@ -210,26 +210,34 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     batches = [1, 2, 4] if quick else [1, 2, 4, 8]
     repeats, ceiling = 3 if quick else 5, result["matmul_gflops"]
     flops = conv_flops(predictor.model, (1, 1, side, side))
-    variants = {"network_default": (predictor, ceiling)}
+    # name: (predictor, its matmul ceiling, batch sizes). Compiled networks only at batch 1, the shape the service
+    # compiles while warming up on the CPU; any other batch would run uncompiled.
+    compiled = Predictor.from_checkpoint(folder, device="cpu", half=False, compile_network=True)
+    variants = {"network_default": (predictor, ceiling, batches), "network_default_compiled": (compiled, ceiling, [1])}
     if native_bfloat16():
         bf16 = Predictor.from_checkpoint(folder, device="cpu", half=True, backend="torch")
-        variants["network_default_bfloat16"] = (bf16, result["matmul_gflops_bfloat16"])
+        bf16_compiled = Predictor.from_checkpoint(folder, device="cpu", half=True, compile_network=True)
+        variants["network_default_bfloat16"] = (bf16, result["matmul_gflops_bfloat16"], batches)
+        variants["network_default_bfloat16_compiled"] = (bf16_compiled, result["matmul_gflops_bfloat16"], [1])
     if onnxruntime_available():
-        variants["network_default_onnxruntime"] = (Predictor.from_checkpoint(folder, backend="onnxruntime"), ceiling)
-    for name, (variant, its_ceiling) in variants.items():
-        result[name] = network_figures(variant.run_network, flops, side, batches, repeats, its_ceiling)
+        onnx = Predictor.from_checkpoint(folder, backend="onnxruntime")
+        variants["network_default_onnxruntime"] = (onnx, ceiling, batches)
+    for name, (variant, its_ceiling, its_batches) in variants.items():
+        variant.warm_up()  # compiles the network for the input shapes the service uses
+        result[name] = network_figures(variant.run_network, flops, side, its_batches, repeats, its_ceiling)
     paper = Predictor(UNet(UNetConfig.paper()), PreprocessConfig(), InstanceConfig())
     result["network_paper_572"] = network_figures(
         paper.run_network, conv_flops(paper.model, (1, 1, 572, 572)), 572, [1] if quick else [1, 2], 2, ceiling
     )
     result["rle"] = rle_figures()
     settings = {"model_store": str(folder.parent), "model_version": folder.name, "log_level": "WARNING",
-                "backend": args.backend, "half_precision": str(not args.full_precision).lower()}  # fmt: skip
+                "backend": args.backend, "half_precision": str(not args.full_precision).lower(),
+                "compile": str(not args.no_compile).lower()}  # fmt: skip
     print("service end to end ...", flush=True)
     # The service as shipped (max_batch auto: 1 on CPU, 8 on CUDA), then with micro-batches of up to 8 forced on.
     with running_server(**settings) as server:
         ready = httpx.get(f"{server.url}/ready").json()
-        result["service"] = {"backend": ready["backend"], "precision": ready["precision"]}
+        result["service"] = {key: ready[key] for key in ("backend", "precision", "compiled")}
         # Steady state first: the first series after the network section above ran up to 30 % slower (bfloat16).
         asyncio.run(post_many(server.url, image, 20, 1, {}))
         result["latency"] = latency_figures(server, image, 8 if quick else 20)
@@ -243,16 +251,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 # The "network alone" figures that match what the service runs, by (backend, precision).
 NETWORK_OF_SERVICE = {
-    ("torch", "float32"): "network_default",
-    ("torch", "bfloat16"): "network_default_bfloat16",
-    ("onnxruntime", "float32"): "network_default_onnxruntime",
+    ("torch", "float32", False): "network_default",
+    ("torch", "float32", True): "network_default_compiled",
+    ("torch", "bfloat16", False): "network_default_bfloat16",
+    ("torch", "bfloat16", True): "network_default_bfloat16_compiled",
+    ("onnxruntime", "float32", False): "network_default_onnxruntime",
 }
 
 
 def ratios(result: dict[str, Any]) -> dict[str, float]:
     """The figures the issue's goals are stated in, each from this run's own references: the network alone is
     measured with the backend and precision the service runs, and against the matmul ceiling in that precision."""
-    network = result[NETWORK_OF_SERVICE[result["service"]["backend"], result["service"]["precision"]]]
+    service = result["service"]
+    network = result[NETWORK_OF_SERVICE[service["backend"], service["precision"], service["compiled"]]]
     best = network["batches"][network["best_batch"]]
     e2e = result["latency"]["json/resize"]
     stages = e2e["stages_ms"]
@@ -272,12 +283,14 @@ def ratios(result: dict[str, Any]) -> dict[str, float]:
 def table(result: dict[str, Any]) -> str:
     lines = [
         f"model {result['model']}, torch {result['machine']['torch']}, {result['machine']['threads']} threads, "
-        f"service: {result['service']['backend']} in {result['service']['precision']}",
+        f"service: {result['service']['backend']} in {result['service']['precision']}"
+        + (", compiled" if result["service"]["compiled"] else ""),
         f"matmul ceiling                      {result['matmul_gflops']:8.1f} GFLOP/s",
     ]
     if "matmul_gflops_bfloat16" in result:
         lines.append(f"matmul ceiling, bfloat16            {result['matmul_gflops_bfloat16']:8.1f} GFLOP/s")
-    for name in ("network_default", "network_default_bfloat16", "network_default_onnxruntime", "network_paper_572"):
+    for name in ("network_default", "network_default_compiled", "network_default_bfloat16",
+                 "network_default_bfloat16_compiled", "network_default_onnxruntime", "network_paper_572"):  # fmt: skip
         section = result.get(name, {"batches": {}})
         for batch, row in section["batches"].items():
             lines.append(
@@ -315,6 +328,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="the service's backend (CELLSEG_BACKEND)")  # fmt: skip
     parser.add_argument("--full-precision", action="store_true",
                         help="the service in float32 (CELLSEG_HALF_PRECISION=false)")  # fmt: skip
+    parser.add_argument(
+        "--no-compile", action="store_true", help="the service without torch.compile (CELLSEG_COMPILE=false)"
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch threads in this process (0: default)")
     parser.add_argument("--quick", action="store_true", help="fewer requests and repeats (about 3 minutes)")
     parser.add_argument("--out", default="bench.json", help="where to write the figures as JSON")

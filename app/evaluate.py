@@ -42,6 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="compute in reduced precision as the service does where the hardware has it (float16 on CUDA, "
         "bfloat16 on CPUs with AMX); default float32",
     )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="run the network through torch.compile as the service does on the CPU (compiled while warming up)",
+    )
     return parser
 
 
@@ -74,7 +79,11 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         checkpoint = load_checkpoint(model_folder(args))
-        predictor = Predictor.from_checkpoint(checkpoint, device=args.device, half=args.half)
+        predictor = Predictor.from_checkpoint(
+            checkpoint, device=args.device, half=args.half, compile_network=args.compile
+        )
+        if args.compile:
+            predictor.warm_up()
         split = checkpoint.card.get("training", {}).get("data", {}).get("split")
         samples = select_samples(KaggleDataset(args.data), split, args.subset)
         scored = [(s, probabilities(predictor, s.image)) for s in tqdm(samples, desc="evaluate", unit="img")]
@@ -82,7 +91,8 @@ def main(argv: list[str] | None = None) -> None:
     except CellSegError as exc:
         print(f"evaluate: {exc}", file=sys.stderr)
         raise SystemExit(2) from exc
-    print(f"model {checkpoint.version}, subset {args.subset}, {predictor.precision}")
+    print(f"model {checkpoint.version}, subset {args.subset}, {predictor.precision}"
+          + (", compiled" if predictor.is_compiled else ""))  # fmt: skip
     print(report(evaluation))
     if args.json:
         with Path(args.json).open("w") as handle:

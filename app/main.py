@@ -38,7 +38,11 @@ def load_predictor(settings: Settings) -> tuple[Predictor, dict]:
         torch.set_num_threads(settings.torch_threads)
     checkpoint = load_checkpoint(resolve_model_folder(settings.model_store, settings.model_version))
     predictor = Predictor.from_checkpoint(
-        checkpoint, device=settings.device, half=settings.half_precision, backend=settings.backend
+        checkpoint,
+        device=settings.device,
+        half=settings.half_precision,
+        backend=settings.backend,
+        compile_network=settings.compile and settings.warmup,  # it compiles while warming up
     )
     if settings.warmup:
         predictor.warm_up()
@@ -64,8 +68,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     service.pipeline = SegmentationPipeline(predictor, batcher, limits, service.metrics.observe_stage)
     service.ready = True
     where = {"model_version": predictor.version, "device": str(predictor.device),
-             "backend": predictor.backend.value, "precision": predictor.precision}  # fmt: skip
-    log.info("serving model %(model_version)s on %(device)s with %(backend)s in %(precision)s", where, extra=where)
+             "backend": predictor.backend.value, "precision": predictor.precision,
+             "compiled": predictor.is_compiled}  # fmt: skip
+    log.info("serving model %(model_version)s on %(device)s with %(backend)s in %(precision)s (compiled: "
+             "%(compiled)s)", where, extra=where)  # fmt: skip
     try:
         yield
     finally:

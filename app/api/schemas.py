@@ -61,6 +61,7 @@ class Ready(BaseModel):
     device: str | None
     backend: str | None = Field(description="what runs the network: torch or onnxruntime")
     precision: str | None = Field(description="what it computes in: float32, float16 (CUDA) or bfloat16 (CPU)")
+    compiled: bool | None = Field(description="whether the network runs through torch.compile")
 
 
 class Models(BaseModel):

@@ -1,3 +1,7 @@
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -73,3 +77,50 @@ def test_reduced_precision_on_the_cpu_is_bfloat16_where_amx_computes_it_and_find
     cells = probabilities_to_instances(expected, exact.instances)
     assert cells.count > 100
     assert image_score(cells.labels, probabilities_to_instances(got, fast.instances).labels) > 0.9
+
+
+def compiled_pair(**preprocess):
+    """A predictor and the same network through torch.compile, compiled while warming up."""
+    eager, compiled = predictor(**preprocess), predictor(**preprocess)
+    compiled = Predictor(compiled.model, compiled.preprocess, compiled.instances, compile_network=True)
+    return eager, compiled
+
+
+def test_the_compiled_network_gives_the_eager_networks_outputs_and_compiles_only_while_warming_up():
+    eager, compiled = compiled_pair()
+    assert not compiled.is_compiled  # nothing compiled before warming up
+    compiled.warm_up()
+    assert compiled.is_compiled
+    # One shape per mode (resize: 64x64, tile: 64x64 tiles), at batch 1, the shapes the service sends.
+    assert compiled.compiled.shapes == {(1, 1, 64, 64)}
+    tiles = np.random.default_rng(0).random((1, 1, 64, 64), dtype=np.float32)
+    np.testing.assert_allclose(compiled.run_network(tiles), eager.run_network(tiles), atol=1e-4)
+    # Another batch size after warming up runs uncompiled, at once, instead of stalling a request to compile.
+    batch = np.random.default_rng(1).random((3, 1, 64, 64), dtype=np.float32)
+    np.testing.assert_allclose(compiled.run_network(batch), eager.run_network(batch), atol=1e-6)
+    assert compiled.compiled.shapes == {(1, 1, 64, 64)}
+
+
+COMPILE_WITHOUT_COMPILER = """
+import logging, numpy as np, torch
+from app.ml.postprocess import InstanceConfig
+from app.ml.predictor import Predictor
+from app.ml.transforms import PreprocessConfig
+from app.ml.unet import UNet, UNetConfig
+logging.basicConfig(level=logging.WARNING)
+torch.manual_seed(0)
+p = Predictor(UNet(UNetConfig(base_width=4, depth=2)), PreprocessConfig(input_size=64, tile_size=64, tile_margin=16),
+              InstanceConfig(), compile_network=True)
+p.warm_up()
+labels = p.predict(np.random.default_rng(0).random((50, 90), dtype=np.float32)).labels
+print("compiled", p.is_compiled, "failed", p.compiled.failed, "shape", labels.shape)
+"""
+
+
+def test_without_a_cxx_compiler_the_network_runs_eagerly_and_a_warning_says_why(tmp_path):
+    # As in an image without g++: inductor cannot build its kernels. A fresh cache, so nothing is reused.
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", COMPILE_WITHOUT_COMPILER], env=env, capture_output=True,
+                          text=True, timeout=300, check=True)  # fmt: skip
+    assert "compiled False failed True shape (50, 90)" in done.stdout
+    assert "torch.compile failed, the network runs eagerly" in done.stderr

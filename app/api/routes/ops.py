@@ -27,7 +27,8 @@ def ready(service: ServiceDep, response: Response) -> schemas.Ready:
     return schemas.Ready(ready=service.ready, model_version=predictor.version if predictor else None,
                          device=str(predictor.device) if predictor else None,
                          backend=predictor.backend.value if predictor else None,
-                         precision=predictor.precision if predictor else None)  # fmt: skip
+                         precision=predictor.precision if predictor else None,
+                         compiled=predictor.is_compiled if predictor else None)  # fmt: skip
 
 
 @router.get("/models", response_model=schemas.Models, summary="The loaded model's model.json and the versions")
