@@ -20,8 +20,8 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'")
     backend: Backend = Field(
         Backend.AUTO,
-        description="'auto' (PyTorch on CUDA and on CPUs with native bfloat16, else ONNX Runtime when installed, "
-        "else PyTorch), 'torch' or 'onnxruntime' (CPU, float32)",
+        description="'auto' (PyTorch on CUDA, on CPUs with native bfloat16 and wherever compile is on; else ONNX "
+        "Runtime when installed, else PyTorch), 'torch' or 'onnxruntime' (CPU, float32)",
     )
     half_precision: bool = Field(
         True, description="when the model allows it: float16 on CUDA, bfloat16 on CPUs with AMX (PyTorch backend)"

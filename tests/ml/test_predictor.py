@@ -10,8 +10,9 @@ from app.ml.checkpoint import resolve_model_folder
 from app.ml.errors import InvalidOptionError
 from app.ml.imageio import read_image
 from app.ml.metrics import image_score
+from app.ml.onnx_backend import onnxruntime_available
 from app.ml.postprocess import InstanceConfig, probabilities_to_instances
-from app.ml.predictor import Mode, Predictor, native_bfloat16
+from app.ml.predictor import Backend, Mode, Predictor, auto_backend, native_bfloat16
 from app.ml.transforms import PreprocessConfig
 from app.ml.unet import UNet, UNetConfig
 from tests.conftest import MODEL_STORE
@@ -124,3 +125,11 @@ def test_without_a_cxx_compiler_the_network_runs_eagerly_and_a_warning_says_why(
                           text=True, timeout=300, check=True)  # fmt: skip
     assert "compiled False failed True shape (50, 90)" in done.stdout
     assert "torch.compile failed, the network runs eagerly" in done.stderr
+
+
+def test_auto_backend_is_pytorch_wherever_the_network_is_compiled_else_onnxruntime_on_cpus_without_bfloat16():
+    cpu = torch.device("cpu")
+    assert auto_backend(cpu, half=False, compile_network=True) is Backend.TORCH
+    uncompiled = Backend.ONNXRUNTIME if onnxruntime_available() else Backend.TORCH
+    assert auto_backend(cpu, half=False, compile_network=False) is uncompiled
+    assert auto_backend(cpu, half=True, compile_network=False) is (Backend.TORCH if native_bfloat16() else uncompiled)
