@@ -249,7 +249,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-# The "network alone" figures that match what the service runs, by (backend, precision).
+# The "network alone" figures that match what the service runs, by (backend, precision, compiled).
 NETWORK_OF_SERVICE = {
     ("torch", "float32", False): "network_default",
     ("torch", "float32", True): "network_default_compiled",
@@ -261,7 +261,7 @@ NETWORK_OF_SERVICE = {
 
 def ratios(result: dict[str, Any]) -> dict[str, float]:
     """The figures the issue's goals are stated in, each from this run's own references: the network alone is
-    measured with the backend and precision the service runs, and against the matmul ceiling in that precision."""
+    measured as the service runs it (backend, precision, compiled), against the matmul ceiling in that precision."""
     service = result["service"]
     network = result[NETWORK_OF_SERVICE[service["backend"], service["precision"], service["compiled"]]]
     best = network["batches"][network["best_batch"]]
