@@ -138,4 +138,10 @@ class MicroBatcher:
 
     def _run_stacked(self, tiles: list[np.ndarray]) -> np.ndarray:
         """Runs in the inference thread, so stacking the inputs does not hold up the event loop either."""
-        return self.run(tiles[0][None] if len(tiles) == 1 else np.stack(tiles))
+        return self.run(stack(tiles))
+
+
+def stack(arrays: list[np.ndarray]) -> np.ndarray:
+    """np.stack, except that a single array becomes a view with a batch axis instead of a copy (the usual case on
+    the CPU, where micro-batches hold one tile)."""
+    return arrays[0][None] if len(arrays) == 1 else np.stack(arrays)

@@ -17,7 +17,7 @@ import numpy as np
 from scipy import ndimage
 
 from app.ml import rle
-from app.ml.batcher import MicroBatcher
+from app.ml.batcher import MicroBatcher, stack
 from app.ml.imageio import ImageLimits, decode_image
 from app.ml.postprocess import InstanceConfig, Instances
 from app.ml.predictor import Mode, Predictor, Prepared
@@ -109,8 +109,7 @@ class SegmentationPipeline:
         self, prepared: Prepared, outputs: list[np.ndarray], config: InstanceConfig, timings: dict[str, float]
     ) -> Instances:
         started = time.perf_counter()
-        stacked = outputs[0][None] if len(outputs) == 1 else np.stack(outputs)  # one tile: a view, no copy
-        instances = self.predictor.finish(prepared, stacked, config)
+        instances = self.predictor.finish(prepared, stack(outputs), config)
         self._record(timings, "instances", started)
         return instances
 
