@@ -23,7 +23,8 @@ RUN apt-get update \
 WORKDIR /app
 
 # Dependencies first, from pyproject.toml alone, so editing the code does not reinstall them. The onnx extra lets
-# CELLSEG_BACKEND=auto run the network on ONNX Runtime on CPUs without AMX (bfloat16), where it beats PyTorch.
+# CELLSEG_BACKEND=auto run the network on ONNX Runtime on CPUs without AMX (bfloat16) when CELLSEG_COMPILE=false;
+# otherwise compiled PyTorch is faster there (README, "Performance").
 COPY pyproject.toml README.md ./
 RUN mkdir app && touch app/__init__.py \
     && pip install "./[onnx]" \
