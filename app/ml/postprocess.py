@@ -10,7 +10,7 @@ from scipy import ndimage
 from skimage.segmentation import watershed
 
 from app.ml.errors import InvalidOptionError
-from app.ml.targets import BACKGROUND, BORDER, INTERIOR
+from app.ml.targets import BACKGROUND, INTERIOR
 
 
 @dataclass(frozen=True)
@@ -62,15 +62,31 @@ class Instances:
 
 
 def probabilities_to_instances(probs: np.ndarray, config: InstanceConfig = InstanceConfig()) -> Instances:
-    """(3, H, W) float probabilities (background, interior, border) -> Instances.
+    """(3, H, W) float probabilities (background, interior, border) -> Instances."""
+    return maps_to_instances(instance_maps(probs), config)
+
+
+def instance_maps(probs: np.ndarray) -> np.ndarray:
+    """(..., 3, H, W) class probabilities -> (..., 2, H, W) float32: the foreground and interior probabilities.
+
+    They are all the instance step reads (the border is foreground minus interior), so the service resizes these
+    two maps to the image's size rather than the three classes: 1.3 against 2.6 ms for a 576x576 output.
+    """
+    maps = np.stack((1.0 - probs[..., BACKGROUND, :, :], probs[..., INTERIOR, :, :]), axis=-3)
+    return maps.astype(np.float32, copy=False)
+
+
+def maps_to_instances(maps: np.ndarray, config: InstanceConfig = InstanceConfig()) -> Instances:
+    """(2, H, W) foreground and interior probabilities (see instance_maps) -> Instances.
 
     Seeds are connected interior regions; a watershed restricted to the foreground grows them over the border
     class, so cells that touch stay apart. Foreground blobs without any seed become cells of their own.
     """
-    foreground_prob = 1.0 - probs[BACKGROUND]
+    foreground_prob, interior_prob = maps
     foreground = foreground_prob > config.foreground_threshold
-    seeds = _seeds(probs[INTERIOR] > config.seed_threshold, foreground, config.min_seed_area)
-    labels = grow_seeds(probs[BORDER] - probs[INTERIOR], seeds, foreground)
+    seeds = _seeds(interior_prob > config.seed_threshold, foreground, config.min_seed_area)
+    border_minus_interior = foreground_prob - 2.0 * interior_prob
+    labels = grow_seeds(border_minus_interior, seeds, foreground)
     labels = _add_unseeded_blobs(labels, foreground)
     return _keep_large(labels, foreground, foreground_prob, config.min_cell_area)
 

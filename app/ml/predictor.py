@@ -21,7 +21,7 @@ from app.ml.checkpoint import Checkpoint, load_checkpoint
 from app.ml.compiled import CompiledNetwork
 from app.ml.errors import InvalidOptionError
 from app.ml.onnx_backend import OnnxRuntimeNetwork, onnxruntime_available
-from app.ml.postprocess import InstanceConfig, Instances, probabilities_to_instances
+from app.ml.postprocess import InstanceConfig, Instances, instance_maps, maps_to_instances, probabilities_to_instances
 from app.ml.transforms import (
     PreprocessConfig,
     TileGrid,
@@ -185,8 +185,8 @@ class Predictor:
 
     def finish(self, prepared: Prepared, outputs: np.ndarray, config: InstanceConfig | None = None) -> Instances:
         """Network outputs of `prepared` -> Instances at the original image size."""
-        probs = self.probabilities(prepared, outputs)
-        return probabilities_to_instances(probs, config or self.instances)
+        maps = resize_image(stitch_tiles(instance_maps(outputs), prepared.grid), prepared.original_shape)
+        return maps_to_instances(maps, config or self.instances)
 
     def probabilities(self, prepared: Prepared, outputs: np.ndarray) -> np.ndarray:
         """Network outputs of `prepared` -> (C, H, W) probabilities at the original image size."""

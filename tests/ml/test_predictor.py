@@ -80,6 +80,18 @@ def test_reduced_precision_on_the_cpu_is_bfloat16_where_amx_computes_it_and_find
     assert image_score(cells.labels, probabilities_to_instances(got, fast.instances).labels) > 0.9
 
 
+def test_the_service_step_resizing_two_maps_finds_the_cells_of_the_three_resized_classes(sartorius):
+    # finish() resizes foreground and interior only; evaluation resizes all three classes first.
+    pred = Predictor.from_checkpoint(resolve_model_folder(MODEL_STORE), device="cpu", backend="torch", half=False)
+    prepared = pred.prepare(read_image(sartorius / "test" / "7ae19de7bc2a.png"), Mode.RESIZE)
+    outputs = pred.run_tiles(prepared.tiles)
+    from_classes = probabilities_to_instances(pred.probabilities(prepared, outputs), pred.instances)
+    from_maps = pred.finish(prepared, outputs)
+    assert from_maps.count == from_classes.count > 100
+    assert (from_maps.labels == from_classes.labels).mean() > 0.9999
+    np.testing.assert_allclose(from_maps.scores, from_classes.scores, atol=1e-5)
+
+
 def compiled_pair(**preprocess):
     """A predictor and the same network through torch.compile, compiled while warming up."""
     eager, compiled = predictor(**preprocess), predictor(**preprocess)
