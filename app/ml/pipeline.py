@@ -14,7 +14,6 @@ from enum import StrEnum
 from typing import Any
 
 import numpy as np
-from scipy import ndimage
 
 from app.ml import rle
 from app.ml.batcher import MicroBatcher, stack
@@ -51,21 +50,14 @@ class Segmentation:
 
 def describe_cells(instances: Instances) -> list[dict[str, Any]]:
     """Instances -> one dict per cell: id, Kaggle RLE, area, bbox [x, y, width, height], score."""
-    labels = instances.labels
-    encoded = rle.encode_labels(labels)
-    cells = []
-    for index, box in enumerate(ndimage.find_objects(labels), start=1):
-        if box is None:
-            continue
-        rows, cols = box
-        cells.append({
-            "id": index,
-            "rle": encoded[index],
-            "area": int(instances.areas[index - 1]),
-            "bbox": [cols.start, rows.start, cols.stop - cols.start, rows.stop - rows.start],
-            "score": round(float(instances.scores[index - 1]), 4),
-        })  # fmt: skip
-    return cells
+    runs = rle.label_runs(instances.labels)
+    boxes = rle.bounding_boxes(runs, instances.labels.shape[1]).tolist()
+    areas, scores = instances.areas.tolist(), instances.scores.tolist()
+    cells = zip(runs.labels.tolist(), rle.encode_runs(runs), boxes, strict=True)
+    return [
+        {"id": label, "rle": text, "area": areas[label - 1], "bbox": box, "score": round(scores[label - 1], 4)}
+        for label, text, box in cells
+    ]  # fmt: skip
 
 
 class SegmentationPipeline:

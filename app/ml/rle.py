@@ -6,6 +6,9 @@ row-major (index = row * width + col + 1), which is what the competition's files
 
 from __future__ import annotations
 
+import itertools
+from typing import NamedTuple
+
 import numpy as np
 
 from app.ml.errors import InvalidRLEError
@@ -41,8 +44,18 @@ def parse(rle: str, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     return starts, lengths
 
 
-def encode_labels(labels: np.ndarray) -> dict[int, str]:
-    """(H, W) int label map (0 = background) -> {label: rle} for every label present, in one pass."""
+class LabelRuns(NamedTuple):
+    """Every run of every non-zero label of an (H, W) map, row-major, grouped by label and in pixel order within
+    each: label k = labels[k] owns runs bounds[k]:bounds[k + 1] of starts (0-indexed) and lengths."""
+
+    labels: np.ndarray
+    bounds: np.ndarray
+    starts: np.ndarray
+    lengths: np.ndarray
+
+
+def label_runs(labels: np.ndarray) -> LabelRuns:
+    """(H, W) int label map (0 = background) -> its LabelRuns, in one pass over the image."""
     flat = np.asarray(labels).ravel()
     starts = np.concatenate(([0], np.flatnonzero(flat[1:] != flat[:-1]) + 1))
     lengths = np.diff(starts, append=flat.size)
@@ -51,12 +64,38 @@ def encode_labels(labels: np.ndarray) -> dict[int, str]:
     # A stable sort groups each label's runs while keeping them in pixel order.
     order = np.argsort(values[keep], kind="stable")
     starts, lengths, values = starts[keep][order], lengths[keep][order], values[keep][order]
-    # Every number is turned into text in one go; each label then joins its own slice of the words.
-    words = list(map(str, np.column_stack((starts + 1, lengths)).ravel().tolist()))
     first = np.flatnonzero(np.diff(values, prepend=0))
-    edges = (np.append(first, values.size) * 2).tolist()
-    groups = zip(values[first].tolist(), edges[:-1], edges[1:], strict=True)
-    return {label: " ".join(words[a:b]) for label, a, b in groups}
+    return LabelRuns(values[first], np.append(first, values.size), starts, lengths)
+
+
+def encode_labels(labels: np.ndarray) -> dict[int, str]:
+    """(H, W) int label map (0 = background) -> {label: rle} for every label present."""
+    runs = label_runs(labels)
+    return dict(zip(runs.labels.tolist(), encode_runs(runs), strict=True))
+
+
+def encode_runs(runs: LabelRuns) -> list[str]:
+    """LabelRuns -> one RLE string per label, in the order of runs.labels."""
+    # Every number is turned into text in one go; each label then joins its own slice of the words.
+    words = list(map(str, np.column_stack((runs.starts + 1, runs.lengths)).ravel().tolist()))
+    edges = (runs.bounds * 2).tolist()
+    return [" ".join(words[a:b]) for a, b in itertools.pairwise(edges)]
+
+
+def bounding_boxes(runs: LabelRuns, width: int) -> np.ndarray:
+    """LabelRuns of a map `width` pixels wide -> (K, 4) int64 [x, y, width, height] per label, from the runs alone.
+
+    A run that wraps from one row's end into the next covers both the last and the first column.
+    """
+    ends = runs.starts + runs.lengths - 1
+    first_row, last_row = runs.starts // width, ends // width
+    wraps = last_row > first_row
+    first_col = np.where(wraps, 0, runs.starts % width)
+    last_col = np.where(wraps, width - 1, ends % width)
+    at = runs.bounds[:-1]
+    top, bottom = np.minimum.reduceat(first_row, at), np.maximum.reduceat(last_row, at)
+    left, right = np.minimum.reduceat(first_col, at), np.maximum.reduceat(last_col, at)
+    return np.column_stack((left, top, right - left + 1, bottom - top + 1))
 
 
 def _format_runs(starts: np.ndarray, lengths: np.ndarray) -> str:

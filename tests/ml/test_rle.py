@@ -5,6 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
+from scipy import ndimage
 
 from app.ml import rle
 from app.ml.errors import InvalidRLEError
@@ -40,6 +41,25 @@ def test_encode_labels_matches_encoding_each_label_alone(labels):
     assert set(encoded) == set(np.unique(labels[labels > 0]).tolist())
     for label, string in encoded.items():
         assert string == rle.encode(labels == label)
+
+
+@settings(max_examples=200, deadline=None)
+@given(arrays(np.int32, st.tuples(st.integers(1, 30), st.integers(1, 30)), elements=st.integers(0, 5)))
+def test_bounding_boxes_from_the_runs_are_those_of_the_pixels(labels):
+    runs = rle.label_runs(labels)
+    boxes = rle.bounding_boxes(runs, labels.shape[1]).tolist()
+    expected = [[c.start, r.start, c.stop - c.start, r.stop - r.start]
+                for r, c in (box for box in ndimage.find_objects(labels) if box is not None)]  # fmt: skip
+    assert runs.labels.tolist() == np.unique(labels[labels > 0]).tolist()
+    assert boxes == expected
+
+
+def test_a_run_wrapping_into_the_next_row_spans_every_column():
+    labels = np.zeros((4, 6), dtype=np.int32)
+    labels[1, 4:] = labels[2, :2] = 7  # one run: the end of row 1 and the start of row 2
+    runs = rle.label_runs(labels)
+    assert runs.lengths.tolist() == [4]
+    assert rle.bounding_boxes(runs, 6).tolist() == [[0, 1, 6, 2]]
 
 
 def test_empty_and_full_masks():
