@@ -1,18 +1,21 @@
 """`bench`: measure the network and the service on this machine, each figure beside its reference from the same run.
 
-Sections: a large matmul (the ceiling; fp32, and bfloat16 on CPUs with AMX); the network alone (the default model
-with PyTorch in fp32 and, where available, bfloat16 and ONNX Runtime; the paper's 572 U-Net with PyTorch) at batch
-1 and its best batch; the service end to end through a real uvicorn on 127.0.0.1 (latency per format and mode, and
+Sections: a large matmul (the ceiling; fp32, and bfloat16 on CPUs with AMX or float16 on CUDA); the network alone
+(the default model with PyTorch in fp32 and, where available, bfloat16, compiled, ONNX Runtime, or float16 on CUDA;
+the paper's 572 U-Net with PyTorch, and on CUDA in float16 at batch 16 beside NVIDIA's published A100 figure) at
+batch 1 and its best batch; the service end to end through a real uvicorn on 127.0.0.1 (latency per format and mode, and
 where the time goes); throughput at several concurrencies, as shipped and with micro-batches of 8 forced; server
 memory after 50 and 500 requests. Prints a table and writes the same figures as JSON.
 
-Example:  bench --out bench.json            (about 10 minutes on 2 CPU cores; --quick for about 3)
+Example:  bench --out bench.json            (about 3 minutes on 2 CPU cores; --quick for about 2)
+          bench --device cuda --out bench-gpu.json    (the network alone on the GPU, the service with CELLSEG_DEVICE)
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import statistics
 import time
@@ -28,9 +31,10 @@ from torch import nn
 from app.cli import add_model_arguments, model_folder, tune_malloc
 from app.localserver import LocalServer, running_server
 from app.ml import rle
+from app.ml.checkpoint import load_checkpoint
 from app.ml.onnx_backend import onnxruntime_available
 from app.ml.postprocess import InstanceConfig
-from app.ml.predictor import Mode, Predictor, native_bfloat16
+from app.ml.predictor import Mode, Predictor, native_bfloat16, pick_device
 from app.ml.transforms import PreprocessConfig
 from app.ml.unet import UNet, UNetConfig
 
@@ -51,15 +55,25 @@ def best_of(run: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
-def matmul_gflops(size: int = 2048, repeats: int = 10, dtype: torch.dtype = torch.float32) -> float:
-    """Achieved GFLOP/s of a size x size matmul in `dtype`: what these cores can do at best."""
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-    return 2 * size**3 / best_of(lambda: a @ b, repeats) / 1e9
+def matmul_gflops(device: torch.device, dtype: torch.dtype = torch.float32) -> float:
+    """Achieved GFLOP/s of a large square matmul in `dtype` on `device`: what this hardware can do at best."""
+    size = 8192 if device.type == "cuda" else 2048  # a GPU needs the larger one to fill its cores
+    a, b = (torch.randn(size, size, device=device).to(dtype) for _ in range(2))
+    return 2 * size**3 / best_of(lambda: synchronized(device, a @ b), 10) / 1e9
 
 
-def conv_flops(model: nn.Module, input_shape: tuple[int, ...]) -> float:
-    """Floating-point operations of one forward pass, counting convolutions (2 per multiply-add)."""
-    total = 0.0
+def synchronized(device: torch.device, result: object) -> object:
+    """`result` once `device` has finished computing it (CUDA runs asynchronously; the CPU does not)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return result
+
+
+def conv_flops(config: UNetConfig, input_shape: tuple[int, ...]) -> float:
+    """Floating-point operations of one forward pass of a U-Net, counting convolutions (2 per multiply-add);
+    counted from shapes alone, on PyTorch's meta device, whatever device and precision it is measured in."""
+    with torch.device("meta"):
+        model, total = UNet(config), 0.0
 
     def count(module: nn.Module, inputs: tuple[torch.Tensor], output: torch.Tensor) -> None:
         nonlocal total
@@ -71,7 +85,7 @@ def conv_flops(model: nn.Module, input_shape: tuple[int, ...]) -> float:
 
     hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, nn.Conv2d | nn.ConvTranspose2d)]
     with torch.inference_mode():
-        model(torch.zeros(input_shape))
+        model(torch.zeros(input_shape, device="meta"))
     for hook in hooks:
         hook.remove()
     return total / input_shape[0]
@@ -192,48 +206,23 @@ def rle_figures() -> dict:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads or torch.get_num_threads())
+    device = pick_device(args.device)
     folder = model_folder(args)
-    predictor = Predictor.from_checkpoint(folder, device="cpu", half=False)
     image = Path(args.image).read_bytes()
-    side = predictor.prepare(np.zeros((520, 704), np.float32), Mode.RESIZE).tiles.shape[-1]
-    quick = args.quick
     result: dict[str, Any] = {
-        "machine": {"torch": torch.__version__, "threads": torch.get_num_threads()},
-        "model": predictor.version,
+        "machine": {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": device_name(device)},
+        "model": load_checkpoint(folder).version,
     }
     print("matmul ceiling ...", flush=True)
-    result["matmul_gflops"] = matmul_gflops()
-    if native_bfloat16():
-        result["matmul_gflops_bfloat16"] = matmul_gflops(dtype=torch.bfloat16)
+    result.update(ceilings(device))
     print("network alone ...", flush=True)
-    # Each variant through Predictor.run_network, the call the service's micro-batcher makes.
-    batches = [1, 2, 4] if quick else [1, 2, 4, 8]
-    repeats, ceiling = 3 if quick else 5, result["matmul_gflops"]
-    flops = conv_flops(predictor.model, (1, 1, side, side))
-    # name: (predictor, its matmul ceiling, batch sizes). Compiled networks only at batch 1, the shape the service
-    # compiles while warming up on the CPU; any other batch would run uncompiled.
-    compiled = Predictor.from_checkpoint(folder, device="cpu", half=False, compile_network=True)
-    variants = {"network_default": (predictor, ceiling, batches), "network_default_compiled": (compiled, ceiling, [1])}
-    if native_bfloat16():
-        bf16 = Predictor.from_checkpoint(folder, device="cpu", half=True, backend="torch")
-        bf16_compiled = Predictor.from_checkpoint(folder, device="cpu", half=True, compile_network=True)
-        variants["network_default_bfloat16"] = (bf16, result["matmul_gflops_bfloat16"], batches)
-        variants["network_default_bfloat16_compiled"] = (bf16_compiled, result["matmul_gflops_bfloat16"], [1])
-    if onnxruntime_available():
-        onnx = Predictor.from_checkpoint(folder, backend="onnxruntime")
-        variants["network_default_onnxruntime"] = (onnx, ceiling, batches)
-    for name, (variant, its_ceiling, its_batches) in variants.items():
-        variant.warm_up()  # compiles the network for the input shapes the service uses
-        result[name] = network_figures(variant.run_network, flops, side, its_batches, repeats, its_ceiling)
-    paper = Predictor(UNet(UNetConfig.paper()), PreprocessConfig(), InstanceConfig())
-    result["network_paper_572"] = network_figures(
-        paper.run_network, conv_flops(paper.model, (1, 1, 572, 572)), 572, [1] if quick else [1, 2], 2, ceiling
-    )
+    result.update(network_section(folder, device, result, args.quick))
     result["rle"] = rle_figures()
     settings = {"model_store": str(folder.parent), "model_version": folder.name, "log_level": "WARNING",
-                "backend": args.backend, "half_precision": str(not args.full_precision).lower(),
+                "device": str(device), "backend": args.backend, "half_precision": str(not args.full_precision).lower(),
                 "compile": str(not args.no_compile).lower()}  # fmt: skip
     print("service end to end ...", flush=True)
+    quick = args.quick
     # The service as shipped (max_batch auto: 1 on CPU, 8 on CUDA), then with micro-batches of up to 8 forced on.
     with running_server(**settings) as server:
         ready = httpx.get(f"{server.url}/ready").json()
@@ -249,12 +238,95 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def ceilings(device: torch.device) -> dict[str, float]:
+    """Matmul GFLOP/s in float32, and in the reduced precision the service uses on this device, if any."""
+    figures = {"matmul_gflops": matmul_gflops(device)}
+    if device.type == "cuda":
+        figures["matmul_gflops_float16"] = matmul_gflops(device, torch.float16)
+    elif native_bfloat16():
+        figures["matmul_gflops_bfloat16"] = matmul_gflops(device, torch.bfloat16)
+    return figures
+
+
+def network_variants(folder: Path, device: torch.device, quick: bool) -> dict[str, tuple[Predictor, str, list[int]]]:
+    """name -> (predictor, the ceiling it is measured against, batch sizes): each way the service may run the
+    default model on `device`. Compiled networks only at batch 1, the shape the CPU service compiles while
+    warming up (any other batch would run uncompiled); on CUDA, where the service does not compile, up to 16."""
+    load = functools.partial(Predictor.from_checkpoint, folder, device=str(device))
+    if device.type == "cuda":
+        batches = [1, 4, 16] if quick else [1, 2, 4, 8, 16]
+        return {"network_default": (load(half=False), "matmul_gflops", batches),
+                "network_default_float16": (load(half=True), "matmul_gflops_float16", batches)}  # fmt: skip
+    batches = [1, 2, 4] if quick else [1, 2, 4, 8]
+    variants = {"network_default": (load(half=False), "matmul_gflops", batches),
+                "network_default_compiled": (load(half=False, compile_network=True), "matmul_gflops", [1])}  # fmt: skip
+    if native_bfloat16():
+        variants["network_default_bfloat16"] = (load(half=True), "matmul_gflops_bfloat16", batches)
+        variants["network_default_bfloat16_compiled"] = (
+            load(half=True, compile_network=True),
+            "matmul_gflops_bfloat16",
+            [1],
+        )
+    if onnxruntime_available():
+        variants["network_default_onnxruntime"] = (load(backend="onnxruntime"), "matmul_gflops", batches)
+    return variants
+
+
+def network_section(folder: Path, device: torch.device, result: dict[str, Any], quick: bool) -> dict[str, Any]:
+    """The default model in each of its variants, and the paper's U-Net with random weights: on CUDA in float16
+    at batch 16 as well, the setting of NVIDIA's published figure (REFERENCE_A100)."""
+    figures: dict[str, Any] = {}
+    repeats = 3 if quick else 5
+    for name, (predictor, ceiling, batches) in network_variants(folder, device, quick).items():
+        predictor.warm_up()  # compiles the network for the input shapes the service uses
+        side = predictor.prepare(np.zeros((520, 704), np.float32), Mode.RESIZE).tiles.shape[-1]
+        flops = conv_flops(predictor.config, (1, 1, side, side))
+        figures[name] = network_figures(predictor.run_network, flops, side, batches, repeats, result[ceiling])
+    paper_flops = conv_flops(UNetConfig.paper(), (1, 1, 572, 572))
+    paper = Predictor(UNet(UNetConfig.paper()), PreprocessConfig(), InstanceConfig(), device=device)
+    figures["network_paper_572"] = network_figures(
+        paper.run_network, paper_flops, 572, [1] if quick else [1, 2], 2, result["matmul_gflops"]
+    )
+    if device.type == "cuda":
+        paper_fp16 = Predictor(UNet(UNetConfig.paper()), PreprocessConfig(), InstanceConfig(), device, half=True)
+        figures["network_paper_572_float16"] = network_figures(
+            paper_fp16.run_network, paper_flops, 572, [1, 16], repeats, result["matmul_gflops_float16"]
+        )
+        # run_network copies each batch in and the probabilities out, as the service does; the published figure
+        # is the network alone, so it is also measured on a batch already in GPU memory.
+        figures["network_paper_572_float16"]["resident_batch_16_images_per_s"] = resident_images_per_s(
+            paper_fp16, 16, 572, repeats
+        )
+        figures["reference"] = REFERENCE_A100
+    return figures
+
+
+def resident_images_per_s(predictor: Predictor, batch: int, side: int, repeats: int) -> float:
+    """Images per second of the predictor's network alone on a batch already on its device, in its precision:
+    no copies and no softmax."""
+    dtype = torch.float16 if predictor.half else torch.float32
+    x = torch.randn(batch, 1, side, side, device=predictor.device, dtype=dtype)
+    x = x.contiguous(memory_format=predictor.memory_format)
+    with torch.inference_mode():
+        return batch / best_of(lambda: synchronized(predictor.device, predictor.model(x)), repeats)
+
+
+# NVIDIA's published inference figure for the paper's U-Net at 572x572 (the issue's reference).
+REFERENCE_A100 = {"network": "U-Net 572x572", "gpu": "A100", "precision": "float16", "batch": 16,
+                  "images_per_s": 424}  # fmt: skip
+
+
 # The "network alone" figures that match what the service runs, by (backend, precision, compiled).
 NETWORK_OF_SERVICE = {
     ("torch", "float32", False): "network_default",
     ("torch", "float32", True): "network_default_compiled",
     ("torch", "bfloat16", False): "network_default_bfloat16",
     ("torch", "bfloat16", True): "network_default_bfloat16_compiled",
+    ("torch", "float16", False): "network_default_float16",
     ("onnxruntime", "float32", False): "network_default_onnxruntime",
 }
 
@@ -282,21 +354,30 @@ def ratios(result: dict[str, Any]) -> dict[str, float]:
 
 def table(result: dict[str, Any]) -> str:
     lines = [
-        f"model {result['model']}, torch {result['machine']['torch']}, {result['machine']['threads']} threads, "
+        f"model {result['model']}, torch {result['machine']['torch']}, {result['machine']['device']}, "
+        f"{result['machine']['threads']} threads, "
         f"service: {result['service']['backend']} in {result['service']['precision']}"
         + (", compiled" if result["service"]["compiled"] else ""),
         f"matmul ceiling                      {result['matmul_gflops']:8.1f} GFLOP/s",
     ]
-    if "matmul_gflops_bfloat16" in result:
-        lines.append(f"matmul ceiling, bfloat16            {result['matmul_gflops_bfloat16']:8.1f} GFLOP/s")
-    for name in ("network_default", "network_default_compiled", "network_default_bfloat16",
-                 "network_default_bfloat16_compiled", "network_default_onnxruntime", "network_paper_572"):  # fmt: skip
-        section = result.get(name, {"batches": {}})
+    for precision in ("bfloat16", "float16"):
+        if f"matmul_gflops_{precision}" in result:
+            lines.append(f"matmul ceiling, {precision:<19} {result[f'matmul_gflops_{precision}']:8.1f} GFLOP/s")
+    for name in (n for n in result if n.startswith("network_")):
+        section = result[name]
         for batch, row in section["batches"].items():
             lines.append(
                 f"{name} {section['input']}px batch {batch:<3} {row['ms_per_image']:8.1f} ms/img "
                 f"{row['gflops']:7.1f} GFLOP/s ({row['of_matmul_ceiling']:.0%} of matmul)"
             )
+    if "reference" in result:
+        ref = result["reference"]
+        here = result["network_paper_572_float16"]["resident_batch_16_images_per_s"]
+        lines.append(
+            f"published: {ref['network']} on {ref['gpu']}, {ref['precision']}, batch {ref['batch']}: "
+            f"{ref['images_per_s']} img/s; here on {result['machine']['device']}: {here:.1f} img/s (batch in GPU "
+            "memory; network_paper_572_float16 above with the copies)"
+        )
     lines.append(f"rle encode 400 cells                {result['rle']['encode_400_cells_520x704_ms']:8.2f} ms")
     for key, row in result["latency"].items():
         lines.append(
