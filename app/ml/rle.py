@@ -16,11 +16,8 @@ from app.ml.errors import InvalidRLEError
 
 def encode(mask: np.ndarray) -> str:
     """(H, W) bool -> 'start length ...' (empty string for an empty mask)."""
-    flat = np.asarray(mask, dtype=bool).ravel()
-    padded = np.concatenate(([False], flat, [False]))
-    edges = np.flatnonzero(padded[1:] != padded[:-1])
-    starts, ends = edges[0::2], edges[1::2]
-    return _format_runs(starts + 1, ends - starts)
+    runs = label_runs(np.asarray(mask, dtype=bool).astype(np.uint8))
+    return "".join(encode_runs(runs))  # the runs of label 1, or no string at all for an empty mask
 
 
 def decode(rle: str, shape: tuple[int, int]) -> np.ndarray:
@@ -96,12 +93,6 @@ def bounding_boxes(runs: LabelRuns, width: int) -> np.ndarray:
     top, bottom = np.minimum.reduceat(first_row, at), np.maximum.reduceat(last_row, at)
     left, right = np.minimum.reduceat(first_col, at), np.maximum.reduceat(last_col, at)
     return np.column_stack((left, top, right - left + 1, bottom - top + 1))
-
-
-def _format_runs(starts: np.ndarray, lengths: np.ndarray) -> str:
-    pairs = np.empty(starts.size * 2, dtype=np.int64)
-    pairs[0::2], pairs[1::2] = starts, lengths
-    return " ".join(map(str, pairs.tolist()))
 
 
 def _parse_integers(rle: str) -> np.ndarray:
