@@ -15,6 +15,14 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="a model folder such as model_store/<version> (default: the store's default)")
     parser.add_argument("--model-store", default="model_store", help="store to pick the default model from")
     parser.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cpu' or 'cuda'")
+    parser.add_argument(
+        "--tta",
+        type=int,
+        choices=[1, 4, 8],
+        default=1,
+        help="test-time augmentation: the mean over 1 (off), 4 (flips) or 8 (flips and turns) views of each "
+        "network input; costs that many network passes (default: 1)",
+    )
 
 
 def model_folder(args: argparse.Namespace) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -30,6 +31,11 @@ class Settings(BaseSettings):
         True,
         description="torch.compile the network while warming up, when PyTorch runs it on the CPU (1.9x faster "
         "in bfloat16 on 2 cores); other input shapes, such as batches over 1, run uncompiled",
+    )
+    tta: Literal[1, 4, 8] = Field(
+        1,
+        description="test-time augmentation: the mean over 1 (off), 4 (flips) or 8 (flips and turns) views of "
+        "each network input, at that many times the network's cost",
     )
     torch_threads: int = Field(0, ge=0, description="CPU threads for the network (0: torch's default)")
     warmup: bool = Field(True, description="run a blank image through the model before reporting ready")

@@ -18,7 +18,7 @@ from app.cli import add_model_arguments, model_folder, setup_logging
 from app.ml.checkpoint import load_checkpoint
 from app.ml.errors import CellSegError
 from app.ml.evaluation import Evaluation, probabilities, score_probabilities
-from app.ml.kaggle import KaggleDataset, Sample
+from app.ml.kaggle import KaggleFolders, Sample
 from app.ml.predictor import Predictor
 from app.ml.trainset import Split, load_split
 
@@ -28,7 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_model_arguments(parser)
-    parser.add_argument("--data", required=True, help="Kaggle-layout folder: train.csv and train/<id>.png")
+    parser.add_argument(
+        "--data", nargs="+", required=True, metavar="FOLDER", help="Kaggle-layout folders: train.csv and train/<id>.png"
+    )
     parser.add_argument(
         "--subset",
         choices=["all", "validation"],
@@ -50,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def select_samples(dataset: KaggleDataset, split: dict | None, subset: str) -> list[Sample]:
+def select_samples(dataset: KaggleFolders, split: dict | None, subset: str) -> list[Sample]:
     """All samples, or the model's validation part of them (whole images, or held-out bottom rows)."""
     if subset == "all":
         return list(tqdm(dataset, total=len(dataset), desc="load", unit="img", leave=False))
@@ -80,19 +82,19 @@ def main(argv: list[str] | None = None) -> None:
     try:
         checkpoint = load_checkpoint(model_folder(args))
         predictor = Predictor.from_checkpoint(
-            checkpoint, device=args.device, half=args.half, compile_network=args.compile
+            checkpoint, device=args.device, half=args.half, compile_network=args.compile, tta=args.tta
         )
         if args.compile:
             predictor.warm_up()
         split = checkpoint.card.get("training", {}).get("data", {}).get("split")
-        samples = select_samples(KaggleDataset(args.data), split, args.subset)
+        samples = select_samples(KaggleFolders(args.data), split, args.subset)
         scored = [(s, probabilities(predictor, s.image)) for s in tqdm(samples, desc="evaluate", unit="img")]
         evaluation = score_probabilities(scored, predictor.instances)
     except CellSegError as exc:
         print(f"evaluate: {exc}", file=sys.stderr)
         raise SystemExit(2) from exc
-    print(f"model {checkpoint.version}, subset {args.subset}, {predictor.precision}"
-          + (", compiled" if predictor.is_compiled else ""))  # fmt: skip
+    how = [predictor.precision] + ["compiled"] * predictor.is_compiled + [f"tta {args.tta}"] * (args.tta > 1)
+    print(f"model {checkpoint.version}, subset {args.subset}, " + ", ".join(how))
     print(report(evaluation))
     if args.json:
         with Path(args.json).open("w") as handle:

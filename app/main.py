@@ -43,6 +43,7 @@ def load_predictor(settings: Settings) -> tuple[Predictor, dict]:
         half=settings.half_precision,
         backend=settings.backend,
         compile_network=settings.compile and settings.warmup,  # it compiles while warming up
+        tta=settings.tta,
     )
     if settings.warmup:
         predictor.warm_up()

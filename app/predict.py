@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     if not paths:
         raise SystemExit(f"predict: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {args.images}")
     try:
-        predictor = Predictor.from_checkpoint(model_folder(args), device=args.device)
+        predictor = Predictor.from_checkpoint(model_folder(args), device=args.device, tta=args.tta)
         rows = submission_rows(predictor, paths, args.mode)
     except CellSegError as exc:
         print(f"predict: {exc}", file=sys.stderr)

@@ -2,6 +2,7 @@
 
 Examples:
   train --data /data/sartorius --epochs 60                      # one GPU, or the CPU
+  train --data /data/plate1 /data/plate2                         # several folders, one dataset
   torchrun --nproc_per_node 4 -m app.train --data /data/sartorius  # data-parallel on 4 GPUs
   train --resume model_store/unet-20261127-101500                  # continue a killed run
 """
@@ -18,7 +19,7 @@ from app.ml.errors import CellSegError
 from app.ml.trainer import TrainConfig, Trainer, load_resume_state
 
 HELP = {
-    "data": "Kaggle-layout folder: train.csv (one row per cell) and train/<id>.png",
+    "data": "one or more Kaggle-layout folders: train.csv (one row per cell) and train/<id>.png",
     "out": "model store to write the run folder <out>/<version>/ into",
     "version": "name of the run folder (default: unet-<UTC timestamp>)",
     "seed": "seed of the split, the initial weights, and every crop and augmentation",
@@ -41,10 +42,12 @@ HELP = {
     "w0": "weight map: w0 of the separation term w0 exp(-(d1+d2)^2 / 2 sigma^2)",
     "sigma": "weight map: sigma in pixels",
     "dice_weight": "weight of an extra soft-Dice term on the foreground (0: off)",
+    "centre": "also predict each cell's centre map (distance to its edge) and seed the watershed from it",
+    "centre_weight": "weight of the centre map's binary cross-entropy in the loss",
     "crop": "side of the random training crops",
     "elastic_std": "standard deviation in pixels of the elastic deformation on a 3x3 grid (0: off)",
     "augment": "flips, 90-degree turns, elastic deformation, brightness/contrast/noise",
-    "val_fraction": "fraction of sample_ids held out for validation (whole samples, never split)",
+    "val_fraction": "fraction of each cell type's sample_ids held out for validation (whole samples, never split)",
     "holdout_rows": "instead of a split by sample: validate on this bottom fraction of every image",
     "val_every": "validate every N epochs (and after the last)",
     "tune_thresholds": "after training, choose the instance thresholds that score best on validation",
@@ -54,6 +57,8 @@ HELP = {
     "threads": "torch CPU threads (0: torch's default)",
     "checkpoint_every": "also save the resume state every N steps (it is always saved after each epoch)",
     "set_default": "make this run the store's default model (model_store/DEFAULT)",
+    "init": "start from the weights of this model folder (same architecture) instead of random ones: fine-tuning, "
+    "or a longer schedule after a run",
 }
 
 
@@ -61,10 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    defaults = TrainConfig(data="")
+    defaults = TrainConfig(data=[])
     for item in fields(TrainConfig):
         flag = "--" + item.name.replace("_", "-")
         default = getattr(defaults, item.name)
+        if item.name == "data":
+            parser.add_argument(flag, nargs="+", default=[], metavar="FOLDER", help=HELP[item.name])
+            continue
         if isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=HELP[item.name])
             continue

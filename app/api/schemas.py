@@ -29,13 +29,18 @@ class Segmentation(BaseModel):
     height: int
     model_version: str
     mode: str
+    cell_type: str | None = Field(
+        description="the image's cell type as the model's classifier reads it from the cells found (it picks that "
+        "type's thresholds); null for a model without a classifier"
+    )
+    cell_type_probability: float | None = Field(description="the classifier's probability for cell_type, 0..1")
     cell_count: int
     cells: list[Cell]
     timings: Timings
 
     model_config = {"json_schema_extra": {"examples": [{
         "filename": "7ae19de7bc2a.png", "width": 704, "height": 520, "model_version": "sartorius-w16-v1",
-        "mode": "resize", "cell_count": 1,
+        "mode": "resize", "cell_type": "shsy5y", "cell_type_probability": 0.97, "cell_count": 1,
         "cells": [{"id": 1, "rle": "120428 3 121132 5", "area": 8, "bbox": [36, 171, 5, 2], "score": 0.91}],
         "timings": {"decode_ms": 4.1, "preprocess_ms": 6.0, "network_ms": 330.2, "instances_ms": 41.5,
                     "encode_ms": 3.2},

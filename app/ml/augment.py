@@ -3,7 +3,8 @@ elastic deformation, brightness and contrast (the last on the image only)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy import ndimage
@@ -22,11 +23,20 @@ class AugmentConfig:
 
 @dataclass
 class Example:
-    """(H, W) float32 normalized image, (H, W) uint8 classes, (H, W) float32 pixel weights."""
+    """(H, W) float32 normalized image, (H, W) uint8 classes, (H, W) float pixel weights, (H, W) float centre map."""
 
     image: np.ndarray
     classes: np.ndarray
     weights: np.ndarray
+    centre: np.ndarray
+
+    def map(
+        self, continuous: Callable[[np.ndarray], np.ndarray], discrete: Callable[[np.ndarray], np.ndarray]
+    ) -> Example:
+        """The same geometric change on every array: `discrete` for the classes, `continuous` for the rest."""
+        return Example(
+            continuous(self.image), discrete(self.classes), continuous(self.weights), continuous(self.centre)
+        )
 
 
 def random_crop(example: Example, size: int, rng: np.random.Generator) -> Example:
@@ -35,7 +45,8 @@ def random_crop(example: Example, size: int, rng: np.random.Generator) -> Exampl
     top = int(rng.integers(0, example.image.shape[0] - size + 1))
     left = int(rng.integers(0, example.image.shape[1] - size + 1))
     window = (slice(top, top + size), slice(left, left + size))
-    return Example(example.image[window], example.classes[window], example.weights[window].astype(np.float32))
+    crop = example.map(lambda a: a[window], lambda a: a[window])
+    return replace(crop, weights=crop.weights.astype(np.float32), centre=crop.centre.astype(np.float32))
 
 
 def flip_and_turn(example: Example, rng: np.random.Generator) -> Example:
@@ -46,7 +57,7 @@ def flip_and_turn(example: Example, rng: np.random.Generator) -> Example:
         array = np.rot90(array, turns)
         return np.ascontiguousarray(array[:, ::-1] if flip else array)
 
-    return Example(apply(example.image), apply(example.classes), apply(example.weights))
+    return example.map(apply, apply)
 
 
 def elastic(example: Example, std: float, grid: int, rng: np.random.Generator) -> Example:
@@ -61,7 +72,7 @@ def elastic(example: Example, std: float, grid: int, rng: np.random.Generator) -
     def warp(array: np.ndarray, order: int) -> np.ndarray:
         return ndimage.map_coordinates(array, coords, order=order, mode="reflect").astype(array.dtype)
 
-    return Example(warp(example.image, 1), warp(example.classes, 0), warp(example.weights, 1))
+    return example.map(lambda a: warp(a, 1), lambda a: warp(a, 0))
 
 
 def photometric(image: np.ndarray, config: AugmentConfig, rng: np.random.Generator) -> np.ndarray:
@@ -79,7 +90,7 @@ def augment(example: Example, config: AugmentConfig, rng: np.random.Generator) -
         example = flip_and_turn(example, rng)
     if config.elastic_std > 0:
         example = elastic(example, config.elastic_std, config.elastic_grid, rng)
-    return Example(photometric(example.image, config, rng), example.classes, example.weights)
+    return replace(example, image=photometric(example.image, config, rng))
 
 
 def _pad_to(example: Example, size: int) -> Example:
@@ -87,8 +98,5 @@ def _pad_to(example: Example, size: int) -> Example:
     if not pad_h and not pad_w:
         return example
     pads = ((0, pad_h), (0, pad_w))
-    return Example(
-        np.pad(example.image, pads, mode="symmetric"),
-        np.pad(example.classes, pads, mode="symmetric"),
-        np.pad(example.weights, pads, mode="constant"),
-    )
+    mirrored = example.map(lambda a: np.pad(a, pads, mode="symmetric"), lambda a: np.pad(a, pads, mode="symmetric"))
+    return replace(mirrored, weights=np.pad(example.weights, pads, mode="constant"))

@@ -19,8 +19,8 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from app.ml.celltypes import InstanceRules
 from app.ml.errors import CheckpointError
-from app.ml.postprocess import InstanceConfig
 from app.ml.transforms import PreprocessConfig
 from app.ml.unet import UNet, UNetConfig
 
@@ -39,7 +39,7 @@ class Checkpoint:
     card: dict[str, Any]
     architecture: UNetConfig
     preprocess: PreprocessConfig
-    instances: InstanceConfig
+    instances: InstanceRules
     state_dict: dict[str, torch.Tensor]
 
     def build_model(self) -> UNet:
@@ -113,7 +113,7 @@ def load_checkpoint(folder: str | Path) -> Checkpoint:
             card=card,
             architecture=UNetConfig.from_dict(card["architecture"]),
             preprocess=PreprocessConfig.from_dict(card.get("preprocessing", {})),
-            instances=InstanceConfig.from_dict(card.get("postprocessing", {})),
+            instances=InstanceRules.from_dict(card.get("postprocessing", {})),
             state_dict=state,
         )
     except (KeyError, TypeError, ValueError) as exc:

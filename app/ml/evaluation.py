@@ -12,9 +12,10 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from app.ml.celltypes import CellTypeClassifier, InstanceRules, cell_features
 from app.ml.kaggle import Sample
 from app.ml.metrics import THRESHOLDS, score_per_threshold
-from app.ml.postprocess import InstanceConfig, probabilities_to_instances
+from app.ml.postprocess import InstanceConfig
 from app.ml.predictor import Mode, Predictor
 from app.ml.transforms import PreprocessConfig, scaled_size
 
@@ -47,20 +48,19 @@ def probabilities(predictor: Predictor, image: np.ndarray) -> np.ndarray:
     return predictor.predict_probabilities(image, evaluation_mode(image.shape, predictor.preprocess))
 
 
-def evaluate(predictor: Predictor, samples: Iterable[Sample], config: InstanceConfig | None = None) -> Evaluation:
+def evaluate(predictor: Predictor, samples: Iterable[Sample], rules: InstanceRules | None = None) -> Evaluation:
     """Run every sample through the predictor and score it."""
-    config = config or predictor.instances
     scored = [(sample, probabilities(predictor, sample.image)) for sample in samples]
-    return score_probabilities(scored, config)
+    return score_probabilities(scored, rules or predictor.instances)
 
 
-def score_probabilities(scored: list[tuple[Sample, np.ndarray]], config: InstanceConfig) -> Evaluation:
-    """(sample, probabilities) pairs -> Evaluation with the given instance thresholds."""
+def score_probabilities(scored: list[tuple[Sample, np.ndarray]], rules: InstanceRules) -> Evaluation:
+    """(sample, probabilities) pairs -> Evaluation with the given instance step."""
     rows, by_type = [], defaultdict(list)
     for sample, probs in scored:
-        instances = probabilities_to_instances(probs, config)
+        instances = rules.from_probabilities(probs)
         per_threshold = score_per_threshold(sample.labels, instances.labels)
-        rows.append((sample, per_threshold, instances.count))
+        rows.append((sample, per_threshold, instances))
         by_type[sample.cell_type].append(per_threshold.mean())
     if not rows:
         raise ValueError("nothing to evaluate: the set of images is empty")
@@ -71,27 +71,67 @@ def score_probabilities(scored: list[tuple[Sample, np.ndarray]], config: Instanc
         per_threshold={f"{t:.2f}": float(v) for t, v in zip(THRESHOLDS, table.mean(axis=0), strict=True)},
         images=len(rows),
         cells=int(sum(int(s.labels.max()) for s, _, _ in rows)),
-        predicted_cells=int(sum(n for _, _, n in rows)),
+        predicted_cells=int(sum(found.count for _, _, found in rows)),
         per_image=[
             {
                 "id": s.image_id,
                 "cell_type": s.cell_type,
                 "score": float(t.mean()),
                 "cells": int(s.labels.max()),
-                "predicted": n,
+                "predicted": found.count,
+                "predicted_cell_type": found.cell_type,
             }
-            for s, t, n in rows
+            for s, t, found in rows
         ],
     )
 
 
-def tune_thresholds(scored: list[tuple[Sample, np.ndarray]], base: InstanceConfig) -> tuple[InstanceConfig, Evaluation]:
-    """Grid-search foreground and seed thresholds on already computed probabilities; the best config wins."""
-    best: tuple[InstanceConfig, Evaluation] | None = None
-    for foreground, seed in itertools.product((0.3, 0.4, 0.5, 0.6, 0.7), (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)):
-        config = base.with_overrides(foreground_threshold=foreground, seed_threshold=seed)
-        result = score_probabilities(scored, config)
-        if best is None or result.score > best[1].score:
-            best = (config, result)
-    assert best is not None
-    return best
+# Searched in two rounds: the two probability thresholds together, then the smallest cell at the best pair.
+THRESHOLD_GRID = {
+    "foreground_threshold": (0.3, 0.4, 0.5, 0.6, 0.7),
+    "seed_threshold": (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
+}
+MIN_CELL_AREAS = (24, 64, 128, 256, 512)
+
+
+def tune_thresholds(scored: list[tuple[Sample, np.ndarray]], base: InstanceConfig) -> tuple[InstanceConfig, float]:
+    """Search THRESHOLD_GRID, then MIN_CELL_AREAS, on already computed probabilities; the best config and its
+    score (`base` itself wins ties)."""
+    candidates = [
+        base.with_overrides(foreground_threshold=foreground, seed_threshold=seed)
+        for foreground, seed in itertools.product(*THRESHOLD_GRID.values())
+    ]
+    best = _best(scored, [base, *candidates])
+    return _best(scored, [best[0], *(best[0].with_overrides(min_cell_area=area) for area in MIN_CELL_AREAS)])
+
+
+def _best(scored: list[tuple[Sample, np.ndarray]], configs: list[InstanceConfig]) -> tuple[InstanceConfig, float]:
+    scores = [score_probabilities(scored, InstanceRules(config)).score for config in configs]
+    index = int(np.argmax(scores))  # the first of equal scores
+    return configs[index], scores[index]
+
+
+def tune_rules(
+    train: list[tuple[Sample, np.ndarray]], validation: list[tuple[Sample, np.ndarray]], base: InstanceConfig
+) -> tuple[InstanceRules, Evaluation]:
+    """The whole instance step, chosen by measurement:
+
+    1. default thresholds: the best on all validation images;
+    2. the cell-type classifier: fitted on the cells that the default thresholds find in the training images;
+    3. per cell type, thresholds of its own where they beat the default on that type's validation images.
+    Returns the rules and their evaluation on validation, cell types picked by the classifier as in serving.
+    """
+    default, _ = tune_thresholds(validation, base)
+    rules = InstanceRules(default)
+    types = sorted({sample.cell_type for sample, _ in train + validation})
+    if len(types) > 1:
+        features = np.stack([cell_features(rules.from_probabilities(probs)) for _, probs in train])
+        rules = InstanceRules(default, {}, CellTypeClassifier.fit(features, [s.cell_type for s, _ in train]))
+        for cell_type in types:
+            of_type = [(s, p) for s, p in validation if s.cell_type == cell_type]
+            if not of_type:
+                continue
+            config, score = tune_thresholds(of_type, default)
+            if score > score_probabilities(of_type, InstanceRules(default)).score:
+                rules = rules.for_cell_type(cell_type, config)
+    return rules, score_probabilities(validation, rules)

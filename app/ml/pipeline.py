@@ -17,8 +17,9 @@ import numpy as np
 
 from app.ml import rle
 from app.ml.batcher import MicroBatcher, stack
+from app.ml.celltypes import InstanceRules
 from app.ml.imageio import ImageLimits, decode_image
-from app.ml.postprocess import InstanceConfig, Instances
+from app.ml.postprocess import Instances
 from app.ml.predictor import Mode, Predictor, Prepared
 from app.ml.render import label_png, mask_png, overlay_png
 
@@ -71,14 +72,14 @@ class SegmentationPipeline:
         self.predictor, self.batcher, self.limits = predictor, batcher, limits or ImageLimits()
         self.observe_stage = observe_stage or (lambda stage, seconds: None)
 
-    async def segment(self, data: bytes, mode: Mode, config: InstanceConfig) -> Segmentation:
+    async def segment(self, data: bytes, mode: Mode, rules: InstanceRules) -> Segmentation:
         """Raises InvalidImageError for bad bytes and QueueFullError when the service is overloaded."""
         timings: dict[str, float] = {}
         image, prepared = await asyncio.to_thread(self._decode_and_prepare, data, mode, timings)
         started = time.perf_counter()
         outputs = await self.batcher.submit(prepared.tiles)
         self._record(timings, "network", started)
-        instances = await asyncio.to_thread(self._instances, prepared, outputs, config, timings)
+        instances = await asyncio.to_thread(self._instances, prepared, outputs, rules, timings)
         return Segmentation(image=image, instances=instances, mode=mode, timings=timings)
 
     async def encode(self, segmentation: Segmentation, output: OutputFormat) -> list[dict[str, Any]] | bytes:
@@ -98,10 +99,10 @@ class SegmentationPipeline:
         return image, prepared
 
     def _instances(
-        self, prepared: Prepared, outputs: list[np.ndarray], config: InstanceConfig, timings: dict[str, float]
+        self, prepared: Prepared, outputs: list[np.ndarray], rules: InstanceRules, timings: dict[str, float]
     ) -> Instances:
         started = time.perf_counter()
-        instances = self.predictor.finish(prepared, stack(outputs), config)
+        instances = self.predictor.finish(prepared, stack(outputs), rules)
         self._record(timings, "instances", started)
         return instances
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -17,11 +18,12 @@ from typing import TypeVar
 import numpy as np
 import torch
 
+from app.ml.celltypes import InstanceRules
 from app.ml.checkpoint import Checkpoint, load_checkpoint
 from app.ml.compiled import CompiledNetwork
 from app.ml.errors import InvalidOptionError
 from app.ml.onnx_backend import OnnxRuntimeNetwork, onnxruntime_available
-from app.ml.postprocess import InstanceConfig, Instances, instance_maps, maps_to_instances, probabilities_to_instances
+from app.ml.postprocess import InstanceConfig, Instances, instance_maps
 from app.ml.transforms import (
     PreprocessConfig,
     TileGrid,
@@ -31,7 +33,7 @@ from app.ml.transforms import (
     scaled_size,
     stitch_tiles,
 )
-from app.ml.unet import UNet
+from app.ml.unet import UNet, to_probabilities
 
 _Option = TypeVar("_Option", bound=StrEnum)
 
@@ -94,14 +96,18 @@ class Predictor:
         self,
         model: UNet,
         preprocess: PreprocessConfig,
-        instances: InstanceConfig,
+        instances: InstanceRules | InstanceConfig,
         device: torch.device | str = "cpu",
         half: bool = False,
         version: str = "unsaved",
         channels_last: bool = True,
         backend: Backend | str = Backend.TORCH,
         compile_network: bool = False,
+        tta: int = 1,
     ) -> None:
+        if tta not in TTA_VIEWS:
+            raise InvalidOptionError(f"tta={tta}: test-time augmentation takes {', '.join(map(str, TTA_VIEWS))} views")
+        self.tta = tta
         self.device = torch.device(device)
         self.backend = _parse_option(Backend, backend, "backend")
         if self.backend is Backend.AUTO:
@@ -125,7 +131,7 @@ class Predictor:
         compiles = compile_network and self.backend is Backend.TORCH and self.device.type == "cpu"
         self.compiled = CompiledNetwork(self.model) if compiles else None
         self.preprocess = preprocess
-        self.instances = instances
+        self.instances = instances if isinstance(instances, InstanceRules) else InstanceRules(instances)
         self.version = version
 
     @classmethod
@@ -136,6 +142,7 @@ class Predictor:
         half: bool = True,
         backend: Backend | str = "torch",
         compile_network: bool = False,
+        tta: int = 1,
     ) -> Predictor:
         checkpoint = source if isinstance(source, Checkpoint) else load_checkpoint(source)
         if _parse_option(Backend, backend, "backend") is Backend.ONNXRUNTIME and device == "auto":
@@ -149,6 +156,7 @@ class Predictor:
             version=checkpoint.version,
             backend=backend,
             compile_network=compile_network,
+            tta=tta,
         )
 
     @property
@@ -171,9 +179,21 @@ class Predictor:
         tiles = extract_tiles(normalize(working), grid)[:, None]
         return Prepared(tiles=tiles, grid=grid, original_shape=(image.shape[0], image.shape[1]))
 
-    @torch.inference_mode()
     def run_network(self, tiles: np.ndarray) -> np.ndarray:
-        """(N, 1, h, w) float32 -> (N, C, h', w') float32 class probabilities."""
+        """(N, 1, h, w) float32 -> (N, C, h', w') float32 probabilities (classes, then the centre map if any).
+
+        With test-time augmentation, the mean of the probabilities of `tta` flipped or turned views, each turned
+        back: one batch of N x tta inputs through the network.
+        """
+        if self.tta == 1:
+            return self._probabilities(tiles)
+        views = TTA_VIEWS[self.tta]
+        batch = np.concatenate([np.ascontiguousarray(forward(tiles)) for forward, _ in views])
+        outputs = np.split(self._probabilities(batch), len(views))
+        return np.mean([inverse(out) for (_, inverse), out in zip(views, outputs, strict=True)], axis=0)
+
+    @torch.inference_mode()
+    def _probabilities(self, tiles: np.ndarray) -> np.ndarray:
         if self.onnx is not None:
             logits = torch.from_numpy(self.onnx(tiles))
         else:
@@ -181,12 +201,12 @@ class Predictor:
             network = self.compiled or self.model
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bfloat16):
                 logits = network(batch.half() if self.half else batch).float()
-        return torch.softmax(logits, dim=1).cpu().numpy()
+        return to_probabilities(logits, self.config.num_classes).cpu().numpy()
 
-    def finish(self, prepared: Prepared, outputs: np.ndarray, config: InstanceConfig | None = None) -> Instances:
+    def finish(self, prepared: Prepared, outputs: np.ndarray, rules: InstanceRules | None = None) -> Instances:
         """Network outputs of `prepared` -> Instances at the original image size."""
         maps = resize_image(stitch_tiles(instance_maps(outputs), prepared.grid), prepared.original_shape)
-        return maps_to_instances(maps, config or self.instances)
+        return (rules or self.instances).find(maps)
 
     def probabilities(self, prepared: Prepared, outputs: np.ndarray) -> np.ndarray:
         """Network outputs of `prepared` -> (C, H, W) probabilities at the original image size."""
@@ -198,12 +218,12 @@ class Predictor:
         self,
         image: np.ndarray,
         mode: Mode | str = Mode.RESIZE,
-        config: InstanceConfig | None = None,
+        rules: InstanceRules | None = None,
         max_batch: int = 8,
     ) -> Instances:
         """(H, W) float image in [0, 1] -> Instances; the three steps in a row."""
         probs = self.predict_probabilities(image, mode, max_batch)
-        return probabilities_to_instances(probs, config or self.instances)
+        return (rules or self.instances).from_probabilities(probs)
 
     def predict_probabilities(
         self, image: np.ndarray, mode: Mode | str = Mode.RESIZE, max_batch: int = 8
@@ -248,6 +268,28 @@ class Predictor:
             return TileGrid(shape=shape, tile_out=tuple(math.ceil(s / stride) * stride for s in shape), margin=0)
         out = self.preprocess.tile_size - 2 * self.preprocess.tile_margin
         return TileGrid(shape=shape, tile_out=(out, out), margin=self.preprocess.tile_margin)
+
+
+def _view(turns: int, flip: bool) -> tuple[Callable[[np.ndarray], np.ndarray], Callable[[np.ndarray], np.ndarray]]:
+    """(forward, inverse) on (..., h, w) arrays: `turns` quarter turns, then a left-right flip if `flip`."""
+
+    def forward(array: np.ndarray) -> np.ndarray:
+        turned = np.rot90(array, turns, axes=(-2, -1))
+        return turned[..., ::-1] if flip else turned
+
+    def inverse(array: np.ndarray) -> np.ndarray:
+        return np.rot90(array[..., ::-1] if flip else array, -turns, axes=(-2, -1))
+
+    return forward, inverse
+
+
+# Test-time augmentation: 1 view (off), 4 (the flips: none, left-right, up-down, both), or 8 (every symmetry of
+# the square, for square network inputs: resize mode and tiles always are).
+TTA_VIEWS = {
+    1: [_view(0, False)],
+    4: [_view(0, False), _view(0, True), _view(2, True), _view(2, False)],
+    8: [_view(turns, flip) for turns in range(4) for flip in (False, True)],
+}
 
 
 def _parse_mode(mode: Mode | str) -> Mode:

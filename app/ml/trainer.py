@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +30,20 @@ from tqdm import tqdm
 
 import app
 from app.ml.augment import AugmentConfig
-from app.ml.checkpoint import atomic_write_bytes, atomic_write_json, save_checkpoint, set_default_version
-from app.ml.evaluation import Evaluation, probabilities, score_probabilities, tune_thresholds
-from app.ml.kaggle import KaggleDataset, Sample
+from app.ml.celltypes import InstanceRules
+from app.ml.checkpoint import (
+    atomic_write_bytes,
+    atomic_write_json,
+    load_checkpoint,
+    save_checkpoint,
+    set_default_version,
+)
+from app.ml.errors import CheckpointError
+from app.ml.evaluation import Evaluation, probabilities, score_probabilities, tune_rules
+from app.ml.kaggle import KaggleFolders, Sample
 from app.ml.losses import segmentation_loss
 from app.ml.plots import save_curves, save_overlays
-from app.ml.postprocess import InstanceConfig, probabilities_to_instances
+from app.ml.postprocess import InstanceConfig
 from app.ml.predictor import Predictor, pick_device
 from app.ml.targets import NUM_CLASSES
 from app.ml.trainset import (
@@ -59,7 +68,7 @@ METRICS_FILE = "metrics.jsonl"
 class TrainConfig:
     """Every option of `train`; saved in last.pt and model.json, so a run can be resumed and reproduced."""
 
-    data: str
+    data: list[str]
     out: str = "model_store"
     version: str = ""
     seed: int = 0
@@ -80,6 +89,8 @@ class TrainConfig:
     w0: float = 10.0
     sigma: float = 5.0
     dice_weight: float = 0.0
+    centre: bool = False
+    centre_weight: float = 1.0
     crop: int = 256
     elastic_std: float = 10.0
     augment: bool = True
@@ -93,15 +104,19 @@ class TrainConfig:
     threads: int = 0
     checkpoint_every: int = 50
     set_default: bool = False
+    init: str = ""
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
+        values = {f.name: data[f.name] for f in fields(cls) if f.name in data}
+        if isinstance(values.get("data"), str):  # runs saved before several folders were accepted
+            values["data"] = [values["data"]]
+        return cls(**values)
 
     def architecture(self) -> UNetConfig:
         """--paper keeps the paper's unpadded convolutions; batch norm stays on, as it trains faster."""
         return UNetConfig(in_channels=1, num_classes=NUM_CLASSES, base_width=self.width, depth=self.depth,
-                          padded=not self.paper)  # fmt: skip
+                          padded=not self.paper, centre=self.centre)  # fmt: skip
 
     def preprocess(self, first_image_shape: tuple[int, int]) -> PreprocessConfig:
         """Pixel scale: 'resize' trains at the scale the service's resize mode gives images of the reference size
@@ -185,19 +200,19 @@ class Trainer:
 
     def _load_data(self, resume_state: dict[str, Any] | None) -> None:
         cfg = self.config
-        self.dataset = KaggleDataset(cfg.data)
+        self.dataset = KaggleFolders(cfg.data)
         if resume_state is not None:
             self.split = Split.from_dict(resume_state["split"])
         elif cfg.holdout_rows:
             self.split = split_by_rows(self.dataset, cfg.holdout_rows)
         else:
             self.split = split_by_sample(self.dataset, cfg.val_fraction, cfg.seed)
-        train_samples, self.val_samples = load_split(self.dataset, self.split)
+        self.train_samples, self.val_samples = load_split(self.dataset, self.split)
         self.preprocess = cfg.preprocess(self.dataset.load(0).image.shape)
         targets = TargetConfig(cfg.border_width, cfg.w0, cfg.sigma)
-        progress = tqdm(train_samples, desc="targets", unit="img", disable=not self.dist.is_main, leave=False)
+        progress = tqdm(self.train_samples, desc="targets", unit="img", disable=not self.dist.is_main, leave=False)
         self.examples = [prepare_example(s, self.preprocess.pixel_scale, targets) for s in progress]
-        self.train_cells = sum(int(s.labels.max()) for s in train_samples)
+        self.train_cells = sum(int(s.labels.max()) for s in self.train_samples)
         self.fingerprint = self.dataset.fingerprint() if self.dist.is_main else ""
 
     def _build_model(self) -> None:
@@ -205,7 +220,10 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.architecture = cfg.architecture()
         self.architecture.output_size(cfg.crop)  # an unpadded network refuses crops it cannot take, with a hint
-        self.model = UNet(self.architecture).to(self.device)
+        self.model = UNet(self.architecture)
+        if cfg.init:
+            self.model.load_state_dict(_initial_weights(cfg.init, self.architecture))
+        self.model = self.model.to(self.device)
         self.net = self.model
         if self.dist.world > 1:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
@@ -267,9 +285,9 @@ class Trainer:
             total=self.steps_per_epoch,
             disable=not self.dist.is_main,
         )
-        for images, classes, weights in bar:
+        for images, classes, weights, centre in bar:
             started = time.perf_counter()
-            loss = self._step(images, classes, weights)
+            loss = self._step(images, classes, weights, centre)
             elapsed = time.perf_counter() - started
             self.state.batch += 1
             self.state.step += 1
@@ -287,13 +305,15 @@ class Trainer:
             if self.state.step % self.config.checkpoint_every == 0:
                 self._save_state()
 
-    def _step(self, images: torch.Tensor, classes: torch.Tensor, weights: torch.Tensor) -> float:
-        images, classes, weights = (t.to(self.device, non_blocking=True) for t in (images, classes, weights))
+    def _step(self, images: torch.Tensor, *targets: torch.Tensor) -> float:
+        images = images.to(self.device, non_blocking=True)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
             logits = self.net(images)
         # The paper's unpadded network answers for the centre of its input only: score that centre.
-        classes, weights = center_crop(classes, logits.shape[-2:]), center_crop(weights, logits.shape[-2:])
-        loss = segmentation_loss(logits, classes, weights, self.config.dice_weight)
+        classes, weights, centre = (
+            center_crop(t.to(self.device, non_blocking=True), logits.shape[-2:]) for t in targets
+        )
+        loss = segmentation_loss(logits, classes, weights, centre, self.config.dice_weight, self.config.centre_weight)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
@@ -311,7 +331,7 @@ class Trainer:
     def _validate(self) -> None:
         if self.dist.is_main:
             scored = self._val_probabilities()
-            evaluation = score_probabilities(scored, InstanceConfig())
+            evaluation = score_probabilities(scored, InstanceRules())
             self._log(
                 {
                     "kind": "val",
@@ -327,48 +347,45 @@ class Trainer:
             )
             if evaluation.score > self.state.best_score:
                 self.state.best_score, self.state.best_epoch = evaluation.score, self.state.epoch
-                self._write_model(InstanceConfig(), evaluation, scored)
+                self._write_model(InstanceRules(), evaluation, scored)
             save_curves(self.state.history, self.folder / "curves.png")
         if self.dist.world > 1:
             dist.barrier()
 
     def _val_probabilities(self) -> list[tuple[Sample, np.ndarray]]:
-        predictor = Predictor(self.model, self.preprocess, InstanceConfig(), device=self.device, channels_last=False)
+        predictor = Predictor(self.model, self.preprocess, InstanceRules(), device=self.device, channels_last=False)
         try:
             return [(sample, probabilities(predictor, sample.image)) for sample in self.val_samples]
         finally:
             self.model.train()
 
     def _finish(self) -> dict[str, Any]:
-        """Tune the instance thresholds of the best weights on the validation images, then write the final card."""
+        """Choose the instance step of the best weights (thresholds, per cell type, and the type classifier) on
+        the split's images, then write the final card."""
         card = json.loads((self.folder / "model.json").read_text())
         if not self.config.tune_thresholds:
             return card
         best = Predictor.from_checkpoint(self.folder, device=str(self.device), half=False)
-        scored = [(s, probabilities(best, s.image)) for s in self.val_samples]
-        tuned, evaluation = tune_thresholds(scored, InstanceConfig())
-        log.info("tuned thresholds on validation: %s -> score %.4f", tuned, evaluation.score)
+        rules, evaluation, scored = tune_model(best, self.train_samples, self.val_samples)
         self.model.load_state_dict(best.model.state_dict())
-        return self._write_model(tuned, evaluation, scored, untuned=card["metrics"]["validation"])
+        return self._write_model(rules, evaluation, scored, untuned=card["metrics"]["validation"])
 
     def _write_model(
         self,
-        instances: InstanceConfig,
+        instances: InstanceRules,
         evaluation: Evaluation,
         scored: list[tuple[Sample, np.ndarray]],
         untuned: dict | None = None,
     ) -> dict[str, Any]:
         card = self._card(instances, evaluation, untuned)
         card = save_checkpoint(self.folder, self.model.state_dict(), card)
-        overlays = [
-            (s.image_id, s.image, s.labels, probabilities_to_instances(p, instances).labels) for s, p in scored[:3]
-        ]
+        overlays = [(s.image_id, s.image, s.labels, instances.from_probabilities(p).labels) for s, p in scored[:3]]
         save_overlays(overlays, self.folder / "overlays.png")
         if self.config.set_default:
             set_default_version(self.config.out, self.config.version)
         return card
 
-    def _card(self, instances: InstanceConfig, evaluation: Evaluation, untuned: dict | None) -> dict[str, Any]:
+    def _card(self, instances: InstanceRules, evaluation: Evaluation, untuned: dict | None) -> dict[str, Any]:
         metrics = {"validation": evaluation.to_dict()}
         if untuned is not None:
             metrics["validation_default_thresholds"] = untuned
@@ -383,7 +400,7 @@ class Trainer:
             "training": {
                 "args": asdict(self.config),
                 "data": {
-                    "path": str(Path(self.config.data).resolve()),
+                    "paths": [str(Path(folder).resolve()) for folder in self.config.data],
                     "fingerprint": self.fingerprint,
                     "images": len(self.dataset),
                     "train_cells": self.train_cells,
@@ -434,6 +451,20 @@ class Trainer:
         atomic_write_bytes(self.folder / STATE_FILE, buffer.getvalue())
 
 
+def tune_model(
+    predictor: Predictor, train: list[Sample], validation: list[Sample]
+) -> tuple[InstanceRules, Evaluation, list[tuple[Sample, np.ndarray]]]:
+    """tune_rules for a trained model: its probabilities on both sets, then the chosen rules, their evaluation on
+    validation, and the validation probabilities (for overlays)."""
+    bar = partial(tqdm, unit="img", leave=False)
+    train_scored = [(s, probabilities(predictor, s.image)) for s in bar(train, desc="tune: training images")]
+    val_scored = [(s, probabilities(predictor, s.image)) for s in bar(validation, desc="tune: validation images")]
+    rules, evaluation = tune_rules(train_scored, val_scored, InstanceConfig())
+    log.info("instance step chosen on validation: %s -> score %.4f %s", rules.to_dict(), evaluation.score,
+             evaluation.per_cell_type)  # fmt: skip
+    return rules, evaluation, val_scored
+
+
 def load_resume_state(folder: str | Path) -> tuple[TrainConfig, dict[str, Any]]:
     """Read last.pt of a run folder without executing pickled code (weights_only)."""
     path = Path(folder) / STATE_FILE
@@ -457,6 +488,17 @@ def code_version() -> str:
     except (OSError, subprocess.SubprocessError):
         commit = ""
     return f"{app.__version__}+{commit}" if commit else app.__version__
+
+
+def _initial_weights(folder: str, architecture: UNetConfig) -> dict[str, torch.Tensor]:
+    """The weights of a trained model folder, to start from (--init); its architecture must be the one asked for."""
+    checkpoint = load_checkpoint(folder)
+    if checkpoint.architecture != architecture:
+        raise CheckpointError(
+            f"--init {folder} is a {checkpoint.architecture} but this run trains a {architecture}: "
+            "give the same --width, --depth, --paper and --centre"
+        )
+    return checkpoint.state_dict
 
 
 def _warmup_cosine(total_steps: int, warmup: float) -> Callable[[int], float]:

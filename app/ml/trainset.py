@@ -15,8 +15,8 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from app.ml.augment import AugmentConfig, Example, augment, random_crop
-from app.ml.kaggle import KaggleDataset, Sample
-from app.ml.targets import label_to_classes, weight_map
+from app.ml.kaggle import KaggleDataset, KaggleFolders, Sample
+from app.ml.targets import centre_map, label_to_classes, weight_map
 from app.ml.transforms import normalize, resize_image, resize_labels, scaled_size
 
 
@@ -45,23 +45,29 @@ class Split:
         return cls(data["kind"], list(data["train"]), list(data["val"]), float(data.get("holdout_rows", 0.0)))
 
 
-def split_by_sample(dataset: KaggleDataset, val_fraction: float, seed: int) -> Split:
-    """Put whole sample_ids in validation (about val_fraction of the images), so no sample is in both sets."""
-    samples = sorted({r.sample_id for r in dataset.records})
-    if len(samples) < 2:
+def split_by_sample(dataset: KaggleDataset | KaggleFolders, val_fraction: float, seed: int) -> Split:
+    """Put whole sample_ids in validation, about val_fraction of each cell type's samples (at least one of every
+    type that has two or more), so no sample is in both sets and every type is validated. Same seed, same split."""
+    types_of = {r.sample_id: r.cell_type for r in dataset.records}
+    if len(types_of) < 2:
         raise ValueError(
-            f"the data has {len(samples)} sample_id; a split by sample needs at least 2. "
+            f"the data has {len(types_of)} sample_id; a split by sample needs at least 2. "
             "Use --holdout-rows to validate on the bottom part of every image instead"
         )
-    order = np.random.default_rng(seed).permutation(len(samples))
-    n_val = min(max(1, round(val_fraction * len(samples))), len(samples) - 1)
-    val_samples = {samples[i] for i in order[:n_val]}
+    rng = np.random.default_rng(seed)
+    val_samples: set[str] = set()
+    for cell_type in sorted(set(types_of.values())):
+        samples = sorted(s for s, t in types_of.items() if t == cell_type)
+        n_val = min(max(1, round(val_fraction * len(samples))), len(samples) - 1)
+        val_samples.update(samples[i] for i in rng.permutation(len(samples))[:n_val])
+    if not val_samples:  # every type has a single sample: validate on one of them
+        val_samples.add(sorted(types_of)[int(rng.integers(len(types_of)))])
     train = [r.image_id for r in dataset.records if r.sample_id not in val_samples]
     val = [r.image_id for r in dataset.records if r.sample_id in val_samples]
     return Split("sample", train, val)
 
 
-def split_by_rows(dataset: KaggleDataset, holdout_rows: float) -> Split:
+def split_by_rows(dataset: KaggleDataset | KaggleFolders, holdout_rows: float) -> Split:
     if not 0.0 < holdout_rows < 1.0:
         raise ValueError(f"--holdout-rows must be between 0 and 1, got {holdout_rows}")
     ids = dataset.image_ids
@@ -86,7 +92,7 @@ def _rows(sample: Sample, rows: slice) -> Sample:
     return Sample(sample.image_id, sample.image[rows], renumber[labels], types, dict(sample.metadata))
 
 
-def load_split(dataset: KaggleDataset, split: Split) -> tuple[list[Sample], list[Sample]]:
+def load_split(dataset: KaggleDataset | KaggleFolders, split: Split) -> tuple[list[Sample], list[Sample]]:
     """Load the (train, validation) Samples a split names."""
     index = {image_id: i for i, image_id in enumerate(dataset.image_ids)}
     if split.kind == "rows":
@@ -101,8 +107,9 @@ def prepare_example(sample: Sample, pixel_scale: tuple[float, float], targets: T
     labels = resize_labels(sample.labels, size)
     classes = label_to_classes(labels, targets.border_width)
     weights = weight_map(labels, classes, targets.w0, targets.sigma)
-    # float16 halves the cache; weights are only ever multiplied into a loss.
-    return Example(normalize(resize_image(sample.image, size)), classes, weights.astype(np.float16))
+    # float16 halves the cache; weights and centres are only ever compared with outputs in a loss.
+    image = normalize(resize_image(sample.image, size))
+    return Example(image, classes, weights.astype(np.float16), centre_map(labels).astype(np.float16))
 
 
 @dataclass(frozen=True)
@@ -144,7 +151,7 @@ class EpochSampler(Sampler[Item]):
 
 
 class CropDataset(Dataset):
-    """Items -> (image (1, c, c) float32, classes (c, c) int64, weights (c, c) float32) tensors."""
+    """Items -> (image (1, c, c) float32, classes (c, c) int64, weights (c, c) float32, centre (c, c) float32)."""
 
     def __init__(self, examples: list[Example], augment_config: AugmentConfig, seed: int, enabled: bool = True) -> None:
         self.examples, self.config, self.seed, self.enabled = examples, augment_config, seed, enabled
@@ -152,7 +159,7 @@ class CropDataset(Dataset):
     def __len__(self) -> int:
         return len(self.examples)
 
-    def __getitem__(self, item: Item) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def __getitem__(self, item: Item) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         rng = np.random.default_rng([self.seed, item.epoch, item.position, 1])
         source = self.examples[item.image]
         crop = augment(source, self.config, rng) if self.enabled else random_crop(source, self.config.crop, rng)
@@ -160,4 +167,5 @@ class CropDataset(Dataset):
             torch.from_numpy(np.ascontiguousarray(crop.image))[None],
             torch.from_numpy(np.ascontiguousarray(crop.classes)).long(),
             torch.from_numpy(np.ascontiguousarray(crop.weights, dtype=np.float32)),
+            torch.from_numpy(np.ascontiguousarray(crop.centre, dtype=np.float32)),
         )

@@ -23,6 +23,7 @@ class UNetConfig:
     depth: int = 4
     padded: bool = True
     batch_norm: bool = True
+    centre: bool = False  # one more output after the classes: the centre map (app.ml.targets.centre_map)
 
     @classmethod
     def paper(cls) -> UNetConfig:
@@ -39,6 +40,11 @@ class UNetConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @property
+    def outputs(self) -> int:
+        """Output channels: the class logits, then the centre map's logit when the model has one."""
+        return self.num_classes + int(self.centre)
 
     @property
     def stride(self) -> int:
@@ -121,8 +127,16 @@ def center_crop(x: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Te
     return x[..., top : top + size[0], left : left + size[1]]
 
 
+def to_probabilities(logits: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(N, outputs, H, W) logits -> probabilities: a softmax over the classes, a sigmoid over the centre map."""
+    classes = torch.softmax(logits[:, :num_classes], dim=1)
+    if logits.shape[1] == num_classes:
+        return classes
+    return torch.cat((classes, torch.sigmoid(logits[:, num_classes:])), dim=1)
+
+
 class UNet(nn.Module):
-    """(N, C_in, H, W) float32 -> (N, num_classes, H', W') logits; H' = H when padded, H - 184 for the paper."""
+    """(N, C_in, H, W) float32 -> (N, outputs, H', W') logits; H' = H when padded, H - 184 for the paper."""
 
     def __init__(self, config: UNetConfig) -> None:
         super().__init__()
@@ -132,7 +146,7 @@ class UNet(nn.Module):
         self.inc = DoubleConv(config.in_channels, widths[0], *args)
         self.downs = nn.ModuleList(Down(widths[i], widths[i + 1], *args) for i in range(config.depth))
         self.ups = nn.ModuleList(Up(widths[i + 1], widths[i], *args) for i in reversed(range(config.depth)))
-        self.outc = nn.Conv2d(widths[0], config.num_classes, 1)
+        self.outc = nn.Conv2d(widths[0], config.outputs, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         skips = [self.inc(x)]

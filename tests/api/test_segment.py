@@ -42,6 +42,8 @@ def test_a_real_test_image_comes_back_as_non_overlapping_rles_of_520x704(client,
     assert body["filename"] == "7ae19de7bc2a.png" and body["mode"] == "resize"
     assert body["model_version"] == "synth-v1"
     assert body["cell_count"] == len(body["cells"]) > 0
+    # The fixture's model learnt three cell types: it names one, with the classifier's probability.
+    assert body["cell_type"] in {"shsy5y", "astro", "cort"} and 1 / 3 < body["cell_type_probability"] <= 1
     labels = decode_cells(body)
     for cell in body["cells"]:
         x, y, w, h = cell["bbox"]
@@ -58,6 +60,7 @@ def test_the_png_output_is_a_16_bit_label_image_that_matches_the_json(client, re
     labels = np.asarray(Image.open(io.BytesIO(response.content)))
     assert labels.shape == (520, 704) and labels.dtype == np.uint16
     assert np.array_equal(labels, decode_cells(as_json))
+    assert response.headers["x-cell-type"] == as_json["cell_type"]
     assert response.headers["x-cell-count"] == str(as_json["cell_count"])
     assert "network;dur=" in response.headers["server-timing"]
 

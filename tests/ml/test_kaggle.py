@@ -7,7 +7,8 @@ from PIL import Image
 
 from app.ml import rle
 from app.ml.errors import DatasetError
-from app.ml.kaggle import CSV_COLUMNS, KaggleDataset, labels_from_rles
+from app.ml.kaggle import CSV_COLUMNS, KaggleDataset, KaggleFolders, labels_from_rles
+from app.ml.synth import write_dataset
 
 
 def test_the_real_sample_loads_into_a_label_map_with_247_cells(sartorius):
@@ -102,3 +103,15 @@ def test_an_image_of_another_size_than_the_csv_says_is_reported(synth_dataset, t
 def test_a_missing_csv_names_the_layout(tmp_path):
     with pytest.raises(DatasetError, match=r"train\.csv and train/<id>\.png"):
         KaggleDataset(tmp_path)
+
+
+def test_several_folders_read_as_one_dataset_and_an_image_in_two_of_them_is_refused(tmp_path):
+    first = write_dataset(tmp_path / "a", images=2, height=64, width=80, seed=1)
+    second = write_dataset(tmp_path / "b", images=3, height=48, width=48, seed=2)
+    both = KaggleFolders([first, second])
+    assert len(both) == 5 and both.image_ids == KaggleDataset(first).image_ids + KaggleDataset(second).image_ids
+    assert both.load(4).image.shape == (48, 48) and both.load(4).image_id == both.image_ids[4]
+    assert both.fingerprint() != KaggleDataset(first).fingerprint()
+    assert KaggleFolders([first]).fingerprint() == KaggleDataset(first).fingerprint()
+    with pytest.raises(DatasetError, match="more than one"):
+        KaggleFolders([first, first])

@@ -9,7 +9,6 @@ from app.ml.checkpoint import load_checkpoint, resolve_model_folder
 from app.ml.errors import InvalidOptionError
 from app.ml.imageio import read_image
 from app.ml.metrics import image_score
-from app.ml.postprocess import probabilities_to_instances
 from app.ml.predictor import Backend, Mode, Predictor, native_bfloat16
 from tests.conftest import MODEL_STORE
 
@@ -31,9 +30,9 @@ def test_onnxruntime_finds_the_cells_pytorch_finds(pytorch, onnxruntime, sartori
     image = read_image(sartorius / "test" / "7ae19de7bc2a.png")
     expected, got = pytorch.predict_probabilities(image, mode), onnxruntime.predict_probabilities(image, mode)
     np.testing.assert_allclose(got, expected, atol=1e-4)
-    cells = probabilities_to_instances(expected, pytorch.instances)
+    cells = pytorch.instances.from_probabilities(expected)
     assert cells.count > 100
-    assert image_score(cells.labels, probabilities_to_instances(got, onnxruntime.instances).labels) > 0.99
+    assert image_score(cells.labels, onnxruntime.instances.from_probabilities(got).labels) > 0.99
 
 
 def test_onnxruntime_computes_in_float32_even_where_the_model_allows_reduced_precision(onnxruntime):

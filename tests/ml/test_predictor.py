@@ -11,18 +11,18 @@ from app.ml.errors import InvalidOptionError
 from app.ml.imageio import read_image
 from app.ml.metrics import image_score
 from app.ml.onnx_backend import onnxruntime_available
-from app.ml.postprocess import InstanceConfig, probabilities_to_instances
+from app.ml.postprocess import InstanceConfig
 from app.ml.predictor import Backend, Mode, Predictor, auto_backend, native_bfloat16
 from app.ml.transforms import PreprocessConfig
 from app.ml.unet import UNet, UNetConfig
 from tests.conftest import MODEL_STORE
 
 
-def predictor(config=None, **preprocess):
+def predictor(config=None, tta=1, **preprocess):
     torch.manual_seed(0)
     config = config or UNetConfig(base_width=4, depth=2)
     defaults = {"input_size": 64, "tile_size": 64, "tile_margin": 16}
-    return Predictor(UNet(config), PreprocessConfig(**{**defaults, **preprocess}), InstanceConfig())
+    return Predictor(UNet(config), PreprocessConfig(**{**defaults, **preprocess}), InstanceConfig(), tta=tta)
 
 
 @pytest.mark.parametrize("mode", list(Mode))
@@ -66,6 +66,34 @@ def test_network_outputs_are_probabilities():
     assert np.allclose(outputs.sum(axis=1), 1.0, atol=1e-5)
 
 
+def test_a_centre_model_outputs_class_probabilities_then_its_centre_map():
+    pred = predictor(UNetConfig(base_width=4, depth=2, centre=True))
+    outputs = pred.run_network(np.random.default_rng(0).random((2, 1, 64, 64), dtype=np.float32))
+    assert outputs.shape == (2, 4, 64, 64)
+    assert np.allclose(outputs[:, :3].sum(axis=1), 1.0, atol=1e-5)
+    assert outputs[:, 3].min() > 0 and outputs[:, 3].max() < 1 and outputs[:, 3].std() > 0
+
+
+def test_test_time_augmentation_over_the_eight_symmetries_makes_the_output_turn_with_the_input():
+    tiles = np.random.default_rng(0).random((2, 1, 64, 64), dtype=np.float32)
+    plain, averaged = predictor(), predictor(tta=8)
+    turned = np.ascontiguousarray(np.rot90(tiles, 1, axes=(-2, -1)))
+    # One network alone answers a turned input differently; the mean over the symmetries does not.
+    assert np.abs(np.rot90(plain.run_network(turned), -1, axes=(-2, -1)) - plain.run_network(tiles)).max() > 1e-3
+    np.testing.assert_allclose(
+        np.rot90(averaged.run_network(turned), -1, axes=(-2, -1)), averaged.run_network(tiles), atol=1e-5
+    )
+    assert np.allclose(averaged.run_network(tiles).sum(axis=1), 1.0, atol=1e-5)
+    flips = predictor(tta=4)
+    flipped = np.ascontiguousarray(tiles[..., ::-1])
+    np.testing.assert_allclose(flips.run_network(flipped)[..., ::-1], flips.run_network(tiles), atol=1e-5)
+
+
+def test_test_time_augmentation_takes_one_four_or_eight_views():
+    with pytest.raises(InvalidOptionError, match="1, 4, 8"):
+        predictor(tta=2)
+
+
 def test_reduced_precision_on_the_cpu_is_bfloat16_where_amx_computes_it_and_finds_the_same_cells(sartorius):
     folder = resolve_model_folder(MODEL_STORE)
     fast = Predictor.from_checkpoint(folder, device="cpu", backend="torch")  # the model card allows it
@@ -75,9 +103,9 @@ def test_reduced_precision_on_the_cpu_is_bfloat16_where_amx_computes_it_and_find
     image = read_image(sartorius / "test" / "7ae19de7bc2a.png")
     expected, got = exact.predict_probabilities(image), fast.predict_probabilities(image)
     assert np.abs(got - expected).mean() < 0.01
-    cells = probabilities_to_instances(expected, exact.instances)
+    cells = exact.instances.from_probabilities(expected)
     assert cells.count > 100
-    assert image_score(cells.labels, probabilities_to_instances(got, fast.instances).labels) > 0.9
+    assert image_score(cells.labels, fast.instances.from_probabilities(got).labels) > 0.9
 
 
 def test_the_service_step_resizing_two_maps_finds_the_cells_of_the_three_resized_classes(sartorius):
@@ -85,7 +113,7 @@ def test_the_service_step_resizing_two_maps_finds_the_cells_of_the_three_resized
     pred = Predictor.from_checkpoint(resolve_model_folder(MODEL_STORE), device="cpu", backend="torch", half=False)
     prepared = pred.prepare(read_image(sartorius / "test" / "7ae19de7bc2a.png"), Mode.RESIZE)
     outputs = pred.run_tiles(prepared.tiles)
-    from_classes = probabilities_to_instances(pred.probabilities(prepared, outputs), pred.instances)
+    from_classes = pred.instances.from_probabilities(pred.probabilities(prepared, outputs))
     from_maps = pred.finish(prepared, outputs)
     assert from_maps.count == from_classes.count > 100
     assert (from_maps.labels == from_classes.labels).mean() > 0.9999

@@ -1,6 +1,15 @@
 import numpy as np
+import pytest
 
-from app.ml.targets import BACKGROUND, BORDER, INTERIOR, label_to_classes, nearest_two_distances, weight_map
+from app.ml.targets import (
+    BACKGROUND,
+    BORDER,
+    INTERIOR,
+    centre_map,
+    label_to_classes,
+    nearest_two_distances,
+    weight_map,
+)
 from tests.conftest import disk
 
 
@@ -39,3 +48,21 @@ def test_weight_map_is_highest_in_the_narrow_gap_between_cells():
     gap, far = weights[20, 29], weights[2, 2]
     assert gap > 8 and far < 1.5
     assert gap > weights[20, 18]  # more than inside a cell
+
+
+def test_the_centre_map_peaks_at_one_in_every_cell_and_is_zero_on_the_background():
+    labels = np.zeros((40, 60), dtype=np.int32)
+    labels[disk((40, 60), (20, 15), 9)] = 1
+    labels[disk((40, 60), (20, 33), 9) & (labels == 0)] = 2  # touches cell 1
+    labels[30:33, 40:58] = 3  # thin and long
+    centre = centre_map(labels)
+    assert centre.dtype == np.float32 and centre.shape == labels.shape
+    assert (centre[labels == 0] == 0).all()
+    for cell in (1, 2, 3):
+        inside = centre[labels == cell]
+        assert inside.max() == pytest.approx(1.0) and inside.min() > 0
+    assert centre[20, 15] == pytest.approx(1.0) and centre[20, 33] == pytest.approx(1.0)
+    # Where the two cells touch the map dips, so a threshold keeps them apart.
+    seam = labels[20] != np.roll(labels[20], 1)
+    assert centre[20][seam & (labels[20] > 0)].max() < 0.35
+    assert (centre[31, 41:57] == 1.0).all()  # a 3-pixel-wide cell: its middle row is its centre

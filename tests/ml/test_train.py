@@ -16,10 +16,12 @@ from safetensors.torch import load_file
 from app.ml import trainset
 from app.ml.augment import AugmentConfig, Example, augment
 from app.ml.checkpoint import list_versions, load_checkpoint
+from app.ml.errors import CheckpointError
 from app.ml.evaluation import evaluate
 from app.ml.kaggle import KaggleDataset
 from app.ml.postprocess import InstanceConfig
 from app.ml.predictor import Predictor
+from app.ml.synth import write_dataset
 from app.ml.trainer import STATE_FILE, TrainConfig, Trainer, load_resume_state
 from app.ml.trainset import Split, split_by_rows, split_by_sample, split_rows
 from app.train import build_parser
@@ -69,7 +71,7 @@ def test_the_run_folder_has_everything_a_person_and_the_service_need(trained_mod
     assert {"model.json", "metrics.jsonl", "curves.png", "overlays.png", "split.json", STATE_FILE} <= names
     card = json.loads((trained_model / "model.json").read_text())
     assert card["architecture"]["base_width"] == 8
-    assert set(card["postprocessing"]) == set(InstanceConfig().to_dict())
+    assert set(card["postprocessing"]) >= set(InstanceConfig().to_dict()) | {"cell_type_classifier"}
     assert card["training"]["args"]["epochs"] == 24
     assert len(card["training"]["data"]["fingerprint"]) == 64
     assert set(card["metrics"]["validation"]["per_cell_type"]) <= {"shsy5y", "astro", "cort"}
@@ -86,12 +88,15 @@ def test_the_run_folder_has_everything_a_person_and_the_service_need(trained_mod
 # ---------------------------------------------------------------- data
 
 
-def test_split_by_sample_never_puts_a_sample_in_both_sets(synth_train_data):
+def test_split_by_sample_never_puts_a_sample_in_both_sets_and_validates_every_cell_type(synth_train_data):
     dataset = KaggleDataset(synth_train_data)
     split = split_by_sample(dataset, 0.34, seed=0)
     sample_of = {r.image_id: r.sample_id for r in dataset.records}
+    type_of = {r.image_id: r.cell_type for r in dataset.records}
     assert {sample_of[i] for i in split.train_ids}.isdisjoint({sample_of[i] for i in split.val_ids})
-    assert len(split.val_ids) == 4 and len(split.train_ids) == 8
+    # Three samples of two images per type: one sample of each type validates.
+    assert len(split.val_ids) == 6 and len(split.train_ids) == 12
+    assert sorted(type_of[i] for i in split.val_ids) == sorted(["astro", "cort", "shsy5y"] * 2)
     assert split == split_by_sample(dataset, 0.34, seed=0)
     assert split != split_by_sample(dataset, 0.34, seed=1)
 
@@ -119,12 +124,13 @@ def test_augmentation_moves_image_and_targets_together():
         r, c = rng.integers(0, 280, size=2)
         classes[r : r + 20, c : c + 14] = rng.integers(1, 3)
     image = classes.astype(np.float32)
-    example = Example(image, classes, image.astype(np.float16))
+    example = Example(image, classes, image.astype(np.float16), image.astype(np.float16))
     config = AugmentConfig(crop=128, brightness=0.0, contrast=0.0, noise=0.0)
     for seed in range(5):
         out = augment(example, config, np.random.default_rng(seed))
-        assert out.image.shape == out.classes.shape == out.weights.shape == (128, 128)
+        assert out.image.shape == out.classes.shape == out.weights.shape == out.centre.shape == (128, 128)
         assert np.array_equal(out.weights, out.image)  # same geometry, same interpolation
+        assert np.array_equal(out.centre, out.image)
         assert np.mean(np.rint(out.image) == out.classes) > 0.97  # nearest vs linear differ only on edges
         assert not np.array_equal(out.image, image[:128, :128])
 
@@ -133,7 +139,7 @@ def test_weight_maps_are_computed_once_per_image_not_per_step(synth_dataset, tmp
     calls = []
     real = trainset.weight_map
     monkeypatch.setattr(trainset, "weight_map", lambda *a, **k: calls.append(1) or real(*a, **k))
-    config = TrainConfig(data=str(synth_dataset), out=str(tmp_path), version="once", epochs=2, epoch_size=24,
+    config = TrainConfig(data=[str(synth_dataset)], out=str(tmp_path), version="once", epochs=2, epoch_size=24,
                          batch_size=4, crop=64, width=4, depth=2, input_size=128, val_fraction=0.34,
                          tune_thresholds=False)  # fmt: skip
     trainer = Trainer(config)
@@ -190,7 +196,7 @@ def test_two_gloo_processes_under_torchrun_write_exactly_one_checkpoint(synth_da
 
 
 def test_the_paper_unpadded_network_trains_and_serves(synth_dataset, tmp_path):
-    config = TrainConfig(data=str(synth_dataset), out=str(tmp_path), version="paper", epochs=1, epoch_size=8,
+    config = TrainConfig(data=[str(synth_dataset)], out=str(tmp_path), version="paper", epochs=1, epoch_size=8,
                          batch_size=4, crop=92, width=4, depth=2, paper=True, input_size=92, val_fraction=0.34,
                          tune_thresholds=False)  # fmt: skip
     Trainer(config).fit()
@@ -199,6 +205,37 @@ def test_the_paper_unpadded_network_trains_and_serves(synth_dataset, tmp_path):
     assert predictor.predict(np.zeros((100, 130), np.float32)).labels.shape == (100, 130)
     with pytest.raises(ValueError, match="try 572"):
         Trainer(TrainConfig(**{**config.__dict__, "version": "bad", "crop": 90}))
+
+
+def test_a_centre_model_trains_on_two_folders_and_chooses_its_instance_step(synth_dataset, tmp_path):
+    more = write_dataset(tmp_path / "more", images=6, height=128, width=160, seed=8)
+    out = tmp_path / "store"
+    done = run_train("--data", str(synth_dataset), str(more), "--out", str(out), "--version", "centre", "--centre",
+                     *TINY, "--tune-thresholds")  # fmt: skip
+    assert done.wait(timeout=300) == 0, done.stdout.read()
+    card = json.loads((out / "centre" / "model.json").read_text())
+    assert card["architecture"]["centre"] is True
+    assert len(card["training"]["data"]["paths"]) == 2 and card["training"]["data"]["images"] == 12
+    split = card["training"]["data"]["split"]
+    assert len(split["train"]) + len(split["val"]) == 12
+    classifier = card["postprocessing"]["cell_type_classifier"]
+    type_of = {r.image_id: r.cell_type for folder in (synth_dataset, more) for r in KaggleDataset(folder).records}
+    assert classifier["types"] == sorted({type_of[i] for i in split["train"]}) and len(classifier["types"]) >= 2
+    predictor = Predictor.from_checkpoint(out / "centre", device="cpu")
+    image = KaggleDataset(more).load(0).image
+    assert predictor.run_network(predictor.prepare(image).tiles).shape[1] == 4  # the classes and the centre map
+    assert predictor.predict(image).cell_type in classifier["types"]
+
+    # --init: another run starts from these weights (a lower first loss than from random ones) ...
+    config = TrainConfig.from_dict({**card["training"]["args"], "version": "longer", "init": str(out / "centre"),
+                                    "epochs": 1, "threads": 0, "tune_thresholds": False})  # fmt: skip
+    Trainer(config).fit()
+    first_loss = [json.loads((out / v / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+                  for v in ("centre", "longer")]  # fmt: skip
+    assert first_loss[1] < 0.8 * first_loss[0]
+    # ... but only weights of the same architecture.
+    with pytest.raises(CheckpointError, match="--width"):
+        Trainer(TrainConfig.from_dict({**config.__dict__, "version": "wider", "width": 16}))
 
 
 def test_help_explains_every_option():

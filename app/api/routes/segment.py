@@ -56,12 +56,12 @@ async def segment(
     give a PNG. Send one image as `file`, or several as `files` (JSON only).
     """
     uploads = _uploads(file, files, output, service.settings.max_files)
-    config = pipeline.predictor.instances.with_overrides(
+    rules = pipeline.predictor.instances.with_overrides(
         foreground_threshold=foreground_threshold, seed_threshold=seed_threshold, min_cell_area=min_cell_area
     )
     images = [await _read(upload) for upload in uploads]
     # Several images go through the pipeline together, so their network inputs can share micro-batches.
-    work = asyncio.gather(*(pipeline.segment(data, mode, config) for data in images))
+    work = asyncio.gather(*(pipeline.segment(data, mode, rules) for data in images))
     results = await _cancel_on_disconnect(request, work)
     for result in results:
         service.metrics.cells.observe(result.instances.count)
@@ -129,6 +129,8 @@ async def _png_response(
     png = await pipeline.encode(result, output)
     headers = {"X-Model-Version": version, "X-Cell-Count": str(result.instances.count),
                "Server-Timing": _server_timing(result.timings)}  # fmt: skip
+    if result.instances.cell_type is not None:
+        headers["X-Cell-Type"] = result.instances.cell_type
     return Response(png, media_type="image/png", headers=headers)
 
 
@@ -140,8 +142,13 @@ async def _json_body(
     timings = {f"{stage}_ms": round(seconds * 1000, 2) for stage, seconds in result.timings.items()}
     return schemas.Segmentation(
         filename=filename, width=width, height=height, model_version=version, mode=result.mode.value,
+        cell_type=result.instances.cell_type, cell_type_probability=_rounded(result.instances.cell_type_probability),
         cell_count=len(cells), cells=cells, timings=timings,
     )  # fmt: skip
+
+
+def _rounded(probability: float | None) -> float | None:
+    return None if probability is None else round(probability, 4)
 
 
 def _server_timing(timings: dict[str, float]) -> str:

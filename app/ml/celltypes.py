@@ -1,0 +1,125 @@
+"""Instance thresholds per cell type, and the classifier that tells an image's cell type from the cells found.
+
+Astrocytes (large, thin, few), cortical neurons (small, sparse) and SH-SY5Y cells (small, dense) want different
+thresholds. The instance step runs once with the default thresholds; the classifier reads the type from those
+cells (how many per area, how large, how much of the image they cover); where that type has thresholds of its
+own, the step runs again with them. The answer says which type was picked and how sure the classifier was.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from app.ml.postprocess import InstanceConfig, Instances, instance_maps, maps_to_instances
+
+FEATURES = ("log cells per 100k px", "log median area", "foreground fraction")
+
+
+def cell_features(instances: Instances) -> np.ndarray:
+    """Instances -> (3,) float64 features that do not depend on the image's size: see FEATURES."""
+    pixels = instances.labels.size
+    median_area = float(np.median(instances.areas)) if instances.count else 0.0
+    return np.array(
+        [
+            np.log1p(instances.count * 1e5 / pixels),
+            np.log1p(median_area),
+            float(instances.areas.sum()) / pixels,
+        ]
+    )
+
+
+@dataclass(frozen=True)
+class CellTypeClassifier:
+    """Nearest centroid over standardized cell features; the probability is a softmax of -distance^2 / 2."""
+
+    types: list[str]
+    centroids: list[list[float]]
+    mean: list[float]
+    scale: list[float]
+
+    @classmethod
+    def fit(cls, features: np.ndarray, types: list[str]) -> CellTypeClassifier:
+        """(N, F) features of N labelled images and their N cell types -> a classifier."""
+        mean, scale = features.mean(axis=0), features.std(axis=0) + 1e-6
+        standard = (features - mean) / scale
+        names = sorted(set(types))
+        centroids = [standard[[t == name for t in types]].mean(axis=0).tolist() for name in names]
+        return cls(names, centroids, mean.tolist(), scale.tolist())
+
+    def predict(self, features: np.ndarray) -> tuple[str, float]:
+        """(F,) features -> (cell type, its probability)."""
+        standard = (features - np.asarray(self.mean)) / np.asarray(self.scale)
+        squared = ((np.asarray(self.centroids) - standard) ** 2).sum(axis=1)
+        weights = np.exp(-(squared - squared.min()) / 2.0)
+        best = int(np.argmax(weights))
+        return self.types[best], float(weights[best] / weights.sum())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"features": list(FEATURES), "types": self.types, "centroids": self.centroids,
+                "mean": self.mean, "scale": self.scale}  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CellTypeClassifier:
+        if list(data.get("features", [])) != list(FEATURES):
+            raise ValueError(f"cell type classifier features {data.get('features')} are not {list(FEATURES)}")
+        return cls(list(data["types"]), data["centroids"], data["mean"], data["scale"])
+
+
+@dataclass(frozen=True)
+class InstanceRules:
+    """The model's whole instance step: default thresholds, per-type thresholds, and the type classifier.
+
+    In model.json, "postprocessing" holds the default thresholds' keys, plus "per_cell_type" and
+    "cell_type_classifier" when the model has them.
+    """
+
+    default: InstanceConfig = field(default_factory=InstanceConfig)
+    per_cell_type: dict[str, InstanceConfig] = field(default_factory=dict)
+    classifier: CellTypeClassifier | None = None
+
+    def with_overrides(self, **overrides: float | int | None) -> InstanceRules:
+        """The caller's thresholds beat the model's, whatever the cell type."""
+        return InstanceRules(
+            self.default.with_overrides(**overrides),
+            {name: config.with_overrides(**overrides) for name, config in self.per_cell_type.items()},
+            self.classifier,
+        )
+
+    def find(self, maps: np.ndarray) -> Instances:
+        """(2, H, W) foreground and seed maps (postprocess.instance_maps) -> the cells, with the cell type."""
+        first = maps_to_instances(maps, self.default)
+        if self.classifier is None:
+            return first
+        cell_type, probability = self.classifier.predict(cell_features(first))
+        config = self.per_cell_type.get(cell_type, self.default)
+        instances = first if config == self.default else maps_to_instances(maps, config)
+        return replace(instances, cell_type=cell_type, cell_type_probability=probability)
+
+    def from_probabilities(self, probs: np.ndarray) -> Instances:
+        """(3 or 4, H, W) probabilities -> the cells, with the cell type."""
+        return self.find(instance_maps(probs))
+
+    def for_cell_type(self, cell_type: str, config: InstanceConfig) -> InstanceRules:
+        return replace(self, per_cell_type={**self.per_cell_type, cell_type: config})
+
+    def to_dict(self) -> dict[str, Any]:
+        data = self.default.to_dict()
+        if self.per_cell_type:
+            data["per_cell_type"] = {name: config.to_dict() for name, config in sorted(self.per_cell_type.items())}
+        if self.classifier is not None:
+            data["cell_type_classifier"] = self.classifier.to_dict()
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> InstanceRules:
+        per_type = data.get("per_cell_type", {})
+        classifier = data.get("cell_type_classifier")
+        default_keys = {k: v for k, v in data.items() if k not in ("per_cell_type", "cell_type_classifier")}
+        return cls(
+            InstanceConfig.from_dict(default_keys),
+            {name: InstanceConfig.from_dict(values) for name, values in per_type.items()},
+            CellTypeClassifier.from_dict(classifier) if classifier else None,
+        )

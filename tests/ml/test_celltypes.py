@@ -1,0 +1,79 @@
+"""The per-cell-type instance step: the classifier that reads an image's type from its cells, and the rules."""
+
+import json
+
+import numpy as np
+import pytest
+
+from app.ml.celltypes import CellTypeClassifier, InstanceRules, cell_features
+from app.ml.postprocess import InstanceConfig, maps_to_instances
+from tests.conftest import disk
+
+
+def scene(radius: float, count: int, shape: tuple[int, int] = (200, 300)) -> np.ndarray:
+    """(2, H, W) maps (foreground, seed) of `count` separate disks of `radius` on a grid."""
+    foreground = np.zeros(shape, dtype=np.float32)
+    seed = np.zeros(shape, dtype=np.float32)
+    columns = int(np.ceil(np.sqrt(count * shape[1] / shape[0])))
+    step = (shape[0] // -(-count // columns), shape[1] // columns)
+    for index in range(count):
+        centre = (step[0] * (index // columns) + step[0] / 2, step[1] * (index % columns) + step[1] / 2)
+        foreground[disk(shape, centre, radius)] = 0.9
+        seed[disk(shape, centre, radius / 2)] = 0.9
+    return np.stack([foreground, seed])
+
+
+def test_features_do_not_depend_on_the_image_size():
+    small = maps_to_instances(scene(6, 12))
+    large = maps_to_instances(np.concatenate([scene(6, 12)] * 2, axis=1))  # twice the area, twice the cells
+    np.testing.assert_allclose(cell_features(small), cell_features(large), rtol=1e-6)
+
+
+def test_the_classifier_tells_few_large_cells_from_many_small_ones():
+    rng = np.random.default_rng(0)
+    kinds = {"big": (14, 6), "small": (4, 60)}
+    features, types = [], []
+    for name, (radius, count) in kinds.items():
+        for _ in range(4):
+            maps = scene(radius * rng.uniform(0.8, 1.2), int(count * rng.uniform(0.7, 1.3)))
+            features.append(cell_features(maps_to_instances(maps, InstanceConfig(min_cell_area=4))))
+            types.append(name)
+    classifier = CellTypeClassifier.fit(np.stack(features), types)
+    for name, (radius, count) in kinds.items():
+        found = maps_to_instances(scene(radius, count), InstanceConfig(min_cell_area=4))
+        cell_type, probability = classifier.predict(cell_features(found))
+        assert cell_type == name and 0.9 < probability <= 1.0
+    assert CellTypeClassifier.from_dict(json.loads(json.dumps(classifier.to_dict()))) == classifier
+
+
+def test_the_rules_use_the_thresholds_of_the_type_the_classifier_picks():
+    maps = scene(5, 20)
+    features = np.stack([cell_features(maps_to_instances(maps)), cell_features(maps_to_instances(scene(15, 3)))])
+    classifier = CellTypeClassifier.fit(features, ["small", "big"])
+    plain = InstanceRules(InstanceConfig(), {}, classifier)
+    found = plain.find(maps)
+    assert (found.cell_type, found.count) == ("small", 20) and found.cell_type_probability > 0.9
+    # Thresholds of the small type's own drop every cell under 100 pixels, those of another type change nothing.
+    assert plain.for_cell_type("small", InstanceConfig(min_cell_area=100)).find(maps).count == 0
+    assert plain.for_cell_type("big", InstanceConfig(min_cell_area=100)).find(maps).count == 20
+    # The caller's overrides beat every type's thresholds.
+    strict = plain.for_cell_type("small", InstanceConfig(min_cell_area=100)).with_overrides(min_cell_area=10)
+    assert strict.find(maps).count == 20
+
+
+def test_rules_round_trip_through_the_model_card_and_read_cards_without_them():
+    rules = InstanceRules(
+        InstanceConfig(seed_threshold=0.7),
+        {"astro": InstanceConfig(min_cell_area=128)},
+        CellTypeClassifier(["astro", "cort"], [[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]], [0.0] * 3, [1.0] * 3),
+    )
+    assert InstanceRules.from_dict(json.loads(json.dumps(rules.to_dict()))) == rules
+    old_card = InstanceConfig(seed_threshold=0.7).to_dict()  # models written before per-type rules
+    assert InstanceRules.from_dict(old_card) == InstanceRules(InstanceConfig(seed_threshold=0.7))
+    assert InstanceRules().find(scene(5, 4)).cell_type is None
+
+
+def test_a_classifier_written_with_other_features_is_refused():
+    data = CellTypeClassifier(["a"], [[0.0] * 3], [0.0] * 3, [1.0] * 3).to_dict()
+    with pytest.raises(ValueError, match="features"):
+        CellTypeClassifier.from_dict({**data, "features": ["mean intensity"]})
