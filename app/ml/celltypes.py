@@ -2,8 +2,10 @@
 
 Astrocytes (large, thin, few), cortical neurons (small, sparse) and SH-SY5Y cells (small, dense) want different
 thresholds. The instance step runs once with the default thresholds; the classifier reads the type from those
-cells (how many per area, how large, how much of the image they cover); where that type has thresholds of its
-own, the step runs again with them. The answer says which type was picked and how sure the classifier was.
+cells (how many per area, how large, how much of the image they cover) and from the image's contrast (astrocyte
+images are faint: a sparse astrocyte image has cells like a cortical one, not its contrast); where that type has
+thresholds of its own, the step runs again with them. The answer says which type was picked and how sure the
+classifier was.
 """
 
 from __future__ import annotations
@@ -15,11 +17,17 @@ import numpy as np
 
 from app.ml.postprocess import InstanceConfig, Instances, instance_maps, maps_to_instances
 
-FEATURES = ("log cells per 100k px", "log median area", "foreground fraction")
+FEATURES = ("log cells per 100k px", "log median area", "foreground fraction", "image contrast")
 
 
-def cell_features(instances: Instances) -> np.ndarray:
-    """Instances -> (3,) float64 features that do not depend on the image's size: see FEATURES."""
+def image_contrast(image: np.ndarray) -> float:
+    """(H, W) float image in [0, 1] -> its standard deviation."""
+    return float(np.std(image))
+
+
+def cell_features(instances: Instances, contrast: float) -> np.ndarray:
+    """Instances and image_contrast of their image -> (4,) float64 features that do not depend on the image's size:
+    see FEATURES."""
     pixels = instances.labels.size
     median_area = float(np.median(instances.areas)) if instances.count else 0.0
     return np.array(
@@ -27,6 +35,7 @@ def cell_features(instances: Instances) -> np.ndarray:
             np.log1p(instances.count * 1e5 / pixels),
             np.log1p(median_area),
             float(instances.areas.sum()) / pixels,
+            contrast,
         ]
     )
 
@@ -88,19 +97,20 @@ class InstanceRules:
             self.classifier,
         )
 
-    def find(self, maps: np.ndarray) -> Instances:
-        """(2, H, W) foreground and seed maps (postprocess.instance_maps) -> the cells, with the cell type."""
+    def find(self, maps: np.ndarray, contrast: float) -> Instances:
+        """(2, H, W) foreground and seed maps (postprocess.instance_maps) and the image_contrast of their image ->
+        the cells, with the cell type."""
         first = maps_to_instances(maps, self.default)
         if self.classifier is None:
             return first
-        cell_type, probability = self.classifier.predict(cell_features(first))
+        cell_type, probability = self.classifier.predict(cell_features(first, contrast))
         config = self.per_cell_type.get(cell_type, self.default)
         instances = first if config == self.default else maps_to_instances(maps, config)
         return replace(instances, cell_type=cell_type, cell_type_probability=probability)
 
-    def from_probabilities(self, probs: np.ndarray) -> Instances:
-        """(3 or 4, H, W) probabilities -> the cells, with the cell type."""
-        return self.find(instance_maps(probs))
+    def from_probabilities(self, probs: np.ndarray, contrast: float) -> Instances:
+        """(3 or 4, H, W) probabilities and the image_contrast of their image -> the cells, with the cell type."""
+        return self.find(instance_maps(probs), contrast)
 
     def for_cell_type(self, cell_type: str, config: InstanceConfig) -> InstanceRules:
         return replace(self, per_cell_type={**self.per_cell_type, cell_type: config})

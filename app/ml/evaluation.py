@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from app.ml.celltypes import CellTypeClassifier, InstanceRules, cell_features
+from app.ml.celltypes import CellTypeClassifier, InstanceRules, cell_features, image_contrast
 from app.ml.kaggle import Sample
 from app.ml.metrics import THRESHOLDS, score_per_threshold
 from app.ml.postprocess import InstanceConfig
@@ -58,7 +58,7 @@ def score_probabilities(scored: list[tuple[Sample, np.ndarray]], rules: Instance
     """(sample, probabilities) pairs -> Evaluation with the given instance step."""
     rows, by_type = [], defaultdict(list)
     for sample, probs in scored:
-        instances = rules.from_probabilities(probs)
+        instances = rules.from_probabilities(probs, image_contrast(sample.image))
         per_threshold = score_per_threshold(sample.labels, instances.labels)
         rows.append((sample, per_threshold, instances))
         by_type[sample.cell_type].append(per_threshold.mean())
@@ -105,6 +105,11 @@ def tune_thresholds(scored: list[tuple[Sample, np.ndarray]], base: InstanceConfi
     return _best(scored, [best[0], *(best[0].with_overrides(min_cell_area=area) for area in MIN_CELL_AREAS)])
 
 
+def _features(rules: InstanceRules, sample: Sample, probs: np.ndarray) -> np.ndarray:
+    contrast = image_contrast(sample.image)
+    return cell_features(rules.from_probabilities(probs, contrast), contrast)
+
+
 def _best(scored: list[tuple[Sample, np.ndarray]], configs: list[InstanceConfig]) -> tuple[InstanceConfig, float]:
     scores = [score_probabilities(scored, InstanceRules(config)).score for config in configs]
     index = int(np.argmax(scores))  # the first of equal scores
@@ -125,7 +130,7 @@ def tune_rules(
     rules = InstanceRules(default)
     types = sorted({sample.cell_type for sample, _ in train + validation})
     if len(types) > 1:
-        features = np.stack([cell_features(rules.from_probabilities(probs)) for _, probs in train])
+        features = np.stack([_features(rules, sample, probs) for sample, probs in train])
         rules = InstanceRules(default, {}, CellTypeClassifier.fit(features, [s.cell_type for s, _ in train]))
         for cell_type in types:
             of_type = [(s, p) for s, p in validation if s.cell_type == cell_type]

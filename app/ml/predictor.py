@@ -18,7 +18,7 @@ from typing import TypeVar
 import numpy as np
 import torch
 
-from app.ml.celltypes import InstanceRules
+from app.ml.celltypes import InstanceRules, image_contrast
 from app.ml.checkpoint import Checkpoint, load_checkpoint
 from app.ml.compiled import CompiledNetwork
 from app.ml.errors import InvalidOptionError
@@ -57,11 +57,13 @@ class Mode(StrEnum):
 
 @dataclass(frozen=True)
 class Prepared:
-    """An image made ready for the network: (N, 1, h, w) float32 tiles and how to put them back."""
+    """An image made ready for the network: (N, 1, h, w) float32 tiles, how to put them back, and the original
+    image's contrast (which the cell-type classifier reads)."""
 
     tiles: np.ndarray
     grid: TileGrid
     original_shape: tuple[int, int]
+    contrast: float
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -177,7 +179,9 @@ class Predictor:
         working = resize_image(image, self.working_size(image.shape, mode))
         grid = self.grid(working.shape, mode)
         tiles = extract_tiles(normalize(working), grid)[:, None]
-        return Prepared(tiles=tiles, grid=grid, original_shape=(image.shape[0], image.shape[1]))
+        return Prepared(
+            tiles=tiles, grid=grid, original_shape=(image.shape[0], image.shape[1]), contrast=image_contrast(image)
+        )
 
     def run_network(self, tiles: np.ndarray) -> np.ndarray:
         """(N, 1, h, w) float32 -> (N, C, h', w') float32 probabilities (classes, then the centre map if any).
@@ -206,7 +210,7 @@ class Predictor:
     def finish(self, prepared: Prepared, outputs: np.ndarray, rules: InstanceRules | None = None) -> Instances:
         """Network outputs of `prepared` -> Instances at the original image size."""
         maps = resize_image(stitch_tiles(instance_maps(outputs), prepared.grid), prepared.original_shape)
-        return (rules or self.instances).find(maps)
+        return (rules or self.instances).find(maps, prepared.contrast)
 
     def probabilities(self, prepared: Prepared, outputs: np.ndarray) -> np.ndarray:
         """Network outputs of `prepared` -> (C, H, W) probabilities at the original image size."""
@@ -223,7 +227,7 @@ class Predictor:
     ) -> Instances:
         """(H, W) float image in [0, 1] -> Instances; the three steps in a row."""
         probs = self.predict_probabilities(image, mode, max_batch)
-        return (rules or self.instances).from_probabilities(probs)
+        return (rules or self.instances).from_probabilities(probs, image_contrast(image))
 
     def predict_probabilities(
         self, image: np.ndarray, mode: Mode | str = Mode.RESIZE, max_batch: int = 8

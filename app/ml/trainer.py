@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 import app
 from app.ml.augment import AugmentConfig
-from app.ml.celltypes import InstanceRules
+from app.ml.celltypes import InstanceRules, image_contrast
 from app.ml.checkpoint import (
     atomic_write_bytes,
     atomic_write_json,
@@ -379,7 +379,10 @@ class Trainer:
     ) -> dict[str, Any]:
         card = self._card(instances, evaluation, untuned)
         card = save_checkpoint(self.folder, self.model.state_dict(), card)
-        overlays = [(s.image_id, s.image, s.labels, instances.from_probabilities(p).labels) for s, p in scored[:3]]
+        overlays = [
+            (s.image_id, s.image, s.labels, instances.from_probabilities(p, image_contrast(s.image)).labels)
+            for s, p in scored[:3]
+        ]
         save_overlays(overlays, self.folder / "overlays.png")
         if self.config.set_default:
             set_default_version(self.config.out, self.config.version)

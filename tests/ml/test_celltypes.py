@@ -26,7 +26,7 @@ def scene(radius: float, count: int, shape: tuple[int, int] = (200, 300)) -> np.
 def test_features_do_not_depend_on_the_image_size():
     small = maps_to_instances(scene(6, 12))
     large = maps_to_instances(np.concatenate([scene(6, 12)] * 2, axis=1))  # twice the area, twice the cells
-    np.testing.assert_allclose(cell_features(small), cell_features(large), rtol=1e-6)
+    np.testing.assert_allclose(cell_features(small, 0.05), cell_features(large, 0.05), rtol=1e-6)
 
 
 def test_the_classifier_tells_few_large_cells_from_many_small_ones():
@@ -36,44 +36,56 @@ def test_the_classifier_tells_few_large_cells_from_many_small_ones():
     for name, (radius, count) in kinds.items():
         for _ in range(4):
             maps = scene(radius * rng.uniform(0.8, 1.2), int(count * rng.uniform(0.7, 1.3)))
-            features.append(cell_features(maps_to_instances(maps, InstanceConfig(min_cell_area=4))))
+            features.append(cell_features(maps_to_instances(maps, InstanceConfig(min_cell_area=4)), 0.05))
             types.append(name)
     classifier = CellTypeClassifier.fit(np.stack(features), types)
     for name, (radius, count) in kinds.items():
         found = maps_to_instances(scene(radius, count), InstanceConfig(min_cell_area=4))
-        cell_type, probability = classifier.predict(cell_features(found))
+        cell_type, probability = classifier.predict(cell_features(found, 0.05))
         assert cell_type == name and 0.9 < probability <= 1.0
     assert CellTypeClassifier.from_dict(json.loads(json.dumps(classifier.to_dict()))) == classifier
 
 
 def test_the_rules_use_the_thresholds_of_the_type_the_classifier_picks():
     maps = scene(5, 20)
-    features = np.stack([cell_features(maps_to_instances(maps)), cell_features(maps_to_instances(scene(15, 3)))])
+    features = np.stack(
+        [cell_features(maps_to_instances(maps), 0.05), cell_features(maps_to_instances(scene(15, 3)), 0.05)]
+    )
     classifier = CellTypeClassifier.fit(features, ["small", "big"])
     plain = InstanceRules(InstanceConfig(), {}, classifier)
-    found = plain.find(maps)
+    found = plain.find(maps, 0.05)
     assert (found.cell_type, found.count) == ("small", 20) and found.cell_type_probability > 0.9
     # Thresholds of the small type's own drop every cell under 100 pixels, those of another type change nothing.
-    assert plain.for_cell_type("small", InstanceConfig(min_cell_area=100)).find(maps).count == 0
-    assert plain.for_cell_type("big", InstanceConfig(min_cell_area=100)).find(maps).count == 20
+    assert plain.for_cell_type("small", InstanceConfig(min_cell_area=100)).find(maps, 0.05).count == 0
+    assert plain.for_cell_type("big", InstanceConfig(min_cell_area=100)).find(maps, 0.05).count == 20
     # The caller's overrides beat every type's thresholds.
     strict = plain.for_cell_type("small", InstanceConfig(min_cell_area=100)).with_overrides(min_cell_area=10)
-    assert strict.find(maps).count == 20
+    assert strict.find(maps, 0.05).count == 20
 
 
 def test_rules_round_trip_through_the_model_card_and_read_cards_without_them():
     rules = InstanceRules(
         InstanceConfig(seed_threshold=0.7),
         {"astro": InstanceConfig(min_cell_area=128)},
-        CellTypeClassifier(["astro", "cort"], [[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]], [0.0] * 3, [1.0] * 3),
+        CellTypeClassifier(["astro", "cort"], [[0.0, 1.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]], [0.0] * 4, [1.0] * 4),
     )
     assert InstanceRules.from_dict(json.loads(json.dumps(rules.to_dict()))) == rules
     old_card = InstanceConfig(seed_threshold=0.7).to_dict()  # models written before per-type rules
     assert InstanceRules.from_dict(old_card) == InstanceRules(InstanceConfig(seed_threshold=0.7))
-    assert InstanceRules().find(scene(5, 4)).cell_type is None
+    assert InstanceRules().find(scene(5, 4), 0.05).cell_type is None
 
 
 def test_a_classifier_written_with_other_features_is_refused():
-    data = CellTypeClassifier(["a"], [[0.0] * 3], [0.0] * 3, [1.0] * 3).to_dict()
+    data = CellTypeClassifier(["a"], [[0.0] * 4], [0.0] * 4, [1.0] * 4).to_dict()
     with pytest.raises(ValueError, match="features"):
         CellTypeClassifier.from_dict({**data, "features": ["mean intensity"]})
+
+
+def test_the_classifier_tells_a_faint_image_from_a_bright_one_with_the_same_cells():
+    found = maps_to_instances(scene(6, 12))
+    rng = np.random.default_rng(1)
+    contrasts = {"faint": 0.03, "bright": 0.06}
+    features = [cell_features(found, c * rng.uniform(0.9, 1.1)) for c in contrasts.values() for _ in range(3)]
+    classifier = CellTypeClassifier.fit(np.stack(features), [name for name in contrasts for _ in range(3)])
+    for name, contrast in contrasts.items():
+        assert classifier.predict(cell_features(found, contrast))[0] == name

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from app.ml.celltypes import image_contrast
 from app.ml.checkpoint import resolve_model_folder
 from app.ml.errors import InvalidOptionError
 from app.ml.imageio import read_image
@@ -103,9 +104,9 @@ def test_reduced_precision_on_the_cpu_is_bfloat16_where_amx_computes_it_and_find
     image = read_image(sartorius / "test" / "7ae19de7bc2a.png")
     expected, got = exact.predict_probabilities(image), fast.predict_probabilities(image)
     assert np.abs(got - expected).mean() < 0.01
-    cells = exact.instances.from_probabilities(expected)
+    cells = exact.instances.from_probabilities(expected, image_contrast(image))
     assert cells.count > 100
-    assert image_score(cells.labels, fast.instances.from_probabilities(got).labels) > 0.9
+    assert image_score(cells.labels, fast.instances.from_probabilities(got, image_contrast(image)).labels) > 0.9
 
 
 def test_the_service_step_resizing_two_maps_finds_the_cells_of_the_three_resized_classes(sartorius):
@@ -113,7 +114,7 @@ def test_the_service_step_resizing_two_maps_finds_the_cells_of_the_three_resized
     pred = Predictor.from_checkpoint(resolve_model_folder(MODEL_STORE), device="cpu", backend="torch", half=False)
     prepared = pred.prepare(read_image(sartorius / "test" / "7ae19de7bc2a.png"), Mode.RESIZE)
     outputs = pred.run_tiles(prepared.tiles)
-    from_classes = pred.instances.from_probabilities(pred.probabilities(prepared, outputs))
+    from_classes = pred.instances.from_probabilities(pred.probabilities(prepared, outputs), prepared.contrast)
     from_maps = pred.finish(prepared, outputs)
     assert from_maps.count == from_classes.count > 100
     assert (from_maps.labels == from_classes.labels).mean() > 0.9999
