@@ -57,8 +57,8 @@ HELP = {
     "threads": "torch CPU threads (0: torch's default)",
     "checkpoint_every": "also save the resume state every N steps (it is always saved after each epoch)",
     "set_default": "make this run the store's default model (model_store/DEFAULT)",
-    "init": "start from the weights of this model folder (same architecture) instead of random ones: fine-tuning, "
-    "or a longer schedule after a run",
+    "init": "start from these weights instead of random ones (same architecture): a model folder, or a run's "
+    "RUN_FOLDER/last.pt (where its schedule ended); for fine-tuning, or a second schedule after a run",
 }
 
 

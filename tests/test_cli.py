@@ -1,9 +1,10 @@
-"""The companion entrypoints `evaluate` and `predict`, run as a user runs them."""
+"""The companion entrypoints `evaluate`, `tune` and `predict`, run as a user runs them."""
 
 from __future__ import annotations
 
 import csv
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ import pytest
 from app.evaluate import main as evaluate
 from app.ml import rle
 from app.predict import main as predict
+from app.tune import main as tune
 
 pytestmark = pytest.mark.slow
 
@@ -49,9 +51,26 @@ def test_evaluate_reproduces_the_validation_score_recorded_in_model_json(trained
 def test_evaluate_on_every_image_reports_each_cell_type(trained_model, synth_train_data, capsys):
     evaluate(["--model", str(trained_model), "--data", str(synth_train_data)])
     printed = capsys.readouterr().out
-    assert "on 12 image(s)" in printed
+    assert "on 18 image(s)" in printed
     for cell_type in ("shsy5y", "astro", "cort"):
         assert cell_type in printed
+
+
+def test_tune_chooses_the_instance_step_again_and_evaluate_reproduces_its_score(
+    trained_model, synth_train_data, tmp_path, capsys
+):
+    model = tmp_path / "copy"
+    shutil.copytree(trained_model, model)
+    card = json.loads((model / "model.json").read_text())
+    card["postprocessing"] = {}  # as if trained with --no-tune-thresholds
+    (model / "model.json").write_text(json.dumps(card))
+    tune(["--model", str(model), "--data", str(synth_train_data)])
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    retuned = json.loads((model / "model.json").read_text())
+    assert retuned["postprocessing"] == json.loads((trained_model / "model.json").read_text())["postprocessing"]
+    assert printed["validation"] == pytest.approx(retuned["metrics"]["validation"]["score"])
+    evaluate(["--model", str(model), "--data", str(synth_train_data), "--subset", "validation"])
+    assert f"score {printed['validation']:.4f}" in capsys.readouterr().out
 
 
 def test_a_model_that_does_not_exist_is_a_clear_error(tmp_path, capsys):

@@ -88,6 +88,9 @@ class InstanceRules:
     default: InstanceConfig = field(default_factory=InstanceConfig)
     per_cell_type: dict[str, InstanceConfig] = field(default_factory=dict)
     classifier: CellTypeClassifier | None = None
+    # A type's own thresholds apply only when the classifier is at least this sure: thresholds made for
+    # astrocytes drop most cells of a SH-SY5Y image, so an unsure pick keeps the default ones.
+    min_probability: float = 0.75
 
     def with_overrides(self, **overrides: float | int | None) -> InstanceRules:
         """The caller's thresholds beat the model's, whatever the cell type."""
@@ -95,6 +98,7 @@ class InstanceRules:
             self.default.with_overrides(**overrides),
             {name: config.with_overrides(**overrides) for name, config in self.per_cell_type.items()},
             self.classifier,
+            self.min_probability,
         )
 
     def find(self, maps: np.ndarray, contrast: float) -> Instances:
@@ -104,7 +108,8 @@ class InstanceRules:
         if self.classifier is None:
             return first
         cell_type, probability = self.classifier.predict(cell_features(first, contrast))
-        config = self.per_cell_type.get(cell_type, self.default)
+        sure = probability >= self.min_probability
+        config = self.per_cell_type.get(cell_type, self.default) if sure else self.default
         instances = first if config == self.default else maps_to_instances(maps, config)
         return replace(instances, cell_type=cell_type, cell_type_probability=probability)
 
@@ -120,16 +125,18 @@ class InstanceRules:
         if self.per_cell_type:
             data["per_cell_type"] = {name: config.to_dict() for name, config in sorted(self.per_cell_type.items())}
         if self.classifier is not None:
-            data["cell_type_classifier"] = self.classifier.to_dict()
+            data["cell_type_classifier"] = {**self.classifier.to_dict(), "min_probability": self.min_probability}
         return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> InstanceRules:
         per_type = data.get("per_cell_type", {})
-        classifier = data.get("cell_type_classifier")
+        classifier = dict(data.get("cell_type_classifier") or {})
+        min_probability = classifier.pop("min_probability", cls.min_probability)
         default_keys = {k: v for k, v in data.items() if k not in ("per_cell_type", "cell_type_classifier")}
         return cls(
             InstanceConfig.from_dict(default_keys),
             {name: InstanceConfig.from_dict(values) for name, values in per_type.items()},
             CellTypeClassifier.from_dict(classifier) if classifier else None,
+            min_probability,
         )

@@ -193,6 +193,7 @@ class Trainer:
         self._load_data(resume_state)
         self._build_model()
         self.state = RunState()
+        self.kept = "best"  # which weights the model folder holds; _finish may switch to the last ones
         if resume_state is not None:
             self._restore(resume_state)
 
@@ -360,14 +361,26 @@ class Trainer:
             self.model.train()
 
     def _finish(self) -> dict[str, Any]:
-        """Choose the instance step of the best weights (thresholds, per cell type, and the type classifier) on
-        the split's images, then write the final card."""
+        """Choose the instance step (thresholds, per cell type, and the type classifier) on the split's images for
+        two sets of weights, those of the best validation score with the default thresholds and those where the
+        schedule ended, and keep the better of the two as tuned; then write the final card.
+
+        Both compete because the score with default thresholds is a noisy guide: weights that score lower with
+        them can score higher with thresholds of their own."""
         card = json.loads((self.folder / "model.json").read_text())
         if not self.config.tune_thresholds:
             return card
+        last = Predictor(self.model, self.preprocess, InstanceRules(), device=self.device, channels_last=False)
         best = Predictor.from_checkpoint(self.folder, device=str(self.device), half=False)
-        rules, evaluation, scored = tune_model(best, self.train_samples, self.val_samples)
-        self.model.load_state_dict(best.model.state_dict())
+        tuned = {
+            name: tune_model(p, self.train_samples, self.val_samples) for name, p in (("best", best), ("last", last))
+        }
+        self.kept = max(tuned, key=lambda name: tuned[name][1].score)
+        log.info("kept the %s weights: tuned validation score %.4f (the other: %.4f)", self.kept,
+                 tuned[self.kept][1].score, min(t[1].score for t in tuned.values()))  # fmt: skip
+        if self.kept == "best":
+            self.model.load_state_dict(best.model.state_dict())
+        rules, evaluation, scored = tuned[self.kept]
         return self._write_model(rules, evaluation, scored, untuned=card["metrics"]["validation"])
 
     def _write_model(
@@ -414,6 +427,10 @@ class Trainer:
                     "steps": self.state.step,
                     "train_seconds": round(self.state.seconds, 1),
                     "best_epoch": self.state.best_epoch + 1,
+                    "weights": {
+                        "best": f"of the best validation score, epoch {self.state.best_epoch + 1}",
+                        "last": "where the schedule ended",
+                    }.get(self.kept, "of the best validation score"),
                     "device": str(self.device),
                     "world_size": self.dist.world,
                     "amp": str(self.amp_dtype).removeprefix("torch.") if self.use_amp else "off",
@@ -493,15 +510,21 @@ def code_version() -> str:
     return f"{app.__version__}+{commit}" if commit else app.__version__
 
 
-def _initial_weights(folder: str, architecture: UNetConfig) -> dict[str, torch.Tensor]:
-    """The weights of a trained model folder, to start from (--init); its architecture must be the one asked for."""
-    checkpoint = load_checkpoint(folder)
-    if checkpoint.architecture != architecture:
+def _initial_weights(source: str, architecture: UNetConfig) -> dict[str, torch.Tensor]:
+    """The weights to start from (--init): a model folder's, or a run's last weights (its last.pt, which holds
+    where its schedule ended rather than its best validation). Their architecture must be the one asked for."""
+    if Path(source).name == STATE_FILE:
+        config, saved = load_resume_state(Path(source).parent)
+        found, weights = config.architecture(), saved["model"]
+    else:
+        checkpoint = load_checkpoint(source)
+        found, weights = checkpoint.architecture, checkpoint.state_dict
+    if found != architecture:
         raise CheckpointError(
-            f"--init {folder} is a {checkpoint.architecture} but this run trains a {architecture}: "
+            f"--init {source} is a {found} but this run trains a {architecture}: "
             "give the same --width, --depth, --paper and --centre"
         )
-    return checkpoint.state_dict
+    return weights
 
 
 def _warmup_cosine(total_steps: int, warmup: float) -> Callable[[int], float]:

@@ -1,6 +1,7 @@
 """The per-cell-type instance step: the classifier that reads an image's type from its cells, and the rules."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -58,6 +59,9 @@ def test_the_rules_use_the_thresholds_of_the_type_the_classifier_picks():
     # Thresholds of the small type's own drop every cell under 100 pixels, those of another type change nothing.
     assert plain.for_cell_type("small", InstanceConfig(min_cell_area=100)).find(maps, 0.05).count == 0
     assert plain.for_cell_type("big", InstanceConfig(min_cell_area=100)).find(maps, 0.05).count == 20
+    # A pick the classifier is not sure enough of keeps the default thresholds, and is still reported.
+    unsure = replace(plain.for_cell_type("small", InstanceConfig(min_cell_area=100)), min_probability=1.01)
+    assert (unsure.find(maps, 0.05).count, unsure.find(maps, 0.05).cell_type) == (20, "small")
     # The caller's overrides beat every type's thresholds.
     strict = plain.for_cell_type("small", InstanceConfig(min_cell_area=100)).with_overrides(min_cell_area=10)
     assert strict.find(maps, 0.05).count == 20

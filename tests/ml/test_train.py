@@ -76,6 +76,11 @@ def test_the_run_folder_has_everything_a_person_and_the_service_need(trained_mod
     assert len(card["training"]["data"]["fingerprint"]) == 64
     assert set(card["metrics"]["validation"]["per_cell_type"]) <= {"shsy5y", "astro", "cort"}
     assert "validation_default_thresholds" in card["metrics"]
+    # The weights of the best validation score and the last ones were both tuned; the better is kept.
+    assert card["training"]["summary"]["weights"] in (
+        "where the schedule ended",
+        f"of the best validation score, epoch {card['training']['summary']['best_epoch']}",
+    )
     assert card["created_at"] and card["code_version"]
     lines = [json.loads(line) for line in (trained_model / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines if r["kind"] == "train"] == list(range(1, 24 * 8 + 1))
@@ -226,16 +231,19 @@ def test_a_centre_model_trains_on_two_folders_and_chooses_its_instance_step(synt
     assert predictor.run_network(predictor.prepare(image).tiles).shape[1] == 4  # the classes and the centre map
     assert predictor.predict(image).cell_type in classifier["types"]
 
-    # --init: another run starts from these weights (a lower first loss than from random ones) ...
-    config = TrainConfig.from_dict({**card["training"]["args"], "version": "longer", "init": str(out / "centre"),
-                                    "epochs": 1, "threads": 0, "tune_thresholds": False})  # fmt: skip
+    # --init: another run starts from where this one ended (a lower first loss than from random weights) ...
+    ended = str(out / "centre" / STATE_FILE)
+    config = TrainConfig.from_dict({**card["training"]["args"], "version": "longer", "init": ended, "epochs": 1,
+                                    "threads": 0, "tune_thresholds": False})  # fmt: skip
     Trainer(config).fit()
     first_loss = [json.loads((out / v / "metrics.jsonl").read_text().splitlines()[0])["loss"]
                   for v in ("centre", "longer")]  # fmt: skip
     assert first_loss[1] < 0.8 * first_loss[0]
-    # ... but only weights of the same architecture.
+    # ... or from a model folder, but only from weights of the same architecture.
     with pytest.raises(CheckpointError, match="--width"):
-        Trainer(TrainConfig.from_dict({**config.__dict__, "version": "wider", "width": 16}))
+        Trainer(
+            TrainConfig.from_dict({**config.__dict__, "version": "wider", "width": 16, "init": str(out / "centre")})
+        )
 
 
 def test_help_explains_every_option():
