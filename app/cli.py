@@ -25,6 +25,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_data_argument(parser: argparse.ArgumentParser, help_text: str) -> None:
+    parser.add_argument("--data", nargs="+", required=True, metavar="FOLDER", help=help_text)
+
+
 def model_folder(args: argparse.Namespace) -> Path:
     return Path(args.model) if args.model else resolve_model_folder(args.model_store)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from app.cli import add_model_arguments, model_folder, setup_logging
+from app.cli import add_data_argument, add_model_arguments, model_folder, setup_logging
 from app.ml.checkpoint import load_checkpoint
 from app.ml.errors import CellSegError
 from app.ml.evaluation import Evaluation, probabilities, score_probabilities
@@ -28,9 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_model_arguments(parser)
-    parser.add_argument(
-        "--data", nargs="+", required=True, metavar="FOLDER", help="Kaggle-layout folders: train.csv and train/<id>.png"
-    )
+    add_data_argument(parser, "Kaggle-layout folders: train.csv and train/<id>.png")
     parser.add_argument(
         "--subset",
         choices=["all", "validation"],
@@ -86,8 +84,7 @@ def main(argv: list[str] | None = None) -> None:
         )
         if args.compile:
             predictor.warm_up()
-        split = checkpoint.card.get("training", {}).get("data", {}).get("split")
-        samples = select_samples(KaggleFolders(args.data), split, args.subset)
+        samples = select_samples(KaggleFolders(args.data), checkpoint.split, args.subset)
         scored = [(s, probabilities(predictor, s.image)) for s in tqdm(samples, desc="evaluate", unit="img")]
         evaluation = score_probabilities(scored, predictor.instances)
     except CellSegError as exc:

@@ -13,7 +13,7 @@ import argparse
 import json
 import sys
 
-from app.cli import add_model_arguments, model_folder, setup_logging
+from app.cli import add_data_argument, add_model_arguments, model_folder, setup_logging
 from app.ml.checkpoint import load_checkpoint, save_checkpoint
 from app.ml.errors import CellSegError
 from app.ml.kaggle import KaggleFolders
@@ -27,9 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_model_arguments(parser)
-    parser.add_argument(
-        "--data", nargs="+", required=True, metavar="FOLDER", help="the folders the model was trained on"
-    )
+    add_data_argument(parser, "the Kaggle-layout folders the model was trained on")
     return parser
 
 
@@ -38,10 +36,9 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         checkpoint = load_checkpoint(model_folder(args))
-        split = checkpoint.card.get("training", {}).get("data", {}).get("split")
-        if split is None:
+        if checkpoint.split is None:
             raise CellSegError(f"{checkpoint.path}: model.json records no split to tune on")
-        train, validation = load_split(KaggleFolders(args.data), Split.from_dict(split))
+        train, validation = load_split(KaggleFolders(args.data), Split.from_dict(checkpoint.split))
         predictor = Predictor.from_checkpoint(checkpoint, device=args.device, half=False, tta=args.tta)
         rules, evaluation, _ = tune_model(predictor, train, validation)
     except (CellSegError, KeyError) as exc:

@@ -42,6 +42,11 @@ class Checkpoint:
     instances: InstanceRules
     state_dict: dict[str, torch.Tensor]
 
+    @property
+    def split(self) -> dict[str, Any] | None:
+        """The train/validation split the model was trained with, as model.json records it (None if it does not)."""
+        return self.card.get("training", {}).get("data", {}).get("split")
+
     def build_model(self) -> UNet:
         """A UNet of the recorded architecture holding these weights, in eval mode on the CPU."""
         model = UNet(self.architecture)
