@@ -50,13 +50,12 @@ def tune_malloc() -> None:
     a MALLOC_* environment variable already says otherwise. A no-op where the C library is not glibc.
 
     - 2 arenas: glibc gives threads that allocate at the same time arenas of their own (up to 8 per core) and
-      keeps freed memory in each; with the service's worker threads resident memory crept up for hundreds of
-      requests (500 -> 599 MiB over the first 200). With 2 it stayed between 453 and 526 MiB from 50 to 1100.
+      keeps freed memory in each, so with the service's worker threads resident memory crept up for hundreds of
+      requests; with 2 it stays level.
     - Blocks up to 32 MiB (glibc's maximum) from the heap, kept there when freed (trim threshold 1 GiB):
       otherwise each request maps fresh pages for the network's activations (a 576x576x16 float32 map is
-      21 MiB) and the arrays around them, and pays a page fault for each 4 KiB page it touches. The network
-      alone took 55-57 instead of 70-77 ms (3 runs each), in the service 66 instead of 75 ms; resident memory
-      is a tenth higher and level (542 MiB after 50 requests, 560 from 500 to 800).
+      21 MiB) and the arrays around them, and pays a page fault for each 4 KiB page it touches. Resident memory
+      is a little higher, and level. docs/performance.md has the measurements.
     """
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt

@@ -29,8 +29,8 @@ class Settings(BaseSettings):
     )
     compile: bool = Field(
         True,
-        description="torch.compile the network while warming up, when PyTorch runs it on the CPU (1.9x faster "
-        "in bfloat16 on 2 cores); other input shapes, such as batches over 1, run uncompiled",
+        description="torch.compile the network while warming up, when PyTorch runs it on the CPU (faster: "
+        "docs/performance.md); other input shapes, such as batches over 1, run uncompiled",
     )
     tta: Literal[1, 4, 8] = Field(
         1,

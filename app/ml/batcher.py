@@ -72,8 +72,8 @@ class MicroBatcher:
         """(N, ...) inputs -> N outputs, one per tile. Raises QueueFullError when N more tiles would not fit.
 
         An idle queue admits any request, so one large image is served, not refused for ever. The outputs are
-        views into their batch's result, not stacked here: a copy on the event loop holds up every request
-        (2.9 ms for one 576x576 output, most of it page faults).
+        views into their batch's result, not stacked here: a copy on the event loop (most of it page faults)
+        holds up every request.
         """
         if self.depth and self.depth + len(tiles) > self.max_queue:
             raise QueueFullError(

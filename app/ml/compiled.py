@@ -1,11 +1,10 @@
 """The network through torch.compile on the CPU, for the input shapes it was compiled for at warm-up.
 
 Inductor with frozen weights (the parameters become constants, so convolution weights are packed once for
-oneDNN instead of on every call) runs the bundled model in bfloat16 on 2 cores with AMX in 28.3 instead of 52.5
-ms at 576x576, and in float32 in 102.1 instead of 123.0 ms (bench; see README, "Performance"). Compiling takes about 6 s
-per input shape, so it happens only while warming up: a shape first seen later, such as another batch size,
-runs eagerly, and no request ever waits for a compilation. Where compiling fails (no C++ compiler, say) the
-network stays eager and a warning says why.
+oneDNN instead of on every call) runs the network faster on the CPU, in bfloat16 and in float32
+(docs/performance.md). Compiling takes seconds per input shape, so it happens only while warming up: a shape
+first seen later, such as another batch size, runs eagerly, and no request ever waits for a compilation. Where
+compiling fails (no C++ compiler, say) the network stays eager and a warning says why.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 The trained PyTorch model is exported in memory with torch.export, once per input size (the exporter cannot
 make height and width symbolic through the U-Net's crops), with the batch left free, and run by ONNX
-Runtime's CPU kernels. On 2 CPU cores that is about 20% faster than PyTorch in float32 for the bundled model (see
-README, "Performance"). Nothing is written to disk, so the checkpoint stays the single source of the weights.
+Runtime's CPU kernels: faster than uncompiled PyTorch in float32 on the CPU (docs/performance.md). Nothing is
+written to disk, so the checkpoint stays the single source of the weights.
 """
 
 from __future__ import annotations

@@ -74,17 +74,16 @@ def pick_device(requested: str = "auto") -> torch.device:
 
 
 def native_bfloat16() -> bool:
-    """Whether this CPU multiplies bfloat16 in hardware (Intel AMX tiles). There, on 2 cores, bench measured the
-    default model 2.3x faster under bfloat16 autocast than in float32 (52.5 against 123.0 ms at 576x576, 3.6x
-    compiled), and its validation score was unchanged (0.1852 against 0.1837); without AMX, bfloat16 brings little
-    or is emulated."""
+    """Whether this CPU multiplies bfloat16 in hardware (Intel AMX tiles). There bench measured the network
+    several times faster under bfloat16 autocast than in float32, with the same validation score
+    (docs/performance.md); without AMX, bfloat16 brings little or is emulated."""
     amx = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private, hence the guard
     return bool(amx and amx())
 
 
 def auto_backend(device: torch.device, half: bool, compile_network: bool = False) -> Backend:
     """What backend auto resolves to: PyTorch on CUDA, on CPUs where reduced precision (allowed by `half`) runs
-    natively, and when the network is to be compiled (float32: 102 against 118-126 ms for ONNX Runtime in bench);
+    natively, and when the network is to be compiled (compiled PyTorch beat ONNX Runtime in float32 in bench);
     else ONNX Runtime when installed (float32 uncompiled, about as fast as PyTorch); else PyTorch."""
     if device.type != "cpu" or (half and native_bfloat16()) or compile_network or not onnxruntime_available():
         return Backend.TORCH
@@ -119,7 +118,7 @@ class Predictor:
         # Reduced precision where the hardware has it: float16 weights on CUDA, bfloat16 autocast on AMX CPUs.
         self.half = half and self.device.type == "cuda"
         self.bfloat16 = half and self.device.type == "cpu" and self.backend is Backend.TORCH and native_bfloat16()
-        # channels_last: 576x576 at batch 1 on 2 CPU cores, 238 -> 150 ms (bench). Training validation turns it
+        # channels_last runs the CPU's convolutions faster (docs/performance.md). Training validation turns it
         # off, so validating never changes the layout of the weights being trained.
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.model = model.to(self.device, memory_format=self.memory_format).eval()

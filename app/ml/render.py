@@ -44,8 +44,8 @@ def cell_colors(count: int) -> np.ndarray:
 def overlay(image: np.ndarray, labels: np.ndarray, fill: float = 0.25) -> np.ndarray:
     """(H, W) float image in [0, 1] + labels -> (H, W, 3) uint8: each cell tinted and outlined in its own colour.
 
-    Only the cells' pixels are blended, in one pass over them (5.7 ms where blending the whole image in float
-    and skimage's find_boundaries took 13.4 on 704x520 with 280 cells).
+    Only the cells' pixels are blended, in one pass over them: less than half the time of blending the whole
+    image in float and finding outlines with skimage's find_boundaries.
     """
     gray = to_uint8(image)
     colors = cell_colors(int(labels.max(initial=0)))
