@@ -1,0 +1,62 @@
+"""The layers are a contract: api/ is HTTP and never touches torch, ml/ never touches the web stack, and no module
+imports another that (directly or not) imports it back."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+APP = REPO / "app"
+WEB = {"fastapi", "starlette", "uvicorn", "multipart"}
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports(path: Path) -> set[str]:
+    """Every module `path` imports, anywhere in the file, as absolute dotted names."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+            found |= {f"{node.module}.{alias.name}" for alias in node.names}
+    return found
+
+
+MODULES = {module_name(p): imports(p) for p in APP.rglob("*.py")}
+
+
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if m.startswith("app.api")))
+def test_the_api_layer_never_imports_torch(module):
+    assert not {i for i in MODULES[module] if i.split(".")[0] == "torch"}
+
+
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if m.startswith("app.ml")))
+def test_the_ml_layer_never_imports_the_web_stack_or_the_api(module):
+    roots = {i.split(".")[0] for i in MODULES[module]}
+    assert not roots & WEB and not {i for i in MODULES[module] if i.startswith("app.api")}
+
+
+def test_no_import_cycles_between_the_apps_modules():
+    graph = {m: {i for i in found if i in MODULES and i != m} for m, found in MODULES.items()}
+    state: dict[str, str] = {}
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = "open"
+        for target in sorted(graph[module]):
+            assert state.get(target) != "open", "import cycle: " + " -> ".join([*path, module, target])
+            if target not in state:
+                visit(target, [*path, module])
+        state[module] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [])
