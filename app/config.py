@@ -12,7 +12,7 @@ from app.ml.predictor import Backend
 
 
 class Settings(BaseSettings):
-    """Every setting of the service; README.md lists them with their defaults."""
+    """Every setting of the service; docs/operations.md lists them with their defaults."""
 
     model_config = SettingsConfigDict(env_prefix="CELLSEG_", env_file=None, protected_namespaces=())
 
