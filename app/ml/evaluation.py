@@ -136,7 +136,7 @@ def tune_rules(
             of_type = [(s, p) for s, p in validation if s.cell_type == cell_type]
             if not of_type:
                 continue
-            config, score = tune_thresholds(of_type, default)
-            if score > score_probabilities(of_type, InstanceRules(default)).score:
+            config, _ = tune_thresholds(of_type, default)
+            if config != default:  # the default wins ties, so another config scored strictly higher
                 rules = rules.for_cell_type(cell_type, config)
     return rules, score_probabilities(validation, rules)
