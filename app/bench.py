@@ -31,9 +31,10 @@ from torch import nn
 from app.cli import add_model_arguments, model_folder, tune_malloc
 from app.localserver import LocalServer, running_server
 from app.ml import rle
-from app.ml.onnx_backend import onnxruntime_available
+from app.ml.options import Mode
 from app.ml.postprocess import InstanceConfig
-from app.ml.predictor import Mode, Predictor, native_bfloat16, pick_device
+from app.ml.serving.onnx_backend import onnxruntime_available
+from app.ml.serving.predictor import Predictor, native_bfloat16, pick_device
 from app.ml.transforms import PreprocessConfig
 from app.ml.unet import UNet, UNetConfig
 

@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from app.ml.predictor import Backend
+from app.ml.options import Backend
 
 
 class Settings(BaseSettings):

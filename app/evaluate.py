@@ -16,11 +16,11 @@ from tqdm import tqdm
 
 from app.cli import add_data_argument, add_model_arguments, model_folder, setup_logging
 from app.ml.checkpoint import load_checkpoint
+from app.ml.data.kaggle import KaggleFolders, Sample
 from app.ml.errors import CellSegError
-from app.ml.evaluation import Evaluation, probabilities, score_probabilities
-from app.ml.kaggle import KaggleFolders, Sample
-from app.ml.predictor import Predictor
-from app.ml.trainset import Split, load_split
+from app.ml.scoring.evaluation import Evaluation, probabilities, score_probabilities
+from app.ml.serving.predictor import Predictor
+from app.ml.training.trainset import Split, load_split
 
 
 def build_parser() -> argparse.ArgumentParser:

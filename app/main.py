@@ -18,12 +18,12 @@ from app.api.metrics import Metrics
 from app.api.middleware import BodySizeLimitMiddleware, RequestContextMiddleware
 from app.api.routes import ops, segment
 from app.config import Settings
-from app.ml.batcher import MicroBatcher
 from app.ml.checkpoint import load_checkpoint, resolve_model_folder
 from app.ml.errors import CheckpointError, InvalidOptionError
 from app.ml.imageio import ImageLimits
-from app.ml.pipeline import SegmentationPipeline
-from app.ml.predictor import Predictor
+from app.ml.serving.batcher import MicroBatcher
+from app.ml.serving.pipeline import SegmentationPipeline
+from app.ml.serving.predictor import Predictor
 
 log = logging.getLogger("cellseg.service")
 

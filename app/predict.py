@@ -22,7 +22,8 @@ from app.ml import rle
 from app.ml.checkpoint import atomic_write_bytes
 from app.ml.errors import CellSegError
 from app.ml.imageio import read_image
-from app.ml.predictor import Mode, Predictor
+from app.ml.options import Mode
+from app.ml.serving.predictor import Predictor
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff"}
 

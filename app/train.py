@@ -16,7 +16,7 @@ from dataclasses import fields
 
 from app.cli import setup_logging
 from app.ml.errors import CellSegError
-from app.ml.trainer import TrainConfig, Trainer, load_resume_state
+from app.ml.training.trainer import TrainConfig, Trainer, load_resume_state
 
 HELP = {
     "data": "one or more Kaggle-layout folders: train.csv (one row per cell) and train/<id>.png",

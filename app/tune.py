@@ -15,11 +15,11 @@ import sys
 
 from app.cli import add_data_argument, add_model_arguments, model_folder, setup_logging
 from app.ml.checkpoint import load_checkpoint, save_checkpoint
+from app.ml.data.kaggle import KaggleFolders
 from app.ml.errors import CellSegError
-from app.ml.kaggle import KaggleFolders
-from app.ml.predictor import Predictor
-from app.ml.trainer import tune_model
-from app.ml.trainset import Split, load_split
+from app.ml.serving.predictor import Predictor
+from app.ml.training.trainer import tune_model
+from app.ml.training.trainset import Split, load_split
 
 
 def build_parser() -> argparse.ArgumentParser:

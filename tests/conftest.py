@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app.ml.synth import write_dataset
+from app.ml.data.synth import write_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_STORE = REPO / "model_store"  # its DEFAULT names the shipped model

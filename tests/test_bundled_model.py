@@ -18,9 +18,9 @@ from app.evaluate import main as evaluate
 from app.localserver import running_server
 from app.ml import rle
 from app.ml.checkpoint import default_version, load_checkpoint, resolve_model_folder
-from app.ml.kaggle import KaggleFolders
-from app.ml.metrics import score_per_threshold
-from app.ml.trainset import Split, load_split
+from app.ml.data.kaggle import KaggleFolders
+from app.ml.scoring.metric import score_per_threshold
+from app.ml.training.trainset import Split, load_split
 from tests.conftest import MODEL_STORE as STORE
 from tests.conftest import REPO
 

@@ -1,9 +1,12 @@
-"""The layers are a contract: api/ is HTTP and never touches torch, ml/ never touches the web stack, and no module
-imports another that (directly or not) imports it back."""
+"""The layers are a contract: api/ is HTTP and never touches torch, ml/ never touches the web stack, ml/'s shared
+core never imports its subpackages, serving never imports training, and no module imports another that (directly
+or not) imports it back."""
 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,14 @@ from tests.conftest import REPO
 
 APP = REPO / "app"
 WEB = {"fastapi", "starlette", "uvicorn", "multipart"}
+SUBPACKAGES = ("data", "scoring", "serving", "training")
+# What each subpackage of app.ml may import besides the core: nothing runs back up towards training.
+ALLOWED = {
+    "data": set(),
+    "serving": set(),
+    "scoring": {"data", "serving"},
+    "training": {"data", "scoring", "serving"},
+}
 
 
 def module_name(path: Path) -> str:
@@ -60,3 +71,24 @@ def test_no_import_cycles_between_the_apps_modules():
     for module in sorted(graph):
         if module not in state:
             visit(module, [])
+
+
+def ml_part(name: str) -> str | None:
+    """'core' for modules directly in app.ml, the subpackage's name for those below it, None outside app.ml."""
+    parts = name.split(".")
+    if parts[:2] != ["app", "ml"] or len(parts) < 3:
+        return None
+    return parts[2] if parts[2] in SUBPACKAGES else "core"
+
+
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if ml_part(m)))
+def test_ml_subpackages_import_only_down(module):
+    part = ml_part(module)
+    allowed = {"core", part} | ALLOWED.get(part, set())
+    reached = {ml_part(i) for i in MODULES[module] if ml_part(i)}
+    assert reached <= allowed, f"{module} ({part}) imports {sorted(reached - allowed)}"
+
+
+def test_importing_the_settings_does_not_load_torch():
+    code = "import sys, app.config; assert 'torch' not in sys.modules, 'app.config loaded torch'"
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)

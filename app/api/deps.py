@@ -15,9 +15,9 @@ from fastapi.security import APIKeyHeader
 
 from app.api.metrics import Metrics
 from app.config import Settings
-from app.ml.batcher import MicroBatcher
-from app.ml.pipeline import SegmentationPipeline
-from app.ml.predictor import Predictor
+from app.ml.serving.batcher import MicroBatcher
+from app.ml.serving.pipeline import SegmentationPipeline
+from app.ml.serving.predictor import Predictor
 
 
 @dataclass

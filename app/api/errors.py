@@ -8,7 +8,6 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from app.ml.batcher import QueueFullError
 from app.ml.errors import (
     CellSegError,
     ImageTooLargeError,
@@ -16,6 +15,7 @@ from app.ml.errors import (
     InvalidOptionError,
     UnsupportedImageError,
 )
+from app.ml.serving.batcher import QueueFullError
 
 log = logging.getLogger("cellseg.api")
 

@@ -10,7 +10,7 @@ from scipy import ndimage
 from skimage.segmentation import watershed
 
 from app.ml.errors import InvalidOptionError
-from app.ml.targets import BACKGROUND, CENTRE, INTERIOR
+from app.ml.unet import BACKGROUND, CENTRE, INTERIOR
 
 
 @dataclass(frozen=True)

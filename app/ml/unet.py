@@ -12,18 +12,25 @@ from typing import Any
 import torch
 from torch import nn
 
+# What the outputs mean. Channels 0..num_classes-1 are class logits: background, cell interior, and the border
+# that separates touching cells. A centre model has one more channel after them: each cell's centre map (its
+# distance to its own edge, 1 at the centre), through a sigmoid, that the watershed seeds from.
+BACKGROUND, INTERIOR, BORDER = 0, 1, 2
+NUM_CLASSES = 3
+CENTRE = 3
+
 
 @dataclass(frozen=True)
 class UNetConfig:
     """Plain data that rebuilds the same network; saved beside the weights in model.json."""
 
     in_channels: int = 1
-    num_classes: int = 3
+    num_classes: int = NUM_CLASSES
     base_width: int = 16
     depth: int = 4
     padded: bool = True
     batch_norm: bool = True
-    centre: bool = False  # one more output after the classes: the centre map (app.ml.targets.centre_map)
+    centre: bool = False  # one more output after the classes: the centre map (CENTRE)
 
     @classmethod
     def paper(cls) -> UNetConfig:

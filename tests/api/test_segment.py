@@ -11,7 +11,7 @@ import tifffile
 from PIL import Image
 
 from app.ml import rle
-from app.ml.metrics import image_score
+from app.ml.scoring.metric import image_score
 from tests.api.conftest import png, running_server
 
 pytestmark = pytest.mark.slow

@@ -6,9 +6,9 @@ import pytest
 from PIL import Image
 
 from app.ml import rle
+from app.ml.data.kaggle import CSV_COLUMNS, KaggleDataset, KaggleFolders, labels_from_rles
+from app.ml.data.synth import write_dataset
 from app.ml.errors import DatasetError
-from app.ml.kaggle import CSV_COLUMNS, KaggleDataset, KaggleFolders, labels_from_rles
-from app.ml.synth import write_dataset
 
 
 def test_the_real_sample_loads_into_a_label_map_with_247_cells(sartorius):

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from app.ml.metrics import THRESHOLDS, dataset_score, image_score, iou_matrix, score_per_threshold
+from app.ml.scoring.metric import THRESHOLDS, dataset_score, image_score, iou_matrix, score_per_threshold
 from tests.conftest import disk
 
 SHAPE = (64, 64)

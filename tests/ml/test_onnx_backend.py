@@ -9,8 +9,9 @@ from app.ml.celltypes import image_contrast
 from app.ml.checkpoint import load_checkpoint, resolve_model_folder
 from app.ml.errors import InvalidOptionError
 from app.ml.imageio import read_image
-from app.ml.metrics import image_score
-from app.ml.predictor import Backend, Mode, Predictor, native_bfloat16
+from app.ml.options import Backend, Mode
+from app.ml.scoring.metric import image_score
+from app.ml.serving.predictor import Predictor, native_bfloat16
 from tests.conftest import MODEL_STORE
 
 BUNDLED = resolve_model_folder(MODEL_STORE)

@@ -4,14 +4,15 @@ from scipy import ndimage
 from skimage.segmentation import watershed
 
 from app.ml.checkpoint import resolve_model_folder
+from app.ml.data.kaggle import KaggleDataset
+from app.ml.data.synth import generate_image
 from app.ml.errors import InvalidOptionError
 from app.ml.imageio import read_image
-from app.ml.kaggle import KaggleDataset
-from app.ml.metrics import image_score, iou_matrix
 from app.ml.postprocess import InstanceConfig, grow_seeds, probabilities_to_instances
-from app.ml.predictor import Predictor
-from app.ml.synth import generate_image
-from app.ml.targets import BORDER, INTERIOR, label_to_classes
+from app.ml.scoring.metric import image_score, iou_matrix
+from app.ml.serving.predictor import Predictor
+from app.ml.training.targets import label_to_classes
+from app.ml.unet import BORDER, INTERIOR
 from tests.conftest import MODEL_STORE, disk
 
 

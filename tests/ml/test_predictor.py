@@ -10,10 +10,11 @@ from app.ml.celltypes import image_contrast
 from app.ml.checkpoint import resolve_model_folder
 from app.ml.errors import InvalidOptionError
 from app.ml.imageio import read_image
-from app.ml.metrics import image_score
-from app.ml.onnx_backend import onnxruntime_available
+from app.ml.options import Backend, Mode
 from app.ml.postprocess import InstanceConfig
-from app.ml.predictor import Backend, Mode, Predictor, auto_backend, native_bfloat16
+from app.ml.scoring.metric import image_score
+from app.ml.serving.onnx_backend import onnxruntime_available
+from app.ml.serving.predictor import Predictor, auto_backend, native_bfloat16
 from app.ml.transforms import PreprocessConfig
 from app.ml.unet import UNet, UNetConfig
 from tests.conftest import MODEL_STORE
@@ -146,7 +147,7 @@ def test_the_compiled_network_gives_the_eager_networks_outputs_and_compiles_only
 COMPILE_WITHOUT_COMPILER = """
 import logging, numpy as np, torch
 from app.ml.postprocess import InstanceConfig
-from app.ml.predictor import Predictor
+from app.ml.serving.predictor import Predictor
 from app.ml.transforms import PreprocessConfig
 from app.ml.unet import UNet, UNetConfig
 logging.basicConfig(level=logging.WARNING)

@@ -1,8 +1,8 @@
 import numpy as np
 from scipy import ndimage
 
-from app.ml.kaggle import KaggleDataset
-from app.ml.synth import generate_image, main
+from app.ml.data.kaggle import KaggleDataset
+from app.ml.data.synth import generate_image, main
 
 
 def test_the_same_seed_writes_the_same_dataset(tmp_path):

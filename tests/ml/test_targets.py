@@ -1,15 +1,13 @@
 import numpy as np
 import pytest
 
-from app.ml.targets import (
-    BACKGROUND,
-    BORDER,
-    INTERIOR,
+from app.ml.training.targets import (
     centre_map,
     label_to_classes,
     nearest_two_distances,
     weight_map,
 )
+from app.ml.unet import BACKGROUND, BORDER, INTERIOR
 from tests.conftest import disk
 
 

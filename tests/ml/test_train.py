@@ -13,17 +13,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from app.ml import trainset
-from app.ml.augment import AugmentConfig, Example, augment
 from app.ml.checkpoint import list_versions, load_checkpoint
+from app.ml.data.kaggle import KaggleDataset
+from app.ml.data.synth import write_dataset
 from app.ml.errors import CheckpointError
-from app.ml.evaluation import evaluate
-from app.ml.kaggle import KaggleDataset
 from app.ml.postprocess import InstanceConfig
-from app.ml.predictor import Predictor
-from app.ml.synth import write_dataset
-from app.ml.trainer import STATE_FILE, TrainConfig, Trainer, load_resume_state
-from app.ml.trainset import Split, split_by_rows, split_by_sample, split_rows
+from app.ml.scoring.evaluation import evaluate
+from app.ml.serving.predictor import Predictor
+from app.ml.training import trainset
+from app.ml.training.augment import AugmentConfig, Example, augment
+from app.ml.training.trainer import STATE_FILE, TrainConfig, Trainer, load_resume_state
+from app.ml.training.trainset import Split, split_by_rows, split_by_sample, split_rows
 from app.train import build_parser
 
 pytestmark = pytest.mark.slow

@@ -11,9 +11,9 @@ from fastapi.responses import Response
 
 from app.api import schemas
 from app.api.deps import PipelineDep, ServiceDep, require_api_key
-from app.ml.pipeline import OutputFormat, Segmentation, SegmentationPipeline
+from app.ml.options import Mode
 from app.ml.postprocess import THRESHOLD_RANGES
-from app.ml.predictor import Mode
+from app.ml.serving.pipeline import OutputFormat, Segmentation, SegmentationPipeline
 
 router = APIRouter(tags=["segmentation"], dependencies=[Depends(require_api_key)])
 

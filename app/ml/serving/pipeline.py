@@ -16,12 +16,13 @@ from typing import Any
 import numpy as np
 
 from app.ml import rle
-from app.ml.batcher import MicroBatcher, stack
 from app.ml.celltypes import InstanceRules
 from app.ml.imageio import ImageLimits, decode_image
+from app.ml.options import Mode
 from app.ml.postprocess import Instances
-from app.ml.predictor import Mode, Predictor, Prepared
 from app.ml.render import label_png, mask_png, overlay_png
+from app.ml.serving.batcher import MicroBatcher, stack
+from app.ml.serving.predictor import Predictor, Prepared
 
 StageObserver = Callable[[str, float], None]
 

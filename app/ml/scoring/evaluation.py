@@ -13,10 +13,11 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from app.ml.celltypes import CellTypeClassifier, InstanceRules, cell_features, image_contrast
-from app.ml.kaggle import Sample
-from app.ml.metrics import THRESHOLDS, score_per_threshold
+from app.ml.data.kaggle import Sample
+from app.ml.options import Mode
 from app.ml.postprocess import InstanceConfig
-from app.ml.predictor import Mode, Predictor
+from app.ml.scoring.metric import THRESHOLDS, score_per_threshold
+from app.ml.serving.predictor import Predictor
 from app.ml.transforms import PreprocessConfig, scaled_size
 
 

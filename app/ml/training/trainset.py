@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from app.ml.augment import AugmentConfig, Example, augment, random_crop
-from app.ml.kaggle import KaggleDataset, KaggleFolders, Sample
-from app.ml.targets import centre_map, label_to_classes, weight_map
+from app.ml.data.kaggle import KaggleDataset, KaggleFolders, Sample
+from app.ml.training.augment import AugmentConfig, Example, augment, random_crop
+from app.ml.training.targets import centre_map, label_to_classes, weight_map
 from app.ml.transforms import normalize, resize_image, resize_labels, scaled_size
 
 

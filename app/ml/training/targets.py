@@ -8,10 +8,7 @@ import math
 import numpy as np
 from scipy import ndimage
 
-BACKGROUND, INTERIOR, BORDER = 0, 1, 2
-NUM_CLASSES = 3
-# A centre model has one more output channel after the classes: the centre map, through a sigmoid.
-CENTRE = 3
+from app.ml.unet import BORDER, INTERIOR, NUM_CLASSES
 
 
 def label_to_classes(labels: np.ndarray, border_width: int = 1) -> np.ndarray:

@@ -11,19 +11,18 @@ import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from enum import StrEnum
 from pathlib import Path
-from typing import TypeVar
 
 import numpy as np
 import torch
 
 from app.ml.celltypes import InstanceRules, image_contrast
 from app.ml.checkpoint import Checkpoint, load_checkpoint
-from app.ml.compiled import CompiledNetwork
 from app.ml.errors import InvalidOptionError
-from app.ml.onnx_backend import OnnxRuntimeNetwork, onnxruntime_available
+from app.ml.options import Backend, Mode, parse_option
 from app.ml.postprocess import InstanceConfig, Instances, instance_maps
+from app.ml.serving.compiled import CompiledNetwork
+from app.ml.serving.onnx_backend import OnnxRuntimeNetwork, onnxruntime_available
 from app.ml.transforms import (
     PreprocessConfig,
     TileGrid,
@@ -34,25 +33,6 @@ from app.ml.transforms import (
     stitch_tiles,
 )
 from app.ml.unet import UNet, to_probabilities
-
-_Option = TypeVar("_Option", bound=StrEnum)
-
-
-class Backend(StrEnum):
-    """What runs the network: PyTorch (CPU or CUDA), or ONNX Runtime on the CPU (optional). auto: PyTorch on CUDA,
-    on CPUs that compute in bfloat16 natively, and wherever torch.compile is on; ONNX Runtime on other CPUs when
-    it is installed."""
-
-    AUTO = "auto"
-    TORCH = "torch"
-    ONNXRUNTIME = "onnxruntime"
-
-
-class Mode(StrEnum):
-    """resize: the model card's 572x572 and back. tile: overlap-tile at the model's training pixel scale."""
-
-    RESIZE = "resize"
-    TILE = "tile"
 
 
 @dataclass(frozen=True)
@@ -110,7 +90,7 @@ class Predictor:
             raise InvalidOptionError(f"tta={tta}: test-time augmentation takes {', '.join(map(str, TTA_VIEWS))} views")
         self.tta = tta
         self.device = torch.device(device)
-        self.backend = _parse_option(Backend, backend, "backend")
+        self.backend = parse_option(Backend, backend, "backend")
         if self.backend is Backend.AUTO:
             self.backend = auto_backend(self.device, half, compile_network)
         if self.backend is Backend.ONNXRUNTIME and self.device.type != "cpu":
@@ -146,7 +126,7 @@ class Predictor:
         tta: int = 1,
     ) -> Predictor:
         checkpoint = source if isinstance(source, Checkpoint) else load_checkpoint(source)
-        if _parse_option(Backend, backend, "backend") is Backend.ONNXRUNTIME and device == "auto":
+        if parse_option(Backend, backend, "backend") is Backend.ONNXRUNTIME and device == "auto":
             device = "cpu"
         return cls(
             checkpoint.build_model(),
@@ -296,11 +276,4 @@ TTA_VIEWS = {
 
 
 def _parse_mode(mode: Mode | str) -> Mode:
-    return _parse_option(Mode, mode, "mode")
-
-
-def _parse_option(kind: type[_Option], value: _Option | str, name: str) -> _Option:
-    try:
-        return kind(value)
-    except ValueError:
-        raise InvalidOptionError(f"unknown {name} {value!r}; accepted: {', '.join(kind)}") from None
+    return parse_option(Mode, mode, "mode")

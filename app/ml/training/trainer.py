@@ -29,7 +29,6 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import app
-from app.ml.augment import AugmentConfig
 from app.ml.celltypes import InstanceRules, image_contrast
 from app.ml.checkpoint import (
     atomic_write_bytes,
@@ -38,15 +37,15 @@ from app.ml.checkpoint import (
     save_checkpoint,
     set_default_version,
 )
+from app.ml.data.kaggle import KaggleFolders, Sample
 from app.ml.errors import CheckpointError
-from app.ml.evaluation import Evaluation, probabilities, score_probabilities, tune_rules
-from app.ml.kaggle import KaggleFolders, Sample
-from app.ml.losses import segmentation_loss
-from app.ml.plots import save_curves, save_overlays
 from app.ml.postprocess import InstanceConfig
-from app.ml.predictor import Predictor, pick_device
-from app.ml.targets import NUM_CLASSES
-from app.ml.trainset import (
+from app.ml.scoring.evaluation import Evaluation, probabilities, score_probabilities, tune_rules
+from app.ml.serving.predictor import Predictor, pick_device
+from app.ml.training.augment import AugmentConfig
+from app.ml.training.losses import segmentation_loss
+from app.ml.training.plots import save_curves, save_overlays
+from app.ml.training.trainset import (
     CropDataset,
     EpochSampler,
     Split,
@@ -57,7 +56,7 @@ from app.ml.trainset import (
     split_by_sample,
 )
 from app.ml.transforms import PreprocessConfig
-from app.ml.unet import UNet, UNetConfig, center_crop
+from app.ml.unet import NUM_CLASSES, UNet, UNetConfig, center_crop
 
 log = logging.getLogger("cellseg.train")
 STATE_FILE = "last.pt"

@@ -19,7 +19,7 @@ from scipy import ndimage
 
 from app.ml import rle
 from app.ml.imageio import to_uint8
-from app.ml.kaggle import CSV_COLUMNS
+from app.ml.data.kaggle import CSV_COLUMNS
 
 CELL_TYPES = ("shsy5y", "astro", "cort")
 

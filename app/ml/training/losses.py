@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from app.ml.targets import BACKGROUND, CENTRE, NUM_CLASSES
+from app.ml.unet import BACKGROUND, CENTRE, NUM_CLASSES
 
 
 def weighted_cross_entropy(logits: torch.Tensor, classes: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,35 @@
+"""The named choices of inference, without torch: the settings, the CLIs and the API validate against these."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import TypeVar
+
+from app.ml.errors import InvalidOptionError
+
+_Option = TypeVar("_Option", bound=StrEnum)
+
+
+class Backend(StrEnum):
+    """What runs the network: PyTorch (CPU or CUDA), or ONNX Runtime on the CPU (optional). auto: PyTorch on CUDA,
+    on CPUs that compute in bfloat16 natively, and wherever torch.compile is on; ONNX Runtime on other CPUs when
+    it is installed."""
+
+    AUTO = "auto"
+    TORCH = "torch"
+    ONNXRUNTIME = "onnxruntime"
+
+
+class Mode(StrEnum):
+    """resize: the model card's 572x572 and back. tile: overlap-tile at the model's training pixel scale."""
+
+    RESIZE = "resize"
+    TILE = "tile"
+
+
+def parse_option(kind: type[_Option], value: _Option | str, name: str) -> _Option:
+    """`value` as a member of `kind`; InvalidOptionError naming the accepted values otherwise."""
+    try:
+        return kind(value)
+    except ValueError:
+        raise InvalidOptionError(f"unknown {name} {value!r}; accepted: {', '.join(kind)}") from None
