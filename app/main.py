@@ -47,7 +47,7 @@ def load_predictor(settings: Settings) -> tuple[Predictor, dict]:
     )
     if settings.warmup:
         predictor.warm_up()
-    return predictor, checkpoint.card
+    return predictor, checkpoint.card.to_dict()
 
 
 @asynccontextmanager

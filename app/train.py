@@ -103,9 +103,9 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2) from exc
     if card is not None:
         summary = {
-            "version": card["version"],
-            "validation": card["metrics"]["validation"]["score"],
-            "per_cell_type": card["metrics"]["validation"]["per_cell_type"],
+            "version": card.version,
+            "validation": card.validation_score,
+            "per_cell_type": card.metrics["validation"]["per_cell_type"],
         }
         print(json.dumps(summary))
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 
 from app.cli import add_data_argument, add_model_arguments, model_folder, setup_logging
 from app.ml.checkpoint import load_checkpoint, save_checkpoint
@@ -44,8 +45,8 @@ def main(argv: list[str] | None = None) -> None:
     except (CellSegError, KeyError) as exc:
         print(f"tune: {exc}", file=sys.stderr)
         raise SystemExit(2) from exc
-    metrics = {**checkpoint.card.get("metrics", {}), "validation": evaluation.to_dict()}
-    card = {**checkpoint.card, "postprocessing": rules.to_dict(), "metrics": metrics}
+    metrics = {**checkpoint.card.metrics, "validation": evaluation.to_dict()}
+    card = replace(checkpoint.card, postprocessing=rules, metrics=metrics)
     save_checkpoint(checkpoint.path, checkpoint.state_dict, card)
     print(json.dumps({"version": checkpoint.version, "validation": evaluation.score,
                       "per_cell_type": evaluation.per_cell_type}))  # fmt: skip

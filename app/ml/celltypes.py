@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from app.ml.postprocess import InstanceConfig, Instances, instance_maps, maps_to_instances
+from app.ml.strict import check_keys
 
 FEATURES = ("log cells per 100k px", "log median area", "foreground fraction", "image contrast")
 
@@ -72,6 +73,7 @@ class CellTypeClassifier:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CellTypeClassifier:
+        check_keys(data, {"features", "types", "centroids", "mean", "scale"}, "postprocessing.cell_type_classifier")
         if list(data.get("features", [])) != list(FEATURES):
             raise ValueError(f"cell type classifier features {data.get('features')} are not {list(FEATURES)}")
         return cls(list(data["types"]), data["centroids"], data["mean"], data["scale"])
@@ -136,7 +138,10 @@ class InstanceRules:
         default_keys = {k: v for k, v in data.items() if k not in ("per_cell_type", "cell_type_classifier")}
         return cls(
             InstanceConfig.from_dict(default_keys),
-            {name: InstanceConfig.from_dict(values) for name, values in per_type.items()},
+            {
+                name: InstanceConfig.from_dict(values, f"postprocessing.per_cell_type.{name}")
+                for name, values in per_type.items()
+            },
             CellTypeClassifier.from_dict(classifier) if classifier else None,
             min_probability,
         )

@@ -16,9 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from app.ml.card import ModelCard
 from app.ml.celltypes import InstanceRules
 from app.ml.errors import CheckpointError
 from app.ml.transforms import PreprocessConfig
@@ -26,26 +28,34 @@ from app.ml.unet import UNet, UNetConfig
 
 MODEL_JSON = "model.json"
 DEFAULT_POINTER = "DEFAULT"
-FORMAT_VERSION = 1
 _WRAPPER_PREFIXES = ("_orig_mod.", "module.")  # added by torch.compile and DistributedDataParallel
 
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """A loaded model folder: its card (model.json), the configs rebuilt from it, and the weights."""
+    """A loaded model folder: its card (model.json) and the weights."""
 
     version: str
     path: Path
-    card: dict[str, Any]
-    architecture: UNetConfig
-    preprocess: PreprocessConfig
-    instances: InstanceRules
+    card: ModelCard
     state_dict: dict[str, torch.Tensor]
+
+    @property
+    def architecture(self) -> UNetConfig:
+        return self.card.architecture
+
+    @property
+    def preprocess(self) -> PreprocessConfig:
+        return self.card.preprocessing
+
+    @property
+    def instances(self) -> InstanceRules:
+        return self.card.postprocessing
 
     @property
     def split(self) -> dict[str, Any] | None:
         """The train/validation split the model was trained with, as model.json records it (None if it does not)."""
-        return self.card.get("training", {}).get("data", {}).get("split")
+        return self.card.split
 
     def build_model(self) -> UNet:
         """A UNet of the recorded architecture holding these weights, in eval mode on the CPU."""
@@ -83,14 +93,14 @@ def clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {_strip_prefixes(k): v.detach().to("cpu").contiguous() for k, v in state.items()}
 
 
-def save_checkpoint(folder: Path, state_dict: dict[str, torch.Tensor], card: dict[str, Any]) -> dict[str, Any]:
+def save_checkpoint(folder: Path, state_dict: dict[str, torch.Tensor], card: ModelCard) -> ModelCard:
     """Write weights and model.json into `folder` atomically; returns the card as written (with weights info)."""
     blob = save_safetensors(clean_state_dict(state_dict))
     digest = hashlib.sha256(blob).hexdigest()
     weights_name = f"weights-{digest[:16]}.safetensors"
     atomic_write_bytes(folder / weights_name, blob)
-    card = {**card, "format_version": FORMAT_VERSION, "weights": {"file": weights_name, "sha256": digest}}
-    atomic_write_json(folder / MODEL_JSON, card)
+    card = card.with_weights(weights_name, digest)
+    atomic_write_json(folder / MODEL_JSON, card.to_dict())
     for stale in folder.glob("weights-*.safetensors"):
         if stale.name != weights_name:
             stale.unlink(missing_ok=True)
@@ -101,9 +111,11 @@ def load_checkpoint(folder: str | Path) -> Checkpoint:
     """Read and verify a model folder. Raises CheckpointError naming the file and the problem."""
     folder = Path(folder)
     card = read_card(folder)
-    weights_path = folder / _weights_entry(card, folder)["file"]
+    if card.weights is None:
+        raise CheckpointError(f"{folder / MODEL_JSON} does not name its weights file and sha256")
+    weights_path = _weights_path(folder, card.weights.file)
     blob = _read_weights(weights_path)
-    expected = card["weights"]["sha256"]
+    expected = card.weights.sha256
     actual = hashlib.sha256(blob).hexdigest()
     if actual != expected:
         raise CheckpointError(
@@ -112,21 +124,13 @@ def load_checkpoint(folder: str | Path) -> Checkpoint:
         )
     try:
         state = clean_state_dict(load_safetensors(blob))
-        return Checkpoint(
-            version=folder.name,
-            path=folder,
-            card=card,
-            architecture=UNetConfig.from_dict(card["architecture"]),
-            preprocess=PreprocessConfig.from_dict(card.get("preprocessing", {})),
-            instances=InstanceRules.from_dict(card.get("postprocessing", {})),
-            state_dict=state,
-        )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{folder / MODEL_JSON}: invalid model description ({exc!r})") from exc
+    except SafetensorError as exc:  # only a file whose recorded sha256 was computed over bad bytes gets here
+        raise CheckpointError(f"{weights_path} is not a readable safetensors file ({exc})") from exc
+    return Checkpoint(version=folder.name, path=folder, card=card, state_dict=state)
 
 
-def read_card(folder: Path) -> dict[str, Any]:
-    """model.json of a model folder, parsed; CheckpointError if missing or not JSON."""
+def read_card(folder: Path) -> ModelCard:
+    """model.json of a model folder, parsed and checked; CheckpointError naming the file and the problem."""
     path = folder / MODEL_JSON
     if not folder.is_dir():
         raise CheckpointError(f"model folder {folder} not found")
@@ -136,9 +140,10 @@ def read_card(folder: Path) -> dict[str, Any]:
         card = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{path} is not valid JSON ({exc})") from exc
-    if not isinstance(card, dict) or "architecture" not in card:
-        raise CheckpointError(f"{path} has no 'architecture' entry; it was not written by `train`")
-    return card
+    try:
+        return ModelCard.from_dict(card)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: {exc}") from exc
 
 
 def list_versions(store: str | Path) -> list[str]:
@@ -175,11 +180,11 @@ def set_default_version(store: str | Path, version: str) -> None:
     atomic_write_bytes(Path(store) / DEFAULT_POINTER, f"{version}\n".encode())
 
 
-def _weights_entry(card: dict[str, Any], folder: Path) -> dict[str, str]:
-    weights = card.get("weights")
-    if not isinstance(weights, dict) or not {"file", "sha256"} <= set(weights):
-        raise CheckpointError(f"{folder / MODEL_JSON} does not name its weights file and sha256")
-    return weights
+def _weights_path(folder: Path, name: str) -> Path:
+    """The weights file model.json names, which must be a plain file name inside the model folder."""
+    if Path(name).name != name or name in {"", ".", ".."}:
+        raise CheckpointError(f"{folder / MODEL_JSON} names weights file {name!r}: it must be a file name in {folder}")
+    return folder / name
 
 
 def _read_weights(path: Path) -> bytes:

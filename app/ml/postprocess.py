@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -10,6 +10,7 @@ from scipy import ndimage
 from skimage.segmentation import watershed
 
 from app.ml.errors import InvalidOptionError
+from app.ml.strict import from_fields
 from app.ml.unet import BACKGROUND, CENTRE, INTERIOR
 
 
@@ -23,8 +24,8 @@ class InstanceConfig:
     min_cell_area: int = 24
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> InstanceConfig:
-        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
+    def from_dict(cls, data: dict[str, Any], section: str = "postprocessing") -> InstanceConfig:
+        return from_fields(cls, data, section)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

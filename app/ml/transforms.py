@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from app.ml.strict import from_fields
 
 
 def normalize(image: np.ndarray) -> np.ndarray:
@@ -106,12 +108,11 @@ class PreprocessConfig:
     pixel_scale: tuple[float, float] = (1.0, 1.0)
     tile_size: int = 512
     tile_margin: int = 112
-    normalization: str = "zscore"
 
     @classmethod
     def from_dict(cls, data: dict) -> PreprocessConfig:
-        values = {**data, "pixel_scale": tuple(data.get("pixel_scale", (1.0, 1.0)))}
-        return cls(**{k: v for k, v in values.items() if k in cls.__dataclass_fields__})
+        config = from_fields(cls, data, "preprocessing")
+        return replace(config, pixel_scale=(float(config.pixel_scale[0]), float(config.pixel_scale[1])))
 
     def to_dict(self) -> dict:
         return {
@@ -119,5 +120,4 @@ class PreprocessConfig:
             "pixel_scale": list(self.pixel_scale),
             "tile_size": self.tile_size,
             "tile_margin": self.tile_margin,
-            "normalization": self.normalization,
         }

@@ -6,11 +6,13 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch import nn
+
+from app.ml.strict import from_fields
 
 # What the outputs mean. Channels 0..num_classes-1 are class logits: background, cell interior, and the border
 # that separates touching cells. A centre model has one more channel after them: each cell's centre map (its
@@ -39,11 +41,7 @@ class UNetConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> UNetConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown U-Net config keys {sorted(unknown)}; known keys are {sorted(known)}")
-        return cls(**data)
+        return from_fields(cls, data, "architecture")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -3,6 +3,7 @@ import json
 import pytest
 import torch
 
+from app.ml.card import ModelCard
 from app.ml.checkpoint import (
     MODEL_JSON,
     default_version,
@@ -13,6 +14,7 @@ from app.ml.checkpoint import (
     set_default_version,
 )
 from app.ml.errors import CheckpointError
+from app.ml.transforms import PreprocessConfig
 from app.ml.unet import UNet, UNetConfig
 
 CONFIG = UNetConfig(base_width=4, depth=2)
@@ -21,7 +23,7 @@ CONFIG = UNetConfig(base_width=4, depth=2)
 def write_model(folder, seed=0):
     torch.manual_seed(seed)
     model = UNet(CONFIG)
-    card = {"architecture": CONFIG.to_dict(), "preprocessing": {"input_size": 64}, "postprocessing": {}}
+    card = ModelCard(version=folder.name, architecture=CONFIG, preprocessing=PreprocessConfig(input_size=64))
     return model, save_checkpoint(folder, model.state_dict(), card)
 
 
@@ -33,12 +35,12 @@ def test_a_saved_model_loads_back_identical(tmp_path):
     rebuilt = checkpoint.build_model()
     for key, value in model.state_dict().items():
         assert torch.equal(rebuilt.state_dict()[key], value)
-    assert card["weights"]["file"].startswith("weights-") and len(card["weights"]["sha256"]) == 64
+    assert card.weights.file.startswith("weights-") and len(card.weights.sha256) == 64
 
 
 def test_weights_are_tensors_only_safetensors_not_pickle(tmp_path):
     _, card = write_model(tmp_path / "v1")
-    blob = (tmp_path / "v1" / card["weights"]["file"]).read_bytes()
+    blob = (tmp_path / "v1" / card.weights.file).read_bytes()
     header_length = int.from_bytes(blob[:8], "little")
     header = json.loads(blob[8 : 8 + header_length])  # safetensors: a JSON header, then raw tensor bytes
     assert "inc.block.0.weight" in header
@@ -49,13 +51,13 @@ def test_saving_again_replaces_the_weights_and_leaves_one_consistent_pair(tmp_pa
     write_model(tmp_path / "v1", seed=0)
     _, card = write_model(tmp_path / "v1", seed=1)
     files = sorted(p.name for p in (tmp_path / "v1").iterdir())
-    assert files == sorted([MODEL_JSON, card["weights"]["file"]])
+    assert files == sorted([MODEL_JSON, card.weights.file])
     load_checkpoint(tmp_path / "v1")
 
 
 def test_a_corrupt_weights_file_is_refused_naming_the_file(tmp_path):
     _, card = write_model(tmp_path / "v1")
-    weights = tmp_path / "v1" / card["weights"]["file"]
+    weights = tmp_path / "v1" / card.weights.file
     blob = bytearray(weights.read_bytes())
     blob[-1] ^= 0xFF
     weights.write_bytes(bytes(blob))
@@ -66,7 +68,7 @@ def test_a_corrupt_weights_file_is_refused_naming_the_file(tmp_path):
 @pytest.mark.parametrize(
     ("damage", "message"),
     [
-        (lambda folder, card: (folder / card["weights"]["file"]).unlink(), "not found, but .*model.json names it"),
+        (lambda folder, card: (folder / card.weights.file).unlink(), "not found, but .*model.json names it"),
         (lambda folder, card: (folder / MODEL_JSON).write_text("{not json"), "model.json is not valid JSON"),
         (lambda folder, card: (folder / MODEL_JSON).unlink(), "model.json not found"),
     ],

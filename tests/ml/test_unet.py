@@ -58,5 +58,5 @@ def test_invalid_sizes_are_refused_with_a_hint():
         UNetConfig.paper().output_size(570)
     with pytest.raises(ValueError, match="multiples of 16"):
         UNetConfig().output_size(572)
-    with pytest.raises(ValueError, match="unknown U-Net config keys"):
+    with pytest.raises(ValueError, match="'architecture' has unknown keys"):
         UNetConfig.from_dict({"widht": 3})

@@ -133,7 +133,7 @@ class Predictor:
             checkpoint.preprocess,
             checkpoint.instances,
             device=pick_device(device),
-            half=half and checkpoint.card.get("inference", {}).get("half_precision", False),
+            half=half and checkpoint.card.inference.half_precision,
             version=checkpoint.version,
             backend=backend,
             compile_network=compile_network,

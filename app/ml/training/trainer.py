@@ -29,11 +29,13 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import app
+from app.ml.card import ModelCard, TrainingData, TrainingRecord
 from app.ml.celltypes import InstanceRules, image_contrast
 from app.ml.checkpoint import (
     atomic_write_bytes,
     atomic_write_json,
     load_checkpoint,
+    read_card,
     save_checkpoint,
     set_default_version,
 )
@@ -359,14 +361,14 @@ class Trainer:
         finally:
             self.model.train()
 
-    def _finish(self) -> dict[str, Any]:
+    def _finish(self) -> ModelCard:
         """Choose the instance step (thresholds, per cell type, and the type classifier) on the split's images for
         two sets of weights, those of the best validation score with the default thresholds and those where the
         schedule ended, and keep the better of the two as tuned; then write the final card.
 
         Both compete because the score with default thresholds is a noisy guide: weights that score lower with
         them can score higher with thresholds of their own."""
-        card = json.loads((self.folder / "model.json").read_text())
+        card = read_card(self.folder)
         if not self.config.tune_thresholds:
             return card
         last = Predictor(self.model, self.preprocess, InstanceRules(), device=self.device, channels_last=False)
@@ -380,7 +382,7 @@ class Trainer:
         if self.kept == "best":
             self.model.load_state_dict(best.model.state_dict())
         rules, evaluation, scored = tuned[self.kept]
-        return self._write_model(rules, evaluation, scored, untuned=card["metrics"]["validation"])
+        return self._write_model(rules, evaluation, scored, untuned=card.metrics["validation"])
 
     def _write_model(
         self,
@@ -388,7 +390,7 @@ class Trainer:
         evaluation: Evaluation,
         scored: list[tuple[Sample, np.ndarray]],
         untuned: dict | None = None,
-    ) -> dict[str, Any]:
+    ) -> ModelCard:
         card = self._card(instances, evaluation, untuned)
         card = save_checkpoint(self.folder, self.model.state_dict(), card)
         overlays = [
@@ -400,43 +402,42 @@ class Trainer:
             set_default_version(self.config.out, self.config.version)
         return card
 
-    def _card(self, instances: InstanceRules, evaluation: Evaluation, untuned: dict | None) -> dict[str, Any]:
+    def _card(self, instances: InstanceRules, evaluation: Evaluation, untuned: dict | None) -> ModelCard:
         metrics = {"validation": evaluation.to_dict()}
         if untuned is not None:
             metrics["validation_default_thresholds"] = untuned
+        data = TrainingData(
+            paths=[str(folder) for folder in self.config.data],  # as given: the host's layout stays out of the card
+            fingerprint=self.fingerprint,
+            images=len(self.dataset),
+            train_cells=self.train_cells,
+            split=self.split.to_dict(),
+        )
+        return ModelCard(
+            version=self.config.version,
+            created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+            code_version=code_version(),
+            architecture=self.architecture,
+            preprocessing=self.preprocess,
+            postprocessing=instances,
+            training=TrainingRecord(args=asdict(self.config), data=data, summary=self._summary()),
+            metrics=metrics,
+        )
+
+    def _summary(self) -> dict[str, Any]:
         return {
-            "version": self.config.version,
-            "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-            "code_version": code_version(),
-            "architecture": self.architecture.to_dict(),
-            "preprocessing": self.preprocess.to_dict(),
-            "postprocessing": instances.to_dict(),
-            "inference": {"half_precision": True, "default_mode": "resize"},
-            "training": {
-                "args": asdict(self.config),
-                "data": {
-                    "paths": [str(Path(folder).resolve()) for folder in self.config.data],
-                    "fingerprint": self.fingerprint,
-                    "images": len(self.dataset),
-                    "train_cells": self.train_cells,
-                    "split": self.split.to_dict(),
-                },
-                "summary": {
-                    "epochs_done": min(self.state.epoch + 1, self.config.epochs),
-                    "steps": self.state.step,
-                    "train_seconds": round(self.state.seconds, 1),
-                    "best_epoch": self.state.best_epoch + 1,
-                    "weights": {
-                        "best": f"of the best validation score, epoch {self.state.best_epoch + 1}",
-                        "last": "where the schedule ended",
-                    }.get(self.kept, "of the best validation score"),
-                    "device": str(self.device),
-                    "world_size": self.dist.world,
-                    "amp": str(self.amp_dtype).removeprefix("torch.") if self.use_amp else "off",
-                    "parameters": sum(p.numel() for p in self.model.parameters()),
-                },
-            },
-            "metrics": metrics,
+            "epochs_done": min(self.state.epoch + 1, self.config.epochs),
+            "steps": self.state.step,
+            "train_seconds": round(self.state.seconds, 1),
+            "best_epoch": self.state.best_epoch + 1,
+            "weights": {
+                "best": f"of the best validation score, epoch {self.state.best_epoch + 1}",
+                "last": "where the schedule ended",
+            }.get(self.kept, "of the best validation score"),
+            "device": str(self.device),
+            "world_size": self.dist.world,
+            "amp": str(self.amp_dtype).removeprefix("torch.") if self.use_amp else "off",
+            "parameters": sum(p.numel() for p in self.model.parameters()),
         }
 
     def _start_files(self) -> None:
