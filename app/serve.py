@@ -1,6 +1,6 @@
 """`serve`: run the HTTP service with uvicorn; every setting comes from CELLSEG_* environment variables.
 
-Example:  CELLSEG_PORT=8080 CELLSEG_MODEL_VERSION=sartorius-w16-v1 serve
+Example:  CELLSEG_PORT=8080 CELLSEG_MODEL_VERSION=sartorius-w16-v2 serve
 """
 
 from __future__ import annotations

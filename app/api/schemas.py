@@ -39,7 +39,7 @@ class Segmentation(BaseModel):
     timings: Timings
 
     model_config = {"json_schema_extra": {"examples": [{
-        "filename": "7ae19de7bc2a.png", "width": 704, "height": 520, "model_version": "sartorius-w16-v1",
+        "filename": "7ae19de7bc2a.png", "width": 704, "height": 520, "model_version": "sartorius-w16-v3",
         "mode": "resize", "cell_type": "shsy5y", "cell_type_probability": 0.97, "cell_count": 1,
         "cells": [{"id": 1, "rle": "120428 3 121132 5", "area": 8, "bbox": [36, 171, 5, 2], "score": 0.91}],
         "timings": {"decode_ms": 4.1, "preprocess_ms": 6.0, "network_ms": 330.2, "instances_ms": 41.5,

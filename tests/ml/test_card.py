@@ -12,7 +12,7 @@ from app.ml.card import FORMAT_VERSION, ModelCard
 from app.ml.checkpoint import MODEL_JSON, load_checkpoint, read_card
 from app.ml.errors import CheckpointError
 
-BUNDLED = Path(__file__).parents[2] / "model_store" / "sartorius-w16-v2"
+BUNDLED = Path(__file__).parents[2] / "model_store" / "sartorius-w16-v3"
 
 
 def bundled_card() -> dict:
