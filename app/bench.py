@@ -34,7 +34,8 @@ from app.ml import rle
 from app.ml.options import Mode
 from app.ml.postprocess import InstanceConfig
 from app.ml.serving.onnx_backend import onnxruntime_available
-from app.ml.serving.predictor import Predictor, native_bfloat16, pick_device
+from app.ml.serving.predictor import Predictor
+from app.ml.serving.runner import native_bfloat16, pick_device
 from app.ml.transforms import PreprocessConfig
 from app.ml.unet import UNet, UNetConfig
 
@@ -205,7 +206,7 @@ def rle_figures() -> dict:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    torch.set_num_threads(args.threads or torch.get_num_threads())
+    torch.set_num_threads(args.torch_threads or torch.get_num_threads())
     device = pick_device(args.device)
     folder = model_folder(args)
     image = Path(args.image).read_bytes()
@@ -219,8 +220,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result.update(network_section(folder, device, result, args.quick))
     result["rle"] = rle_figures()
     settings = {"model_store": str(folder.parent), "model_version": folder.name, "log_level": "WARNING",
-                "device": str(device), "backend": args.backend, "half_precision": str(not args.full_precision).lower(),
-                "compile": str(not args.no_compile).lower()}  # fmt: skip
+                "device": str(device), "backend": args.backend, "half_precision": str(args.half_precision).lower(),
+                "compile": str(args.compile).lower(), "tta": str(args.tta)}  # fmt: skip
     print("service end to end ...", flush=True)
     quick = args.quick
     # The service as shipped (max_batch auto: 1 on CPU, 8 on CUDA), then with micro-batches of up to 8 forced on.
@@ -259,15 +260,16 @@ def network_variants(folder: Path, device: torch.device, quick: bool) -> dict[st
     load = functools.partial(Predictor.from_checkpoint, folder, device=str(device))
     if device.type == "cuda":
         batches = [1, 4, 16] if quick else [1, 2, 4, 8, 16]
-        return {"network_default": (load(half=False), "matmul_gflops", batches),
-                "network_default_float16": (load(half=True), "matmul_gflops_float16", batches)}  # fmt: skip
+        return {"network_default": (load(half_precision=False), "matmul_gflops", batches),
+                "network_default_float16": (load(half_precision=True), "matmul_gflops_float16", batches)}  # fmt: skip
     batches = [1, 2, 4] if quick else [1, 2, 4, 8]
-    variants = {"network_default": (load(half=False), "matmul_gflops", batches),
-                "network_default_compiled": (load(half=False, compile_network=True), "matmul_gflops", [1])}  # fmt: skip
+    full = functools.partial(load, half_precision=False)
+    variants = {"network_default": (full(), "matmul_gflops", batches),
+                "network_default_compiled": (full(compile_network=True), "matmul_gflops", [1])}  # fmt: skip
     if native_bfloat16():
-        variants["network_default_bfloat16"] = (load(half=True), "matmul_gflops_bfloat16", batches)
+        variants["network_default_bfloat16"] = (load(half_precision=True), "matmul_gflops_bfloat16", batches)
         variants["network_default_bfloat16_compiled"] = (
-            load(half=True, compile_network=True),
+            load(half_precision=True, compile_network=True),
             "matmul_gflops_bfloat16",
             [1],
         )
@@ -284,7 +286,7 @@ def network_section(folder: Path, device: torch.device, result: dict[str, Any], 
     for name, (predictor, ceiling, batches) in network_variants(folder, device, quick).items():
         predictor.warm_up()  # compiles the network for the input shapes the service uses
         side = predictor.prepare(np.zeros((520, 704), np.float32), Mode.RESIZE).tiles.shape[-1]
-        flops = conv_flops(predictor.config, (1, 1, side, side))
+        flops = conv_flops(predictor.architecture, (1, 1, side, side))
         figures[name] = network_figures(predictor.run_network, flops, side, batches, repeats, result[ceiling])
     paper_flops = conv_flops(UNetConfig.paper(), (1, 1, 572, 572))
     paper = Predictor(UNet(UNetConfig.paper()), PreprocessConfig(), InstanceConfig(), device=device)
@@ -292,7 +294,9 @@ def network_section(folder: Path, device: torch.device, result: dict[str, Any], 
         paper.run_network, paper_flops, 572, [1] if quick else [1, 2], 2, result["matmul_gflops"]
     )
     if device.type == "cuda":
-        paper_fp16 = Predictor(UNet(UNetConfig.paper()), PreprocessConfig(), InstanceConfig(), device, half=True)
+        paper_fp16 = Predictor(
+            UNet(UNetConfig.paper()), PreprocessConfig(), InstanceConfig(), device, half_precision=True
+        )
         figures["network_paper_572_float16"] = network_figures(
             paper_fp16.run_network, paper_flops, 572, [1, 16], repeats, result["matmul_gflops_float16"]
         )
@@ -308,11 +312,12 @@ def network_section(folder: Path, device: torch.device, result: dict[str, Any], 
 def resident_images_per_s(predictor: Predictor, batch: int, side: int, repeats: int) -> float:
     """Images per second of the predictor's network alone on a batch already on its device, in its precision:
     no copies and no softmax."""
-    dtype = torch.float16 if predictor.half else torch.float32
-    x = torch.randn(batch, 1, side, side, device=predictor.device, dtype=dtype)
-    x = x.contiguous(memory_format=predictor.memory_format)
+    runner = predictor.runner
+    dtype = torch.float16 if runner.half else torch.float32
+    x = torch.randn(batch, 1, side, side, device=runner.device, dtype=dtype)
+    x = x.contiguous(memory_format=runner.memory_format)
     with torch.inference_mode():
-        return batch / best_of(lambda: synchronized(predictor.device, predictor.model(x)), repeats)
+        return batch / best_of(lambda: synchronized(runner.device, runner.model(x)), repeats)
 
 
 # NVIDIA's published inference figure for the paper's U-Net at 572x572 (the issue's reference).
@@ -405,14 +410,6 @@ def main(argv: list[str] | None = None) -> None:
     add_model_arguments(parser)
     parser.add_argument("--image", default=str(DEFAULT_IMAGE), help="a real 520x704 image to post")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64], help="levels to measure")
-    parser.add_argument("--backend", default="auto", choices=["auto", "torch", "onnxruntime"],
-                        help="the service's backend (CELLSEG_BACKEND)")  # fmt: skip
-    parser.add_argument("--full-precision", action="store_true",
-                        help="the service in float32 (CELLSEG_HALF_PRECISION=false)")  # fmt: skip
-    parser.add_argument(
-        "--no-compile", action="store_true", help="the service without torch.compile (CELLSEG_COMPILE=false)"
-    )
-    parser.add_argument("--threads", type=int, default=0, help="torch threads in this process (0: default)")
     parser.add_argument("--quick", action="store_true", help="fewer requests and repeats (about 3 minutes)")
     parser.add_argument("--out", default="bench.json", help="where to write the figures as JSON")
     args = parser.parse_args(argv)

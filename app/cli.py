@@ -8,21 +8,51 @@ import logging
 import os
 from pathlib import Path
 
-from app.ml.checkpoint import resolve_model_folder
+import torch
+
+from app.config import Settings
+from app.ml.checkpoint import Checkpoint, resolve_model_folder
+from app.ml.options import Backend
+from app.ml.serving.predictor import Predictor
+
+# The inference settings the entrypoints share with the service: one name and one default each, the service's.
+_SETTINGS = Settings.model_fields
+INFERENCE_SETTINGS = ("device", "backend", "half_precision", "compile", "tta", "torch_threads")
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """--model, --model-store and the inference settings (each named and defaulted as the service's CELLSEG_*)."""
     parser.add_argument("--model", help="a model folder such as model_store/<version> (default: the store's default)")
     parser.add_argument("--model-store", default="model_store", help="store to pick the default model from")
-    parser.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cpu' or 'cuda'")
-    parser.add_argument(
-        "--tta",
-        type=int,
-        choices=[1, 4, 8],
-        default=1,
-        help="test-time augmentation: the mean over 1 (off), 4 (flips) or 8 (flips and turns) views of each "
-        "network input; costs that many network passes (default: 1)",
+    for name in INFERENCE_SETTINGS:
+        field = _SETTINGS[name]
+        flag = "--" + name.replace("_", "-")
+        text = f"{field.description} (CELLSEG_{name.upper()}; default: %(default)s)"
+        if field.annotation is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default, help=text)
+        elif name == "backend":
+            parser.add_argument(flag, choices=[b.value for b in Backend], default=field.default.value, help=text)
+        elif name == "tta":
+            parser.add_argument(flag, type=int, choices=[1, 4, 8], default=field.default, help=text)
+        else:
+            parser.add_argument(flag, type=type(field.default), default=field.default, help=text)
+
+
+def predictor_from_args(args: argparse.Namespace, source: Checkpoint | Path | None = None) -> Predictor:
+    """The predictor the inference settings in `args` describe, warmed up (and so compiled) when compiling."""
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+    predictor = Predictor.from_checkpoint(
+        source or model_folder(args),
+        device=args.device,
+        half_precision=args.half_precision,
+        backend=args.backend,
+        compile_network=args.compile,
+        tta=args.tta,
     )
+    if predictor.runner.compiled is not None:
+        predictor.warm_up()
+    return predictor
 
 
 def add_data_argument(parser: argparse.ArgumentParser, help_text: str) -> None:

@@ -14,12 +14,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from app.cli import add_data_argument, add_model_arguments, model_folder, setup_logging
+from app.cli import add_data_argument, add_model_arguments, model_folder, predictor_from_args, setup_logging
 from app.ml.checkpoint import load_checkpoint
 from app.ml.data.kaggle import KaggleFolders, Sample
 from app.ml.errors import CellSegError
-from app.ml.scoring.evaluation import Evaluation, probabilities, score_probabilities
-from app.ml.serving.predictor import Predictor
+from app.ml.scoring.evaluation import Evaluation, instance_step_maps, score_maps
 from app.ml.training.trainset import Split, load_split
 
 
@@ -36,17 +35,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="'all' images, or the 'validation' part recorded in the model's model.json (default: all)",
     )
     parser.add_argument("--json", metavar="FILE", help="also write the full result (per image too) as JSON")
-    parser.add_argument(
-        "--half",
-        action="store_true",
-        help="compute in reduced precision as the service does where the hardware has it (float16 on CUDA, "
-        "bfloat16 on CPUs with AMX); default float32",
-    )
-    parser.add_argument(
-        "--compile",
-        action="store_true",
-        help="run the network through torch.compile as the service does on the CPU (compiled while warming up)",
-    )
     return parser
 
 
@@ -79,14 +67,10 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         checkpoint = load_checkpoint(model_folder(args))
-        predictor = Predictor.from_checkpoint(
-            checkpoint, device=args.device, half=args.half, compile_network=args.compile, tta=args.tta
-        )
-        if args.compile:
-            predictor.warm_up()
+        predictor = predictor_from_args(args, checkpoint)
         samples = select_samples(KaggleFolders(args.data), checkpoint.split, args.subset)
-        scored = [(s, probabilities(predictor, s.image)) for s in tqdm(samples, desc="evaluate", unit="img")]
-        evaluation = score_probabilities(scored, predictor.instances)
+        scored = [(s, instance_step_maps(predictor, s.image)) for s in tqdm(samples, desc="evaluate", unit="img")]
+        evaluation = score_maps(scored, predictor.instances)
     except CellSegError as exc:
         print(f"evaluate: {exc}", file=sys.stderr)
         raise SystemExit(2) from exc

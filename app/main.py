@@ -40,7 +40,7 @@ def load_predictor(settings: Settings) -> tuple[Predictor, dict]:
     predictor = Predictor.from_checkpoint(
         checkpoint,
         device=settings.device,
-        half=settings.half_precision,
+        half_precision=settings.half_precision,
         backend=settings.backend,
         compile_network=settings.compile and settings.warmup,  # it compiles while warming up
         tta=settings.tta,

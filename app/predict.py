@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from app.cli import add_model_arguments, model_folder, setup_logging
+from app.cli import add_model_arguments, predictor_from_args, setup_logging
 from app.ml import rle
 from app.ml.checkpoint import atomic_write_bytes
 from app.ml.errors import CellSegError
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     if not paths:
         raise SystemExit(f"predict: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {args.images}")
     try:
-        predictor = Predictor.from_checkpoint(model_folder(args), device=args.device, tta=args.tta)
+        predictor = predictor_from_args(args)
         rows = submission_rows(predictor, paths, args.mode)
     except CellSegError as exc:
         print(f"predict: {exc}", file=sys.stderr)

@@ -54,7 +54,7 @@ HELP = {
     "device": "'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'",
     "amp": "mixed precision: 'auto' (on for CUDA), 'on' or 'off'",
     "workers": "DataLoader worker processes",
-    "threads": "torch CPU threads (0: torch's default)",
+    "torch_threads": "torch CPU threads (0: torch's default), as the service's CELLSEG_TORCH_THREADS",
     "checkpoint_every": "also save the resume state every N steps (it is always saved after each epoch)",
     "set_default": "make this run the store's default model (model_store/DEFAULT)",
     "init": "start from these weights instead of random ones (same architecture): a model folder, or a run's "

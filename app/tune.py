@@ -14,11 +14,10 @@ import json
 import sys
 from dataclasses import replace
 
-from app.cli import add_data_argument, add_model_arguments, model_folder, setup_logging
+from app.cli import add_data_argument, add_model_arguments, model_folder, predictor_from_args, setup_logging
 from app.ml.checkpoint import load_checkpoint, save_checkpoint
 from app.ml.data.kaggle import KaggleFolders
 from app.ml.errors import CellSegError
-from app.ml.serving.predictor import Predictor
 from app.ml.training.trainer import tune_model
 from app.ml.training.trainset import Split, load_split
 
@@ -40,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
         if checkpoint.split is None:
             raise CellSegError(f"{checkpoint.path}: model.json records no split to tune on")
         train, validation = load_split(KaggleFolders(args.data), Split.from_dict(checkpoint.split))
-        predictor = Predictor.from_checkpoint(checkpoint, device=args.device, half=False, tta=args.tta)
+        predictor = predictor_from_args(args, checkpoint)
         rules, evaluation, _ = tune_model(predictor, train, validation)
     except (CellSegError, KeyError) as exc:
         print(f"tune: {exc}", file=sys.stderr)

@@ -51,7 +51,7 @@ run() {
   echo "$name: $epochs epochs of 50 steps, validation every $every"
   timeout $(( budget + 90 )) python3 -m app.train --data $data --out runs --version "$name" \
     --epochs "$epochs" --epoch-size 400 --batch-size 8 --val-every "$every" --val-fraction 0.25 \
-    --reference-size 520x704 --threads 1 --workers "$workers" --device "${DEVICE:-cuda}" --no-tune-thresholds \
+    --reference-size 520x704 --torch-threads 1 --workers "$workers" --device "${DEVICE:-cuda}" --no-tune-thresholds \
     --checkpoint-every 500 "$@" >"runs/$name.log" 2>&1 &
 }
 

@@ -72,6 +72,6 @@ def trained_model(synth_train_data: Path, tmp_path_factory: pytest.TempPathFacto
         "--data", str(synth_train_data), "--out", str(store), "--version", "synth-v1", "--set-default",
         "--epochs", "24", "--epoch-size", "64", "--batch-size", "8", "--crop", "128",
         "--width", "8", "--depth", "3", "--input-size", "256", "--tile-size", "256",
-        "--val-fraction", "0.34", "--val-every", "4", "--threads", "2",
+        "--val-fraction", "0.34", "--val-every", "4", "--torch-threads", "2",
     ])  # fmt: skip
     return store / "synth-v1"

@@ -17,7 +17,10 @@ def test_each_network_variant_is_the_one_the_service_would_run_and_has_its_ceili
     assert {"network_default", "network_default_compiled"} <= set(variants)
     for name, (predictor, ceiling, batches) in variants.items():
         assert measured[ceiling] > 0
-        assert NETWORK_OF_SERVICE[predictor.backend.value, predictor.precision, predictor.compiled is not None] == name
+        assert (
+            NETWORK_OF_SERVICE[predictor.backend.value, predictor.precision, predictor.runner.compiled is not None]
+            == name
+        )
         assert batches[0] == 1
 
 

@@ -78,3 +78,19 @@ def test_a_model_that_does_not_exist_is_a_clear_error(tmp_path, capsys):
         evaluate(["--model", str(tmp_path / "nope"), "--data", str(tmp_path)])
     assert info.value.code == 2
     assert "model folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("module", ["app.evaluate", "app.tune", "app.predict"])
+def test_the_entrypoints_inference_options_have_the_services_names_and_defaults(module):
+    from importlib import import_module  # noqa: PLC0415 - one parser per parametrized entrypoint
+
+    from app.cli import INFERENCE_SETTINGS  # noqa: PLC0415
+    from app.config import Settings  # noqa: PLC0415
+
+    parser = import_module(module).build_parser()
+    required = {"app.evaluate": ["--data", "x"], "app.tune": ["--data", "x"], "app.predict": ["--images", "x"]}
+    args = parser.parse_args(required[module])
+    service = Settings()
+    for name in INFERENCE_SETTINGS:
+        assert getattr(args, name) == getattr(service, name), name
+    assert parser.parse_args([*required[module], "--no-half-precision", "--no-compile"]).compile is False

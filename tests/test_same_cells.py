@@ -23,7 +23,7 @@ IMAGES = ["test/7ae19de7bc2a.png", "test/d48ec7815252.png", "test/d8bfd1dafdc4.p
 
 
 def default_predictor() -> Predictor:
-    return Predictor.from_checkpoint(resolve_model_folder(MODEL_STORE), device="cpu", half=False)
+    return Predictor.from_checkpoint(resolve_model_folder(MODEL_STORE), device="cpu", half_precision=False)
 
 
 def reference_path(image: str) -> Path:

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from app.ml.postprocess import InstanceConfig, Instances, instance_maps, maps_to_instances
+from app.ml.postprocess import InstanceConfig, Instances, maps_to_instances
 from app.ml.strict import check_keys
 
 FEATURES = ("log cells per 100k px", "log median area", "foreground fraction", "image contrast")
@@ -114,10 +114,6 @@ class InstanceRules:
         config = self.per_cell_type.get(cell_type, self.default) if sure else self.default
         instances = first if config == self.default else maps_to_instances(maps, config)
         return replace(instances, cell_type=cell_type, cell_type_probability=probability)
-
-    def from_probabilities(self, probs: np.ndarray, contrast: float) -> Instances:
-        """(3 or 4, H, W) probabilities and the image_contrast of their image -> the cells, with the cell type."""
-        return self.find(instance_maps(probs), contrast)
 
     def for_cell_type(self, cell_type: str, config: InstanceConfig) -> InstanceRules:
         return replace(self, per_cell_type={**self.per_cell_type, cell_type: config})

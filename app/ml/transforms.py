@@ -1,8 +1,7 @@
-"""Preprocessing shared by training and serving: normalization, resizing, and the paper's overlap-tile."""
+"""Preprocessing shared by training and serving: normalization, resizing, and the model's PreprocessConfig."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -43,55 +42,6 @@ def scaled_size(shape: tuple[int, int], scale: tuple[float, float]) -> tuple[int
 
 def _nearest_index(src: int, dst: int) -> np.ndarray:
     return np.minimum(((np.arange(dst) + 0.5) * (src / dst)).astype(np.int64), src - 1)
-
-
-@dataclass(frozen=True)
-class TileGrid:
-    """How an (H, W) image is cut into tiles whose centres (tile_out) cover it, each seeing `margin` more."""
-
-    shape: tuple[int, int]
-    tile_out: tuple[int, int]
-    margin: int
-
-    @property
-    def counts(self) -> tuple[int, int]:
-        return math.ceil(self.shape[0] / self.tile_out[0]), math.ceil(self.shape[1] / self.tile_out[1])
-
-    @property
-    def tile_in(self) -> tuple[int, int]:
-        return self.tile_out[0] + 2 * self.margin, self.tile_out[1] + 2 * self.margin
-
-    @property
-    def num_tiles(self) -> int:
-        return self.counts[0] * self.counts[1]
-
-
-def extract_tiles(image: np.ndarray, grid: TileGrid) -> np.ndarray:
-    """(H, W) -> (N, h_in, w_in) float32 tiles; beyond the border the image is mirrored, as in the paper."""
-    rows, cols = grid.counts
-    pad_h = rows * grid.tile_out[0] - image.shape[0] + grid.margin
-    pad_w = cols * grid.tile_out[1] - image.shape[1] + grid.margin
-    padded = np.pad(image, ((grid.margin, pad_h), (grid.margin, pad_w)), mode="reflect")
-    h_in, w_in = grid.tile_in
-    tiles = [
-        padded[r * grid.tile_out[0] : r * grid.tile_out[0] + h_in, c * grid.tile_out[1] : c * grid.tile_out[1] + w_in]
-        for r in range(rows)
-        for c in range(cols)
-    ]
-    return np.ascontiguousarray(np.stack(tiles), dtype=np.float32)
-
-
-def stitch_tiles(outputs: np.ndarray, grid: TileGrid) -> np.ndarray:
-    """(N, C, h, w) network outputs -> (C, H, W): each tile's centre tile_out, placed and cropped to the image."""
-    rows, cols = grid.counts
-    out_h, out_w = grid.tile_out
-    top = (outputs.shape[-2] - out_h) // 2
-    left = (outputs.shape[-1] - out_w) // 2
-    centres = outputs[:, :, top : top + out_h, left : left + out_w]
-    channels = outputs.shape[1]
-    mosaic = centres.reshape(rows, cols, channels, out_h, out_w).transpose(2, 0, 3, 1, 4)
-    mosaic = mosaic.reshape(channels, rows * out_h, cols * out_w)
-    return np.ascontiguousarray(mosaic[:, : grid.shape[0], : grid.shape[1]])
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from app.localserver import running_server as start_server
-from app.ml.serving.predictor import native_bfloat16
+from app.ml.serving.runner import native_bfloat16
 from tests.api.conftest import png, running_server
 
 pytestmark = pytest.mark.slow

@@ -11,7 +11,8 @@ from app.ml.errors import InvalidOptionError
 from app.ml.imageio import read_image
 from app.ml.options import Backend, Mode
 from app.ml.scoring.metric import image_score
-from app.ml.serving.predictor import Predictor, native_bfloat16
+from app.ml.serving.predictor import Predictor
+from app.ml.serving.runner import native_bfloat16
 from tests.conftest import MODEL_STORE
 
 BUNDLED = resolve_model_folder(MODEL_STORE)
@@ -19,7 +20,7 @@ BUNDLED = resolve_model_folder(MODEL_STORE)
 
 @pytest.fixture(scope="module")
 def pytorch() -> Predictor:
-    return Predictor.from_checkpoint(BUNDLED, device="cpu", backend="torch", half=False)  # float32, as ONNX
+    return Predictor.from_checkpoint(BUNDLED, device="cpu", backend="torch", half_precision=False)  # float32, as ONNX
 
 
 @pytest.fixture(scope="module")
@@ -30,22 +31,22 @@ def onnxruntime() -> Predictor:
 @pytest.mark.parametrize("mode", list(Mode))
 def test_onnxruntime_finds_the_cells_pytorch_finds(pytorch, onnxruntime, sartorius, mode):
     image = read_image(sartorius / "test" / "7ae19de7bc2a.png")
-    expected, got = pytorch.predict_probabilities(image, mode), onnxruntime.predict_probabilities(image, mode)
+    expected, got = pytorch.predict_maps(image, mode), onnxruntime.predict_maps(image, mode)
     np.testing.assert_allclose(got, expected, atol=1e-4)
-    cells = pytorch.instances.from_probabilities(expected, image_contrast(image))
+    cells = pytorch.instances.find(expected, image_contrast(image))
     assert cells.count > 100
-    assert image_score(cells.labels, onnxruntime.instances.from_probabilities(got, image_contrast(image)).labels) > 0.99
+    assert image_score(cells.labels, onnxruntime.instances.find(got, image_contrast(image)).labels) > 0.99
 
 
 def test_onnxruntime_computes_in_float32_even_where_the_model_allows_reduced_precision(onnxruntime):
-    assert onnxruntime.precision == "float32"  # the fixture keeps from_checkpoint's half=True
+    assert onnxruntime.precision == "float32"  # the fixture keeps from_checkpoint's half_precision=True
 
 
 def test_one_export_per_input_size_serves_every_batch_size(pytorch, onnxruntime):
     tiles = np.random.default_rng(0).standard_normal((3, 1, 576, 576), dtype=np.float32)
     np.testing.assert_allclose(onnxruntime.run_network(tiles), pytorch.run_network(tiles), atol=1e-4)
     np.testing.assert_allclose(onnxruntime.run_network(tiles[:1]), pytorch.run_network(tiles[:1]), atol=1e-4)
-    assert onnxruntime.onnx.session_for((576, 576)) is onnxruntime.onnx.session_for((576, 576))
+    assert onnxruntime.runner.onnx.session_for((576, 576)) is onnxruntime.runner.onnx.session_for((576, 576))
 
 
 def test_auto_picks_onnxruntime_on_the_cpu_unless_it_computes_bfloat16_natively():
@@ -54,7 +55,7 @@ def test_auto_picks_onnxruntime_on_the_cpu_unless_it_computes_bfloat16_natively(
         assert (auto.backend, auto.precision) == (Backend.TORCH, "bfloat16")
     else:
         assert (auto.backend, auto.precision) == (Backend.ONNXRUNTIME, "float32")
-    full_precision = Predictor.from_checkpoint(BUNDLED, device="cpu", backend="auto", half=False)
+    full_precision = Predictor.from_checkpoint(BUNDLED, device="cpu", backend="auto", half_precision=False)
     assert full_precision.backend is Backend.ONNXRUNTIME
     assert Predictor.from_checkpoint(BUNDLED, device="cpu").backend is Backend.TORCH  # the library default
 

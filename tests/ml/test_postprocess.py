@@ -114,7 +114,8 @@ def test_grow_seeds_gives_the_labels_of_the_plain_watershed(source, sartorius):
     """Leaving the seeds' inner pixels out of the flood is a speed-up only: the labels must not change."""
     if source == "real":
         predictor = Predictor.from_checkpoint(resolve_model_folder(MODEL_STORE), device="cpu")
-        probs = predictor.predict_probabilities(read_image(next((sartorius / "test").glob("*.png"))))
+        prepared = predictor.prepare(read_image(next((sartorius / "test").glob("*.png"))))
+        probs = predictor.tiler.stitch(predictor.run_tiles(prepared.tiles), prepared.grid, prepared.original_shape)
     else:
         synth = generate_image(np.random.default_rng(5), 160, 160, "astro", density=1.5)
         probs = soft_probabilities(synth.labels, noise=0.4)

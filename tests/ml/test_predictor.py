@@ -11,10 +11,11 @@ from app.ml.checkpoint import resolve_model_folder
 from app.ml.errors import InvalidOptionError
 from app.ml.imageio import read_image
 from app.ml.options import Backend, Mode
-from app.ml.postprocess import InstanceConfig
+from app.ml.postprocess import InstanceConfig, instance_maps
 from app.ml.scoring.metric import image_score
 from app.ml.serving.onnx_backend import onnxruntime_available
-from app.ml.serving.predictor import Predictor, auto_backend, native_bfloat16
+from app.ml.serving.predictor import Predictor
+from app.ml.serving.runner import auto_backend, native_bfloat16
 from app.ml.transforms import PreprocessConfig
 from app.ml.unet import UNet, UNetConfig
 from tests.conftest import MODEL_STORE
@@ -43,7 +44,7 @@ def test_resize_mode_feeds_the_network_the_model_input_size():
 
 def test_tile_mode_works_at_the_model_pixel_scale():
     pred = predictor(pixel_scale=(0.5, 0.25))
-    assert pred.working_size((200, 400), Mode.TILE) == (100, 100)
+    assert pred.tiler.working_size((200, 400), Mode.TILE) == (100, 100)
     prepared = pred.prepare(np.zeros((200, 400), np.float32), Mode.TILE)
     assert prepared.tiles.shape == (16, 1, 64, 64)  # centres of 64 - 2 * 16 = 32: 100 / 32 -> 4 x 4 tiles
 
@@ -99,23 +100,27 @@ def test_test_time_augmentation_takes_one_four_or_eight_views():
 def test_reduced_precision_on_the_cpu_is_bfloat16_where_amx_computes_it_and_finds_the_same_cells(sartorius):
     folder = resolve_model_folder(MODEL_STORE)
     fast = Predictor.from_checkpoint(folder, device="cpu", backend="torch")  # the model card allows it
-    exact = Predictor.from_checkpoint(folder, device="cpu", backend="torch", half=False)
+    exact = Predictor.from_checkpoint(folder, device="cpu", backend="torch", half_precision=False)
     assert exact.precision == "float32"
     assert fast.precision == ("bfloat16" if native_bfloat16() else "float32")
     image = read_image(sartorius / "test" / "7ae19de7bc2a.png")
-    expected, got = exact.predict_probabilities(image), fast.predict_probabilities(image)
+    expected, got = exact.predict_maps(image), fast.predict_maps(image)
     assert np.abs(got - expected).mean() < 0.01
-    cells = exact.instances.from_probabilities(expected, image_contrast(image))
+    cells = exact.instances.find(expected, image_contrast(image))
     assert cells.count > 100
-    assert image_score(cells.labels, fast.instances.from_probabilities(got, image_contrast(image)).labels) > 0.9
+    assert image_score(cells.labels, fast.instances.find(got, image_contrast(image)).labels) > 0.9
 
 
-def test_the_service_step_resizing_two_maps_finds_the_cells_of_the_three_resized_classes(sartorius):
-    # finish() resizes foreground and interior only; evaluation resizes all three classes first.
-    pred = Predictor.from_checkpoint(resolve_model_folder(MODEL_STORE), device="cpu", backend="torch", half=False)
+def test_resizing_the_two_maps_finds_the_cells_of_the_three_resized_classes(sartorius):
+    # finish() resizes the foreground and seed maps only: both are linear in the class probabilities, as the
+    # resize is, so the cells are those of resizing every class first.
+    pred = Predictor.from_checkpoint(
+        resolve_model_folder(MODEL_STORE), device="cpu", backend="torch", half_precision=False
+    )
     prepared = pred.prepare(read_image(sartorius / "test" / "7ae19de7bc2a.png"), Mode.RESIZE)
     outputs = pred.run_tiles(prepared.tiles)
-    from_classes = pred.instances.from_probabilities(pred.probabilities(prepared, outputs), prepared.contrast)
+    classes = pred.tiler.stitch(outputs, prepared.grid, prepared.original_shape)
+    from_classes = pred.instances.find(instance_maps(classes), prepared.contrast)
     from_maps = pred.finish(prepared, outputs)
     assert from_maps.count == from_classes.count > 100
     assert (from_maps.labels == from_classes.labels).mean() > 0.9999
@@ -125,7 +130,7 @@ def test_the_service_step_resizing_two_maps_finds_the_cells_of_the_three_resized
 def compiled_pair(**preprocess):
     """A predictor and the same network through torch.compile, compiled while warming up."""
     eager, compiled = predictor(**preprocess), predictor(**preprocess)
-    compiled = Predictor(compiled.model, compiled.preprocess, compiled.instances, compile_network=True)
+    compiled = Predictor(compiled.runner.model, compiled.preprocess, compiled.instances, compile_network=True)
     return eager, compiled
 
 
@@ -135,18 +140,18 @@ def test_the_compiled_network_gives_the_eager_networks_outputs_and_compiles_only
     compiled.warm_up()
     assert compiled.is_compiled
     # One shape per mode (resize: 64x64, tile: 64x64 tiles), at batch 1, the shapes the service sends.
-    assert compiled.compiled.shapes == {(1, 1, 64, 64)}
+    assert compiled.runner.compiled.shapes == {(1, 1, 64, 64)}
     tiles = np.random.default_rng(0).random((1, 1, 64, 64), dtype=np.float32)
     np.testing.assert_allclose(compiled.run_network(tiles), eager.run_network(tiles), atol=1e-4)
     # Another batch size after warming up runs uncompiled, at once, instead of stalling a request to compile.
     batch = np.random.default_rng(1).random((3, 1, 64, 64), dtype=np.float32)
     np.testing.assert_allclose(compiled.run_network(batch), eager.run_network(batch), atol=1e-6)
-    assert compiled.compiled.shapes == {(1, 1, 64, 64)}
+    assert compiled.runner.compiled.shapes == {(1, 1, 64, 64)}
 
 
 COMPILE_WITHOUT_COMPILER = """
 import logging, numpy as np, torch
-from app.ml.postprocess import InstanceConfig
+from app.ml.postprocess import InstanceConfig, instance_maps
 from app.ml.serving.predictor import Predictor
 from app.ml.transforms import PreprocessConfig
 from app.ml.unet import UNet, UNetConfig
@@ -156,7 +161,7 @@ p = Predictor(UNet(UNetConfig(base_width=4, depth=2)), PreprocessConfig(input_si
               InstanceConfig(), compile_network=True)
 p.warm_up()
 labels = p.predict(np.random.default_rng(0).random((50, 90), dtype=np.float32)).labels
-print("compiled", p.is_compiled, "failed", p.compiled.failed, "shape", labels.shape)
+print("compiled", p.is_compiled, "failed", p.runner.compiled.failed, "shape", labels.shape)
 """
 
 
@@ -171,7 +176,9 @@ def test_without_a_cxx_compiler_the_network_runs_eagerly_and_a_warning_says_why(
 
 def test_auto_backend_is_pytorch_wherever_the_network_is_compiled_else_onnxruntime_on_cpus_without_bfloat16():
     cpu = torch.device("cpu")
-    assert auto_backend(cpu, half=False, compile_network=True) is Backend.TORCH
+    assert auto_backend(cpu, half_precision=False, compile_network=True) is Backend.TORCH
     uncompiled = Backend.ONNXRUNTIME if onnxruntime_available() else Backend.TORCH
-    assert auto_backend(cpu, half=False, compile_network=False) is uncompiled
-    assert auto_backend(cpu, half=True, compile_network=False) is (Backend.TORCH if native_bfloat16() else uncompiled)
+    assert auto_backend(cpu, half_precision=False, compile_network=False) is uncompiled
+    assert auto_backend(cpu, half_precision=True, compile_network=False) is (
+        Backend.TORCH if native_bfloat16() else uncompiled
+    )

@@ -29,7 +29,7 @@ from app.train import build_parser
 pytestmark = pytest.mark.slow
 
 TINY = ["--epochs", "3", "--epoch-size", "40", "--batch-size", "4", "--crop", "128", "--width", "8", "--depth", "2",
-        "--input-size", "128", "--tile-size", "128", "--val-fraction", "0.34", "--threads", "1",
+        "--input-size", "128", "--tile-size", "128", "--val-fraction", "0.34", "--torch-threads", "1",
         "--checkpoint-every", "5", "--no-tune-thresholds"]  # fmt: skip
 
 
@@ -60,7 +60,7 @@ def test_a_few_minutes_of_training_is_far_above_an_untrained_network(trained_mod
     assert trained_score > untrained_score + 0.2
     # The service's own predictor loads the checkpoint and reproduces the recorded score in float32, and comes
     # close to it in the reduced precision it serves in where the hardware has one (bfloat16 on AMX CPUs).
-    exact = Predictor.from_checkpoint(trained_model, device="cpu", half=False)
+    exact = Predictor.from_checkpoint(trained_model, device="cpu", half_precision=False)
     assert evaluate(exact, val_samples).score == pytest.approx(trained_score)
     reduced = Predictor.from_checkpoint(trained_model, device="cpu", backend="torch")
     assert abs(evaluate(reduced, val_samples).score - trained_score) < 0.05
@@ -206,7 +206,7 @@ def test_the_paper_unpadded_network_trains_and_serves(synth_dataset, tmp_path):
                          tune_thresholds=False)  # fmt: skip
     Trainer(config).fit()
     predictor = Predictor.from_checkpoint(tmp_path / "paper")
-    assert not predictor.config.padded
+    assert not predictor.architecture.padded
     assert predictor.predict(np.zeros((100, 130), np.float32)).labels.shape == (100, 130)
     with pytest.raises(ValueError, match="try 572"):
         Trainer(TrainConfig(**{**config.__dict__, "version": "bad", "crop": 90}))

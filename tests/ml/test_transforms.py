@@ -2,14 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from app.ml.transforms import (
-    TileGrid,
-    extract_tiles,
-    normalize,
-    resize_image,
-    resize_labels,
-    stitch_tiles,
-)
+from app.ml.serving.tiler import TileGrid, extract_tiles, stitch_tiles
+from app.ml.transforms import normalize, resize_image, resize_labels
 from app.ml.unet import UNet, UNetConfig
 
 

@@ -56,7 +56,7 @@ async def segment(
     give a PNG. Send one image as `file`, or several as `files` (JSON only).
     """
     uploads = _uploads(file, files, output, service.settings.max_files)
-    rules = pipeline.predictor.instances.with_overrides(
+    rules = pipeline.rules(
         foreground_threshold=foreground_threshold, seed_threshold=seed_threshold, min_cell_area=min_cell_area
     )
     images = [await _read(upload) for upload in uploads]
@@ -65,7 +65,7 @@ async def segment(
     results = await _cancel_on_disconnect(request, work)
     for result in results:
         service.metrics.cells.observe(result.instances.count)
-    version = pipeline.predictor.version
+    version = pipeline.model_version
     if output is not OutputFormat.JSON:
         return await _png_response(pipeline, results[0], output, version)
     bodies = [

@@ -44,22 +44,22 @@ def evaluation_mode(shape: tuple[int, int], preprocess: PreprocessConfig) -> Mod
     return Mode.RESIZE if scaled_size(shape, preprocess.pixel_scale) == (side, side) else Mode.TILE
 
 
-def probabilities(predictor: Predictor, image: np.ndarray) -> np.ndarray:
-    """(H, W) image -> (C, H, W) probabilities through the mode the evaluation uses."""
-    return predictor.predict_probabilities(image, evaluation_mode(image.shape, predictor.preprocess))
+def instance_step_maps(predictor: Predictor, image: np.ndarray) -> np.ndarray:
+    """(H, W) image -> the (2, H, W) maps the instance step reads, through the mode the evaluation uses."""
+    return predictor.predict_maps(image, evaluation_mode(image.shape, predictor.preprocess))
 
 
 def evaluate(predictor: Predictor, samples: Iterable[Sample], rules: InstanceRules | None = None) -> Evaluation:
     """Run every sample through the predictor and score it."""
-    scored = [(sample, probabilities(predictor, sample.image)) for sample in samples]
-    return score_probabilities(scored, rules or predictor.instances)
+    scored = [(sample, instance_step_maps(predictor, sample.image)) for sample in samples]
+    return score_maps(scored, rules or predictor.instances)
 
 
-def score_probabilities(scored: list[tuple[Sample, np.ndarray]], rules: InstanceRules) -> Evaluation:
-    """(sample, probabilities) pairs -> Evaluation with the given instance step."""
+def score_maps(scored: list[tuple[Sample, np.ndarray]], rules: InstanceRules) -> Evaluation:
+    """(sample, instance step maps) pairs -> Evaluation with the given instance step."""
     rows, by_type = [], defaultdict(list)
-    for sample, probs in scored:
-        instances = rules.from_probabilities(probs, image_contrast(sample.image))
+    for sample, maps in scored:
+        instances = rules.find(maps, image_contrast(sample.image))
         per_threshold = score_per_threshold(sample.labels, instances.labels)
         rows.append((sample, per_threshold, instances))
         by_type[sample.cell_type].append(per_threshold.mean())
@@ -96,7 +96,7 @@ MIN_CELL_AREAS = (24, 64, 128, 256, 512)
 
 
 def tune_thresholds(scored: list[tuple[Sample, np.ndarray]], base: InstanceConfig) -> tuple[InstanceConfig, float]:
-    """Search THRESHOLD_GRID, then MIN_CELL_AREAS, on already computed probabilities; the best config and its
+    """Search THRESHOLD_GRID, then MIN_CELL_AREAS, on already computed instance step maps; the best config and its
     score (`base` itself wins ties)."""
     candidates = [
         base.with_overrides(foreground_threshold=foreground, seed_threshold=seed)
@@ -106,13 +106,13 @@ def tune_thresholds(scored: list[tuple[Sample, np.ndarray]], base: InstanceConfi
     return _best(scored, [best[0], *(best[0].with_overrides(min_cell_area=area) for area in MIN_CELL_AREAS)])
 
 
-def _features(rules: InstanceRules, sample: Sample, probs: np.ndarray) -> np.ndarray:
+def _features(rules: InstanceRules, sample: Sample, maps: np.ndarray) -> np.ndarray:
     contrast = image_contrast(sample.image)
-    return cell_features(rules.from_probabilities(probs, contrast), contrast)
+    return cell_features(rules.find(maps, contrast), contrast)
 
 
 def _best(scored: list[tuple[Sample, np.ndarray]], configs: list[InstanceConfig]) -> tuple[InstanceConfig, float]:
-    scores = [score_probabilities(scored, InstanceRules(config)).score for config in configs]
+    scores = [score_maps(scored, InstanceRules(config)).score for config in configs]
     index = int(np.argmax(scores))  # the first of equal scores
     return configs[index], scores[index]
 
@@ -131,7 +131,7 @@ def tune_rules(
     rules = InstanceRules(default)
     types = sorted({sample.cell_type for sample, _ in train + validation})
     if len(types) > 1:
-        features = np.stack([_features(rules, sample, probs) for sample, probs in train])
+        features = np.stack([_features(rules, sample, maps) for sample, maps in train])
         rules = InstanceRules(default, {}, CellTypeClassifier.fit(features, [s.cell_type for s, _ in train]))
         for cell_type in types:
             of_type = [(s, p) for s, p in validation if s.cell_type == cell_type]
@@ -140,4 +140,4 @@ def tune_rules(
             config, _ = tune_thresholds(of_type, default)
             if config != default:  # the default wins ties, so another config scored strictly higher
                 rules = rules.for_cell_type(cell_type, config)
-    return rules, score_probabilities(validation, rules)
+    return rules, score_maps(validation, rules)

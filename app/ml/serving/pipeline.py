@@ -73,6 +73,14 @@ class SegmentationPipeline:
         self.predictor, self.batcher, self.limits = predictor, batcher, limits or ImageLimits()
         self.observe_stage = observe_stage or (lambda stage, seconds: None)
 
+    @property
+    def model_version(self) -> str:
+        return self.predictor.version
+
+    def rules(self, **overrides: float | int | None) -> InstanceRules:
+        """The model's instance step with a request's own thresholds (None: the model's)."""
+        return self.predictor.instances.with_overrides(**overrides)
+
     async def segment(self, data: bytes, mode: Mode, rules: InstanceRules) -> Segmentation:
         """Raises InvalidImageError for bad bytes and QueueFullError when the service is overloaded."""
         timings: dict[str, float] = {}

@@ -42,8 +42,9 @@ from app.ml.checkpoint import (
 from app.ml.data.kaggle import KaggleFolders, Sample
 from app.ml.errors import CheckpointError
 from app.ml.postprocess import InstanceConfig
-from app.ml.scoring.evaluation import Evaluation, probabilities, score_probabilities, tune_rules
-from app.ml.serving.predictor import Predictor, pick_device
+from app.ml.scoring.evaluation import Evaluation, instance_step_maps, score_maps, tune_rules
+from app.ml.serving.predictor import Predictor
+from app.ml.serving.runner import pick_device
 from app.ml.training.augment import AugmentConfig
 from app.ml.training.losses import segmentation_loss
 from app.ml.training.plots import save_curves, save_overlays
@@ -102,7 +103,7 @@ class TrainConfig:
     device: str = "auto"
     amp: str = "auto"
     workers: int = 0
-    threads: int = 0
+    torch_threads: int = 0
     checkpoint_every: int = 50
     set_default: bool = False
     init: str = ""
@@ -187,8 +188,8 @@ class Trainer:
             config.version = _shared_version(self.dist)
         self.folder = Path(config.out) / config.version
         self.device = _device_for(config.device, self.dist)
-        if config.threads:
-            torch.set_num_threads(config.threads)
+        if config.torch_threads:
+            torch.set_num_threads(config.torch_threads)
         if self.device.type == "cpu":
             torch.use_deterministic_algorithms(True, warn_only=True)
         self._load_data(resume_state)
@@ -333,7 +334,7 @@ class Trainer:
     def _validate(self) -> None:
         if self.dist.is_main:
             scored = self._val_probabilities()
-            evaluation = score_probabilities(scored, InstanceRules())
+            evaluation = score_maps(scored, InstanceRules())
             self._log(
                 {
                     "kind": "val",
@@ -357,7 +358,7 @@ class Trainer:
     def _val_probabilities(self) -> list[tuple[Sample, np.ndarray]]:
         predictor = Predictor(self.model, self.preprocess, InstanceRules(), device=self.device, channels_last=False)
         try:
-            return [(sample, probabilities(predictor, sample.image)) for sample in self.val_samples]
+            return [(sample, instance_step_maps(predictor, sample.image)) for sample in self.val_samples]
         finally:
             self.model.train()
 
@@ -372,7 +373,7 @@ class Trainer:
         if not self.config.tune_thresholds:
             return card
         last = Predictor(self.model, self.preprocess, InstanceRules(), device=self.device, channels_last=False)
-        best = Predictor.from_checkpoint(self.folder, device=str(self.device), half=False)
+        best = Predictor.from_checkpoint(self.folder, device=str(self.device), half_precision=False)
         tuned = {
             name: tune_model(p, self.train_samples, self.val_samples) for name, p in (("best", best), ("last", last))
         }
@@ -380,7 +381,7 @@ class Trainer:
         log.info("kept the %s weights: tuned validation score %.4f (the other: %.4f)", self.kept,
                  tuned[self.kept][1].score, min(t[1].score for t in tuned.values()))  # fmt: skip
         if self.kept == "best":
-            self.model.load_state_dict(best.model.state_dict())
+            self.model.load_state_dict(best.runner.model.state_dict())
         rules, evaluation, scored = tuned[self.kept]
         return self._write_model(rules, evaluation, scored, untuned=card.metrics["validation"])
 
@@ -394,8 +395,8 @@ class Trainer:
         card = self._card(instances, evaluation, untuned)
         card = save_checkpoint(self.folder, self.model.state_dict(), card)
         overlays = [
-            (s.image_id, s.image, s.labels, instances.from_probabilities(p, image_contrast(s.image)).labels)
-            for s, p in scored[:3]
+            (s.image_id, s.image, s.labels, instances.find(maps, image_contrast(s.image)).labels)
+            for s, maps in scored[:3]
         ]
         save_overlays(overlays, self.folder / "overlays.png")
         if self.config.set_default:
@@ -477,8 +478,8 @@ def tune_model(
     """tune_rules for a trained model: its probabilities on both sets, then the chosen rules, their evaluation on
     validation, and the validation probabilities (for overlays)."""
     bar = partial(tqdm, unit="img", leave=False)
-    train_scored = [(s, probabilities(predictor, s.image)) for s in bar(train, desc="tune: training images")]
-    val_scored = [(s, probabilities(predictor, s.image)) for s in bar(validation, desc="tune: validation images")]
+    train_scored = [(s, instance_step_maps(predictor, s.image)) for s in bar(train, desc="tune: training images")]
+    val_scored = [(s, instance_step_maps(predictor, s.image)) for s in bar(validation, desc="tune: validation images")]
     rules, evaluation = tune_rules(train_scored, val_scored, InstanceConfig())
     log.info("instance step chosen on validation: %s -> score %.4f %s", rules.to_dict(), evaluation.score,
              evaluation.per_cell_type)  # fmt: skip

@@ -1,0 +1,105 @@
+"""The tiler: how an image becomes network inputs and the outputs become maps at the image's size again.
+
+It owns the geometry (the working size of each mode, the tile grid) and the cutting and stitching. In resize mode
+the padded network sees the whole resized image at once; in tile mode, and always for the paper's unpadded
+network, the image is cut as in the paper's overlap-tile: each tile's centre is kept, and it saw `margin` pixels
+of context beyond it (mirrored at the image's borders).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from app.ml.options import Mode, parse_option
+from app.ml.transforms import PreprocessConfig, normalize, resize_image, scaled_size
+from app.ml.unet import UNetConfig
+
+
+@dataclass(frozen=True)
+class TileGrid:
+    """How an (H, W) image is cut into tiles whose centres (tile_out) cover it, each seeing `margin` more."""
+
+    shape: tuple[int, int]
+    tile_out: tuple[int, int]
+    margin: int
+
+    @property
+    def counts(self) -> tuple[int, int]:
+        return math.ceil(self.shape[0] / self.tile_out[0]), math.ceil(self.shape[1] / self.tile_out[1])
+
+    @property
+    def tile_in(self) -> tuple[int, int]:
+        return self.tile_out[0] + 2 * self.margin, self.tile_out[1] + 2 * self.margin
+
+    @property
+    def num_tiles(self) -> int:
+        return self.counts[0] * self.counts[1]
+
+
+def extract_tiles(image: np.ndarray, grid: TileGrid) -> np.ndarray:
+    """(H, W) -> (N, h_in, w_in) float32 tiles; beyond the border the image is mirrored, as in the paper."""
+    rows, cols = grid.counts
+    pad_h = rows * grid.tile_out[0] - image.shape[0] + grid.margin
+    pad_w = cols * grid.tile_out[1] - image.shape[1] + grid.margin
+    padded = np.pad(image, ((grid.margin, pad_h), (grid.margin, pad_w)), mode="reflect")
+    h_in, w_in = grid.tile_in
+    tiles = [
+        padded[r * grid.tile_out[0] : r * grid.tile_out[0] + h_in, c * grid.tile_out[1] : c * grid.tile_out[1] + w_in]
+        for r in range(rows)
+        for c in range(cols)
+    ]
+    return np.ascontiguousarray(np.stack(tiles), dtype=np.float32)
+
+
+def stitch_tiles(outputs: np.ndarray, grid: TileGrid) -> np.ndarray:
+    """(N, C, h, w) network outputs -> (C, H, W): each tile's centre tile_out, placed and cropped to the image."""
+    rows, cols = grid.counts
+    out_h, out_w = grid.tile_out
+    top = (outputs.shape[-2] - out_h) // 2
+    left = (outputs.shape[-1] - out_w) // 2
+    centres = outputs[:, :, top : top + out_h, left : left + out_w]
+    channels = outputs.shape[1]
+    mosaic = centres.reshape(rows, cols, channels, out_h, out_w).transpose(2, 0, 3, 1, 4)
+    mosaic = mosaic.reshape(channels, rows * out_h, cols * out_w)
+    return np.ascontiguousarray(mosaic[:, : grid.shape[0], : grid.shape[1]])
+
+
+@dataclass(frozen=True)
+class Tiler:
+    """Cuts images into network inputs and stitches outputs back, for one model's preprocessing and network."""
+
+    preprocess: PreprocessConfig
+    architecture: UNetConfig
+
+    def working_size(self, shape: tuple[int, ...], mode: Mode | str) -> tuple[int, int]:
+        """The (H, W) the image is resized to before tiling."""
+        if parse_option(Mode, mode, "mode") is Mode.RESIZE:
+            return self.preprocess.input_size, self.preprocess.input_size
+        return scaled_size((shape[0], shape[1]), self.preprocess.pixel_scale)
+
+    def grid(self, shape: tuple[int, int], mode: Mode | str) -> TileGrid:
+        """How the working image is tiled for this network: the unpadded network always uses the paper's
+        overlap-tile (input_size in); the padded one sees the whole resized image in resize mode (mirrored up to a
+        multiple of its stride), and tiles of tile_size with tile_margin of context in tile mode."""
+        if not self.architecture.padded:
+            size = self.preprocess.input_size
+            out = self.architecture.output_size(size)
+            return TileGrid(shape=shape, tile_out=(out, out), margin=(size - out) // 2)
+        if parse_option(Mode, mode, "mode") is Mode.RESIZE:
+            stride = self.architecture.stride
+            return TileGrid(shape=shape, tile_out=tuple(math.ceil(s / stride) * stride for s in shape), margin=0)
+        out = self.preprocess.tile_size - 2 * self.preprocess.tile_margin
+        return TileGrid(shape=shape, tile_out=(out, out), margin=self.preprocess.tile_margin)
+
+    def cut(self, image: np.ndarray, mode: Mode | str) -> tuple[np.ndarray, TileGrid]:
+        """(H, W) image -> (N, 1, h, w) float32 normalized tiles and their grid."""
+        working = resize_image(image, self.working_size(image.shape, mode))
+        grid = self.grid(working.shape, mode)
+        return extract_tiles(normalize(working), grid)[:, None], grid
+
+    def stitch(self, outputs: np.ndarray, grid: TileGrid, shape: tuple[int, int]) -> np.ndarray:
+        """(N, C, h, w) per-tile outputs -> (C, H, W) at the original image's `shape`."""
+        return resize_image(stitch_tiles(outputs, grid), shape)
