@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from app.ml.imageio import MAX_PIXELS
 from app.ml.options import Backend
 
 
@@ -41,7 +42,19 @@ class Settings(BaseSettings):
     warmup: bool = Field(True, description="run a blank image through the model before reporting ready")
 
     max_upload_bytes: int = Field(50 * 1024 * 1024, gt=0, description="largest request body accepted")
-    max_pixels: int = Field(40_000_000, gt=0, description="largest image (width x height) accepted")
+    max_pixels: int = Field(MAX_PIXELS, gt=0, description="largest image (width x height x frames) accepted")
+    max_request_pixels: int = Field(
+        MAX_PIXELS,
+        gt=0,
+        description="most pixels in one request, all its images together, or their network inputs' where those are "
+        "more (tile mode on an image of extreme shape); checked from the headers before decoding (413)",
+    )
+    max_pixels_in_flight: int = Field(
+        MAX_PIXELS,
+        gt=0,
+        description="most pixels being worked on at once, all requests together; a request that does not fit "
+        "now gets 503 with Retry-After before it is decoded (docs/reliability.md: memory follows it)",
+    )
     max_files: int = Field(16, gt=0, description="most images in one request (field 'files')")
 
     max_batch: int = Field(
@@ -56,6 +69,13 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = Field(None, description="when set, every route but /health needs it")
     log_level: str = Field("INFO", description="logging level")
     log_json: bool = Field(True, description="one JSON object per log line (else plain text)")
+
+    keep_alive_seconds: int = Field(
+        5, ge=1, description="a connection that sends no request for this long is closed (idle or never used)"
+    )
+    max_connections: int = Field(
+        4096, gt=0, description="most connections open at once; beyond them new ones get 503 (uvicorn)"
+    )
 
     host: str = Field("0.0.0.0", description="address `serve` listens on")
     port: int = Field(8000, description="port `serve` listens on")

@@ -45,7 +45,7 @@ def running_server(log_path: Path | None = None, timeout: float = 120.0, **setti
     command = [sys.executable, "-m", "app.serve", "--host", "127.0.0.1", "--port", str(port)]
     process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     server = LocalServer(f"http://127.0.0.1:{port}", process.pid)
-    headers = {"X-API-Key": settings["api_key"]} if "api_key" in settings else {}
+    headers = {"X-API-Key": settings["api_key"].encode()} if "api_key" in settings else {}
     try:
         _wait_until_ready(server.url, process, headers, timeout)
         yield server

@@ -15,13 +15,14 @@ from app.api.deps import Service
 from app.api.errors import install_error_handlers
 from app.api.logs import configure_logging
 from app.api.metrics import Metrics
-from app.api.middleware import BodySizeLimitMiddleware, RequestContextMiddleware
+from app.api.middleware import ApiKeyMiddleware, BodySizeLimitMiddleware, RequestContextMiddleware
 from app.api.routes import ops, segment
 from app.config import Settings
 from app.ml.checkpoint import load_checkpoint, resolve_model_folder
 from app.ml.errors import CheckpointError, InvalidOptionError
 from app.ml.imageio import ImageLimits
 from app.ml.serving.batcher import MicroBatcher
+from app.ml.serving.budget import PixelBudget
 from app.ml.serving.pipeline import SegmentationPipeline
 from app.ml.serving.predictor import Predictor
 
@@ -33,7 +34,9 @@ Kaggle-style RLE in JSON, or a PNG."""
 
 
 def load_predictor(settings: Settings) -> tuple[Predictor, dict]:
-    """The model named by the settings (or the store's default), verified and on its device. Blocking."""
+    """The model named by the settings (or the store's default), verified and on its device, not yet warmed up.
+    Blocking, and quick: what can be wrong with a model folder or a setting shows here, before the server
+    listens."""
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     checkpoint = load_checkpoint(resolve_model_folder(settings.model_store, settings.model_version))
@@ -45,9 +48,27 @@ def load_predictor(settings: Settings) -> tuple[Predictor, dict]:
         compile_network=settings.compile and settings.warmup,  # it compiles while warming up
         tta=settings.tta,
     )
-    if settings.warmup:
-        predictor.warm_up()
-    return predictor, checkpoint.card.to_dict()
+    return predictor, checkpoint.card.without_host_paths().to_dict()
+
+
+async def warm_up(service: Service) -> None:
+    """Warm the model up (compiling it, when on) while the server already answers, then report ready.
+    /health answers all along; /ready and /segment answer 503 with what is going on until then."""
+    predictor = service.predictor
+    try:
+        if service.settings.warmup:
+            service.status = "warming up the model (compiling it)" if predictor.runner.compiled else "warming up"
+            await asyncio.to_thread(predictor.warm_up)
+    except Exception as exc:  # a warm-up that fails leaves the service not ready, saying why, and running
+        service.status = f"failed while warming up: {exc}"
+        log.critical("the model failed while warming up: %s", exc, exc_info=exc)
+        return
+    service.ready, service.status = True, "ready"
+    where = {"model_version": predictor.version, "device": str(predictor.device),
+             "backend": predictor.backend.value, "precision": predictor.precision,
+             "compiled": predictor.is_compiled}  # fmt: skip
+    log.info("serving model %(model_version)s on %(device)s with %(backend)s in %(precision)s (compiled: "
+             "%(compiled)s)", where, extra=where)  # fmt: skip
 
 
 @asynccontextmanager
@@ -66,17 +87,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     batcher.start()
     limits = ImageLimits(max_pixels=settings.max_pixels)
     service.predictor, service.card, service.batcher = predictor, card, batcher
-    service.pipeline = SegmentationPipeline(predictor, batcher, limits, service.metrics.observe_stage)
-    service.ready = True
-    where = {"model_version": predictor.version, "device": str(predictor.device),
-             "backend": predictor.backend.value, "precision": predictor.precision,
-             "compiled": predictor.is_compiled}  # fmt: skip
-    log.info("serving model %(model_version)s on %(device)s with %(backend)s in %(precision)s (compiled: "
-             "%(compiled)s)", where, extra=where)  # fmt: skip
+    budget = PixelBudget(settings.max_request_pixels, settings.max_pixels_in_flight)
+    service.pipeline = SegmentationPipeline(predictor, batcher, limits, service.metrics.observe_stage, budget)
+    warming = asyncio.create_task(warm_up(service))
     try:
         yield
     finally:
         service.ready = False
+        warming.cancel()  # the thread of a warm-up in progress runs to its end; nothing waits for it
         await batcher.stop()
 
 
@@ -86,10 +104,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="cellseg", version=package.__version__, description=DESCRIPTION, lifespan=lifespan)
     metrics = Metrics()
     app.state.service = Service(settings=settings, metrics=metrics)
-    app.include_router(ops.open_router)
     app.include_router(ops.router)
     app.include_router(segment.router)
     install_error_handlers(app)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_upload_bytes)
+    key = settings.api_key.get_secret_value() if settings.api_key else None
+    app.add_middleware(ApiKeyMiddleware, key=key)  # before the body is read, on every route but /health
     app.add_middleware(RequestContextMiddleware, metrics=metrics)  # outermost: sees every answer, 413s too
     return app

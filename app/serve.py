@@ -6,12 +6,24 @@ Example:  CELLSEG_PORT=8080 CELLSEG_MODEL_VERSION=sartorius-w16-v2 serve
 from __future__ import annotations
 
 import argparse
+import asyncio
 
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from app.cli import tune_malloc
 from app.config import Settings
 from app.main import create_app
+
+
+class IdleTimeoutProtocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol, which closes a connection idle for keep_alive_seconds after a request; this
+    also closes one that sends no request at all, so idle sockets cannot pile up until nothing else gets in."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        # The first bytes received cancel it, as they cancel uvicorn's own keep-alive timer.
+        self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, self.timeout_keep_alive_handler)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -24,7 +36,9 @@ def main(argv: list[str] | None = None) -> None:
     settings = Settings()
     # One worker process: the model is loaded once and the micro-batcher sees every request.
     config = uvicorn.Config(create_app(settings), host=args.host or settings.host, port=args.port or settings.port,
-                            log_config=None, access_log=False, timeout_graceful_shutdown=10)  # fmt: skip
+                            log_config=None, access_log=False, timeout_graceful_shutdown=10,
+                            timeout_keep_alive=settings.keep_alive_seconds, http=IdleTimeoutProtocol,
+                            limit_concurrency=settings.max_connections)  # fmt: skip
     server = uvicorn.Server(config)
     server.run()
     if not server.started:  # startup failed; the lifespan has logged why (e.g. a missing or corrupt model)

@@ -18,7 +18,7 @@ from app.ml.scoring.metric import iou_matrix
 from app.ml.serving.predictor import Predictor
 from tests.conftest import MODEL_STORE, REPO, SARTORIUS
 
-REFERENCES = REPO / "tests" / "data" / "same-cells"
+REFERENCES = REPO / "tests" / "references" / "same-cells"
 IMAGES = ["test/7ae19de7bc2a.png", "test/d48ec7815252.png", "test/d8bfd1dafdc4.png", "train/0030fd0e6378.png"]
 
 

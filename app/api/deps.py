@@ -6,12 +6,10 @@ thread pool, and three thread hops per request cost more than the work they do.
 
 from __future__ import annotations
 
-import hmac
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import Depends, HTTPException, Request, Security
-from fastapi.security import APIKeyHeader
+from fastapi import Depends, HTTPException, Request
 
 from app.api.metrics import Metrics
 from app.config import Settings
@@ -31,6 +29,7 @@ class Service:
     batcher: MicroBatcher | None = None
     pipeline: SegmentationPipeline | None = None
     ready: bool = False
+    status: str = "loading the model"
 
 
 async def get_service(request: Request) -> Service:
@@ -42,21 +41,9 @@ ServiceDep = Annotated[Service, Depends(get_service)]
 
 async def get_pipeline(service: ServiceDep) -> SegmentationPipeline:
     if not service.ready or service.pipeline is None:
-        raise HTTPException(503, "the model is still loading; retry in a few seconds", headers={"Retry-After": "2"})
+        raise HTTPException(503, f"not ready yet ({service.status}); retry in a few seconds",
+                            headers={"Retry-After": "2"})  # fmt: skip
     return service.pipeline
 
 
 PipelineDep = Annotated[SegmentationPipeline, Depends(get_pipeline)]
-
-_api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="needed when CELLSEG_API_KEY is set")
-
-
-async def require_api_key(service: ServiceDep, key: Annotated[str | None, Security(_api_key_header)]) -> None:
-    """When an API key is configured, compare the X-API-Key header with it in constant time."""
-    expected = service.settings.api_key
-    if expected is None:
-        return
-    given = (key or "").encode()
-    if not hmac.compare_digest(given, expected.get_secret_value().encode()):
-        raise HTTPException(401, "missing or wrong API key: send it in the X-API-Key header",
-                            headers={"WWW-Authenticate": "APIKey"})  # fmt: skip

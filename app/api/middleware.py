@@ -1,7 +1,9 @@
-"""Pure ASGI middleware (no buffering of bodies): request ids, access logs and metrics; the upload size limit."""
+"""Pure ASGI middleware (no buffering of bodies): request ids, access logs and metrics; the API key, checked before
+any of the body is read; the upload size limit."""
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import re
@@ -15,6 +17,38 @@ from app.api.metrics import Metrics
 
 log = logging.getLogger("cellseg.access")
 _VALID_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+# Metric labels come from fixed sets, so no client can grow /metrics by sending made-up methods.
+_METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
+OPEN_PATHS = {"/health"}  # answered without the API key: a liveness probe has no secrets
+
+
+async def send_json(send: Send, status: int, detail: str, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    """Answer {"detail": ...} with `status` and close the connection (the body may be left unread)."""
+    body = json.dumps({"detail": detail}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close"), *(headers or [])]})  # fmt: skip
+    await send({"type": "http.response.body", "body": body})
+
+
+class ApiKeyMiddleware:
+    """When a key is set, every route but OPEN_PATHS (the docs and the OpenAPI schema included) needs it in the
+    X-API-Key header; a request without it gets 401 before any of its body is read. The header's bytes are
+    compared with the key's UTF-8 bytes in constant time, so a non-ASCII key works too."""
+
+    def __init__(self, app: ASGIApp, key: str | None) -> None:
+        self.app, self.key = app, key.encode() if key else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.key is None or scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope["headers"]).get(b"x-api-key", b"")
+        if hmac.compare_digest(given, self.key):
+            await self.app(scope, receive, send)
+            return
+        await send_json(send, 401, "missing or wrong API key: send it in the X-API-Key header",
+                        [(b"www-authenticate", b"APIKey")])  # fmt: skip
 
 
 class RequestContextMiddleware:
@@ -48,7 +82,8 @@ class RequestContextMiddleware:
 
     def _record(self, scope: Scope, status: int, seconds: float) -> None:
         route = getattr(scope.get("route"), "path", None) or "unmatched"
-        self.metrics.requests.labels(scope["method"], route, str(status)).inc()
+        method = scope["method"] if scope["method"] in _METHODS else "other"
+        self.metrics.requests.labels(method, route, str(status)).inc()
         self.metrics.latency.labels(route).observe(seconds)
         level = logging.WARNING if status >= 500 else logging.INFO
         log.log(level, "%s %s %d", scope["method"], scope["path"], status,
@@ -100,9 +135,5 @@ class BodySizeLimitMiddleware:
             await self._refuse(send)
 
     async def _refuse(self, send: Send) -> None:
-        body = json.dumps({"detail": f"the upload is larger than the limit of {self.max_bytes:,} bytes; "
-                                     "send a smaller image (PNG, JPEG or TIFF)"}).encode()  # fmt: skip
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                (b"connection", b"close")]})  # fmt: skip
-        await send({"type": "http.response.body", "body": body})
+        await send_json(send, 413, f"the upload is larger than the limit of {self.max_bytes:,} bytes; "
+                                   "send a smaller image (PNG, JPEG or TIFF)")  # fmt: skip

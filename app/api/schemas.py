@@ -62,6 +62,7 @@ class Health(BaseModel):
 
 class Ready(BaseModel):
     ready: bool
+    status: str = Field(description="what the service is doing: loading the model, warming up, ready, or failed")
     model_version: str | None
     device: str | None
     backend: str | None = Field(description="what runs the network: torch or onnxruntime")

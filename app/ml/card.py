@@ -12,6 +12,7 @@ the first cards' single training.data.path as paths).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import PurePath
 from typing import Any
 
 from app.ml.celltypes import InstanceRules
@@ -20,6 +21,7 @@ from app.ml.transforms import PreprocessConfig
 from app.ml.unet import UNetConfig
 
 FORMAT_VERSION = 2
+_PATH_ARGS = ("data", "out", "init")  # train's options that name paths on the training machine
 _DROPPED_IN_2 = {"preprocessing": ("normalization", "zscore"), "inference": ("default_mode", "resize")}
 
 
@@ -93,6 +95,16 @@ class ModelCard:
     def validation_score(self) -> float | None:
         validation = self.metrics.get("validation")
         return validation.get("score") if isinstance(validation, dict) else None
+
+    def without_host_paths(self) -> ModelCard:
+        """The card as the service shows it: the training record keeps the data folders' names, not the paths of
+        the machine that trained the model (nor its output and starting-point paths)."""
+        if self.training is None:
+            return self
+        names = [PurePath(path).name for path in self.training.data.paths]
+        args = {key: value for key, value in self.training.args.items() if key not in _PATH_ARGS}
+        training = replace(self.training, args=args, data=replace(self.training.data, paths=names))
+        return replace(self, training=training)
 
     def with_weights(self, file: str, sha256: str) -> ModelCard:
         return replace(self, weights=WeightsFile(file, sha256), format_version=FORMAT_VERSION)

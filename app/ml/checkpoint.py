@@ -88,6 +88,15 @@ def atomic_write_json(path: Path, data: dict[str, Any]) -> None:
     atomic_write_bytes(path, (json.dumps(data, indent=2, sort_keys=False) + "\n").encode())
 
 
+def remove_temp_files(folder: Path) -> list[Path]:
+    """Delete the temp files atomic_write_bytes leaves in `folder` when killed mid-write; returns them. Only for a
+    folder no other process is writing into (a run's own folder)."""
+    stale = sorted(folder.glob(".*.tmp"))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
 def clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Strip wrapper prefixes and move every tensor to contiguous CPU memory."""
     return {_strip_prefixes(k): v.detach().to("cpu").contiguous() for k, v in state.items()}

@@ -17,11 +17,11 @@ from PIL import Image, UnidentifiedImageError
 
 from app.ml.errors import ImageTooLargeError, InvalidImageError, UnsupportedImageError
 
-MAX_PIXELS = 40_000_000
+MAX_PIXELS = 24_000_000  # sized to fit the service in a 2 GB container: docs/reliability.md
 MIN_SIDE = 16
 ACCEPTED = (
     "Accepted: one PNG, JPEG or TIFF image, 8- or 16-bit, grayscale, RGB or RGBA, a single frame, "
-    f"at least {MIN_SIDE}x{MIN_SIDE} and at most {MAX_PIXELS:,} pixels."
+    f"at least {MIN_SIDE}x{MIN_SIDE} pixels and at most the service's pixel limit."
 )
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R BT.601, what Pillow's "L" uses
@@ -61,6 +61,20 @@ def image_size(path: str | Path) -> tuple[int, int]:
             return int(tif.pages.first.imagelength), int(tif.pages.first.imagewidth)
     with Image.open(io.BytesIO(data)) as img:
         return img.height, img.width
+
+
+def declared_shape(data: bytes) -> tuple[int, int, int] | None:
+    """(height, width, frames) as the image file's header declares them, without decoding any pixel; None when
+    the header cannot be read (decoding the file then says what is wrong)."""
+    try:
+        if data[:4] in _TIFF_MAGIC:
+            with tifffile.TiffFile(io.BytesIO(data)) as tif:
+                page = tif.pages.first
+                return int(page.imagelength), int(page.imagewidth), _tiff_frames(tif)
+        with Image.open(io.BytesIO(data)) as img:
+            return img.height, img.width, getattr(img, "n_frames", 1)
+    except Exception:
+        return None
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:

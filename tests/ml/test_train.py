@@ -170,9 +170,12 @@ def test_a_run_killed_with_sigkill_and_resumed_ends_with_the_same_weights(synth_
     killed.wait(timeout=30)
     saved_step = json.loads(load_resume_state(tmp_path / "killed")[1]["run_state"])["step"]
     assert 0 < saved_step < 30, "the kill must land in the middle of the run"
+    left_behind = tmp_path / "killed" / ".last.pt.k1ll3d.tmp"  # as a kill inside an atomic write leaves it
+    left_behind.write_bytes(b"partial")
 
     resumed = run_train("--resume", str(tmp_path / "killed"))
     assert resumed.wait(timeout=300) == 0, resumed.stdout.read()
+    assert not left_behind.exists(), "the resumed run cleans up the temp files of the killed one"
     a, b = final_weights(tmp_path / "straight"), final_weights(tmp_path / "killed")
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), "bit-exact on CPU with deterministic algorithms"

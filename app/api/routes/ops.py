@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Response
+from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app.api import schemas
-from app.api.deps import ServiceDep, require_api_key
+from app.api.deps import ServiceDep
 from app.ml.checkpoint import default_version, list_versions
 
-open_router = APIRouter(tags=["operations"])
-router = APIRouter(tags=["operations"], dependencies=[Depends(require_api_key)])
+router = APIRouter(tags=["operations"])
 
 
-@open_router.get("/health", response_model=schemas.Health, summary="Alive (always open, even with an API key)")
+@router.get("/health", response_model=schemas.Health, summary="Alive (always open, even with an API key)")
 def health() -> schemas.Health:
     return schemas.Health(status="ok")
 
@@ -24,7 +23,8 @@ def ready(service: ServiceDep, response: Response) -> schemas.Ready:
     predictor = service.predictor
     if not service.ready:
         response.status_code = 503
-    return schemas.Ready(ready=service.ready, model_version=predictor.version if predictor else None,
+    return schemas.Ready(ready=service.ready, status=service.status,
+                         model_version=predictor.version if predictor else None,
                          device=str(predictor.device) if predictor else None,
                          backend=predictor.backend.value if predictor else None,
                          precision=predictor.precision if predictor else None,

@@ -18,8 +18,8 @@ from PIL import Image
 from scipy import ndimage
 
 from app.ml import rle
-from app.ml.imageio import to_uint8
 from app.ml.data.kaggle import CSV_COLUMNS
+from app.ml.imageio import to_uint8
 
 CELL_TYPES = ("shsy5y", "astro", "cort")
 

@@ -7,6 +7,7 @@ in the metrics.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,11 +18,12 @@ import numpy as np
 
 from app.ml import rle
 from app.ml.celltypes import InstanceRules
-from app.ml.imageio import ImageLimits, decode_image
+from app.ml.imageio import ImageLimits, declared_shape, decode_image
 from app.ml.options import Mode
 from app.ml.postprocess import Instances
 from app.ml.render import label_png, mask_png, overlay_png
 from app.ml.serving.batcher import MicroBatcher, stack
+from app.ml.serving.budget import PixelBudget
 from app.ml.serving.predictor import Predictor, Prepared
 
 StageObserver = Callable[[str, float], None]
@@ -69,13 +71,30 @@ class SegmentationPipeline:
         batcher: MicroBatcher,
         limits: ImageLimits | None = None,
         observe_stage: StageObserver | None = None,
+        budget: PixelBudget | None = None,
     ) -> None:
         self.predictor, self.batcher, self.limits = predictor, batcher, limits or ImageLimits()
+        self.budget = budget or PixelBudget(self.limits.max_pixels, self.limits.max_pixels)
         self.observe_stage = observe_stage or (lambda stage, seconds: None)
 
     @property
     def model_version(self) -> str:
         return self.predictor.version
+
+    def admit(self, images: list[bytes], mode: Mode) -> contextlib.AbstractContextManager[None]:
+        """Hold the images' cost in the service's pixel budget while inside (see PixelBudget)."""
+        return self.budget.reserve(sum(self.cost(data, mode) for data in images))
+
+    def cost(self, data: bytes, mode: Mode) -> int:
+        """Pixels an image will occupy, from its header: its own, or its network inputs' if they are more (an
+        image of extreme shape makes many tiles from few pixels)."""
+        shape = declared_shape(data)
+        if shape is None:
+            return 0
+        height, width, frames = shape
+        tiler = self.predictor.tiler
+        grid = tiler.grid(tiler.working_size((height, width), mode), mode)
+        return frames * max(height * width, grid.num_tiles * grid.tile_in[0] * grid.tile_in[1])
 
     def rules(self, **overrides: float | int | None) -> InstanceRules:
         """The model's instance step with a request's own thresholds (None: the model's)."""

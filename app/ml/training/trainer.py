@@ -36,6 +36,7 @@ from app.ml.checkpoint import (
     atomic_write_json,
     load_checkpoint,
     read_card,
+    remove_temp_files,
     save_checkpoint,
     set_default_version,
 )
@@ -443,6 +444,7 @@ class Trainer:
 
     def _start_files(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
+        remove_temp_files(self.folder)  # a run killed inside an atomic write leaves its temp file behind
         atomic_write_json(self.folder / "split.json", self.split.to_dict())
         # A resumed run replays from its saved step: later lines of the killed run are dropped.
         kept = [json.dumps(h) + "\n" for h in self.state.history]

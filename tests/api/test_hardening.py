@@ -1,0 +1,142 @@
+"""No request can take the service down, starve the others, or outlive its answer: each case against a real
+server, with small limits where the real ones would take minutes (docs/reliability.md has the table)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import numpy as np
+
+from app.localserver import free_port
+from tests.api.conftest import png, running_server
+from tests.api.test_operations import metric
+
+SMALL = png(np.random.default_rng(3).integers(0, 256, (300, 400)).astype(np.uint8))  # 120,000 pixels
+JUNK = b"this is not an image at all"
+
+
+def test_a_request_over_its_pixel_budget_is_refused_before_decoding(trained_model):
+    with running_server(trained_model.parent, max_request_pixels="200000") as url, httpx.Client(base_url=url) as http:
+        files = [("files", ("a.png", SMALL)), ("files", ("b.png", SMALL))]
+        refused = http.post("/segment", files=files, timeout=30)
+        assert refused.status_code == 413
+        assert "240,000 pixels in all" in refused.json()["detail"]
+        assert "at most 200,000" in refused.json()["detail"]
+        # A tall, thin blank image is a few KB, but tile mode would cut it into thousands of tiles.
+        thin = png(np.zeros((16, 200_000), np.uint8))
+        started = time.perf_counter()
+        tiled = http.post("/segment", params={"mode": "tile"}, files={"file": ("thin.png", thin)}, timeout=30)
+        assert tiled.status_code == 413 and time.perf_counter() - started < 5
+        assert metric(http.get("/metrics").text, "cellseg_batch_size_count") == 0, "nothing reached the network"
+        assert http.post("/segment", files={"file": ("a.png", SMALL)}, timeout=60).status_code == 200
+
+
+def test_requests_beyond_the_pixels_in_flight_get_503_with_retry_after_and_the_rest_are_served(trained_model):
+    settings = {"max_pixels_in_flight": "250000", "max_batch": "1"}  # room for two 120,000-pixel images at once
+    with running_server(trained_model.parent, **settings) as url:
+
+        async def burst() -> list[httpx.Response]:
+            async with httpx.AsyncClient(base_url=url, timeout=120) as http:
+                return await asyncio.gather(*(http.post("/segment", files={"file": ("a.png", SMALL)})
+                                              for _ in range(8)))  # fmt: skip
+
+        answers = asyncio.run(burst())
+        statuses = sorted(a.status_code for a in answers)
+        assert set(statuses) <= {200, 503} and statuses.count(200) >= 2 and 503 in statuses
+        assert all(a.headers["retry-after"] for a in answers if a.status_code == 503)
+        assert httpx.post(f"{url}/segment", files={"file": ("a.png", SMALL)}, timeout=60).status_code == 200
+
+
+def test_a_failing_file_cancels_the_work_of_the_other_files_of_its_request(trained_model):
+    large = png(np.random.default_rng(2).integers(0, 256, (600, 600)).astype(np.uint8))  # 25 tiles in tile mode
+    with running_server(trained_model.parent, max_batch="1") as url, httpx.Client(base_url=url, timeout=60) as http:
+        files = [("files", ("junk.png", JUNK))] + [("files", (f"{i}.png", large)) for i in range(6)]
+        answer = http.post("/segment", params={"mode": "tile"}, files=files)
+        assert answer.status_code == 415
+        time.sleep(1.0)
+        ran = metric(http.get("/metrics").text, "cellseg_batch_size_count")
+        time.sleep(2.0)
+        assert metric(http.get("/metrics").text, "cellseg_batch_size_count") == ran, "tiles kept running"
+        assert ran < 6 * 25
+        assert metric(http.get("/metrics").text, "cellseg_queue_depth") == 0
+
+
+def test_idle_connections_are_closed_and_health_still_answers(trained_model):
+    with running_server(trained_model.parent, keep_alive_seconds="1") as url:
+        port = int(url.rsplit(":", 1)[1])
+        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(50)]  # never send a byte
+        try:
+            started = time.perf_counter()
+            assert httpx.get(f"{url}/health", timeout=5).status_code == 200
+            assert time.perf_counter() - started < 1
+            time.sleep(2.5)
+            for sock in idle:
+                sock.settimeout(2)
+                assert sock.recv(10) == b"", "the server closed the idle connection"
+        finally:
+            for sock in idle:
+                sock.close()
+
+
+def test_metrics_labels_come_from_fixed_sets_whatever_the_client_sends(server):
+    with httpx.Client(base_url=server) as http:
+        for i in range(30):
+            http.request(f"MADEUP{i}", "/health")
+        text = http.get("/metrics").text
+    methods = {line.split('method="')[1].split('"')[0] for line in text.splitlines() if 'method="' in line}
+    assert methods <= {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "other"}
+    assert "other" in methods
+
+
+def test_the_server_listens_at_once_and_says_what_it_does_until_it_is_warm(trained_model, tmp_path):
+    port = free_port()
+    env = {**os.environ, "CELLSEG_MODEL_STORE": str(trained_model.parent), "CELLSEG_COMPILE": "true"}
+    command = [sys.executable, "-m", "app.serve", "--host", "127.0.0.1", "--port", str(port)]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url, seen = f"http://127.0.0.1:{port}", []
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError):
+                health, ready = httpx.get(f"{url}/health", timeout=2), httpx.get(f"{url}/ready", timeout=2)
+                seen.append((health.status_code, ready.status_code, ready.json()["status"]))
+                if ready.status_code == 200:
+                    break
+            time.sleep(0.05)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    warming = [s for s in seen if s[1] == 503]
+    assert warming, "the server answered while it warmed up (compiling)"
+    assert all(health == 200 for health, _, _ in seen)
+    assert "warming up" in warming[0][2]
+    assert seen[-1][1:] == (200, "ready")
+
+
+def test_auth_comes_first_on_every_route_but_health_the_docs_included(trained_model):
+    key = "clé-secrète"  # not ASCII: compared as the header's UTF-8 bytes
+    with running_server(trained_model.parent, api_key=key) as url, httpx.Client(base_url=url, timeout=60) as http:
+        assert http.get("/health").status_code == 200
+        for path in ("/docs", "/redoc", "/openapi.json", "/ready", "/models", "/metrics"):
+            assert http.get(path).status_code == 401, path
+            assert http.get(path, headers={"X-API-Key": key.encode()}).status_code == 200, path
+        body = b"x" * (4 * 1024 * 1024)
+        refused = http.post("/segment", content=body, headers={"content-type": "multipart/form-data; boundary=x"})
+        assert refused.status_code == 401
+        assert refused.json()["detail"] == "missing or wrong API key: send it in the X-API-Key header"
+
+
+def test_models_shows_no_paths_of_the_machine_that_trained_the_model(server, trained_model):
+    answer = httpx.get(f"{server}/models")
+    card = answer.json()["loaded"]
+    data = card["training"]["data"]
+    assert data["paths"] and all("/" not in p for p in data["paths"])
+    assert not {"data", "out", "init"} & set(card["training"]["args"])
+    assert str(trained_model.parent.parent) not in answer.text
