@@ -13,7 +13,7 @@ from app.ml.serving.predictor import Predictor
 
 sample = KaggleFolders(["../shared/data/sartorius"]).load(0)
 for version in sorted(p.name for p in Path("model_store").iterdir() if (p / "model.json").is_file()):
-    pred = Predictor.from_checkpoint(f"model_store/{version}", device="cpu", half=False)
+    pred = Predictor.from_checkpoint(f"model_store/{version}", device="cpu", half_precision=False)
     found = pred.predict(sample.image)
     iou = iou_matrix(sample.labels, found.labels)[1:, 1:]
     matched = int((iou > 0.5).sum())

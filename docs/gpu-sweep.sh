@@ -7,7 +7,8 @@
 # training works.
 #
 # Usage (on the lent GPU machine, from the project root, after ../shared/tools/device-prep here):
-#   source .device/env.sh && bash docs/gpu-sweep.sh 400
+#   source .device/env.sh && bash docs/gpu-sweep.sh 400              # three candidates side by side
+#   source .device/env.sh && GRACE=40 bash docs/gpu-sweep.sh 150 finetune   # a second schedule for the default
 # Results: runs/<name>/ (metrics.jsonl, curves.png, logs), and in $OUT the packed weights in float16
 # (the machine returns files of at most 16 MiB): cat $OUT/sweep.tar.part* | tar -x
 set -uo pipefail
@@ -49,19 +50,26 @@ run() {
   epochs=$(python3 -c "print(max(2, int($budget * 0.75 * $workers * 1000 / ($ms * 8) / 50)))")
   local every=$(( epochs / 8 > 0 ? epochs / 8 : 1 ))
   echo "$name: $epochs epochs of 50 steps, validation every $every"
-  timeout $(( budget + 90 )) python3 -m app.train --data $data --out runs --version "$name" \
+  timeout $(( budget + ${GRACE:-90} )) python3 -m app.train --data $data --out runs --version "$name" \
     --epochs "$epochs" --epoch-size 400 --batch-size 8 --val-every "$every" --val-fraction 0.25 \
     --reference-size 520x704 --torch-threads 1 --workers "$workers" --device "${DEVICE:-cuda}" --no-tune-thresholds \
     --checkpoint-every 500 "$@" >"runs/$name.log" 2>&1 &
 }
 
-run w16d4 4 "$ms256" --width 16 --depth 4 --crop 256
-run w32d4 4 "$ms256" --width 32 --depth 4 --crop 256
-run w16d5 5 "$ms384" --width 16 --depth 5 --crop 384
-for at in 30 120 240; do
-  sleep $(( at - ${last_at:-0} )); last_at=$at
-  [[ -z $(jobs -r) ]] && break  # every run ended (or failed) early: pack what there is now
-  echo "after ${at}s: GPU busy, memory: $(nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader)"
+if [[ ${2:-sweep} == finetune ]]; then
+  # A second schedule from the default model's weights, alone on the machine with every core feeding it.
+  run finetune 14 "$ms256" --width 16 --depth 4 --crop 256 --init model_store/sartorius-w16-v3 --lr 1e-3 --warmup 0.02
+else
+  run w16d4 4 "$ms256" --width 16 --depth 4 --crop 256
+  run w32d4 4 "$ms256" --width 32 --depth 4 --crop 256
+  run w16d5 5 "$ms384" --width 16 --depth 5 --crop 384
+fi
+# Report the GPU's load now and then, and stop watching as soon as every run has ended (a long sleep here would
+# outlast the runs and the machine's time limit).
+for ((second = 1; second <= budget + ${GRACE:-90}; second++)); do
+  sleep 1
+  [[ -z $(jobs -r) ]] && break
+  (( second % 60 == 30 )) && echo "after ${second}s: GPU busy, memory: $(nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader)"
 done
 wait
 for log in runs/*.log; do
@@ -81,7 +89,7 @@ for run in sorted(p for p in Path("runs").iterdir() if p.is_dir()):
     state = torch.load(run / "last.pt", map_location="cpu", weights_only=True)["model"]
     save_file({k: v.half().contiguous() for k, v in state.items()}, run / "last-fp16.safetensors")
     for weights in run.glob("weights-*.safetensors"):
-        if run.name == "w16d4":
+        if run.name in ("w16d4", "finetune"):
             save_file({k: v.half() for k, v in load_file(weights).items()}, run / "best-fp16.safetensors")
         weights.unlink()
     (run / "last.pt").unlink()

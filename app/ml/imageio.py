@@ -82,7 +82,8 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8)
 
 
-def _check_geometry(height: int, width: int, frames: int, limits: ImageLimits) -> None:
+def check_geometry(height: int, width: int, frames: int, limits: ImageLimits) -> None:
+    """InvalidImageError (ImageTooLargeError when too large) for a shape the limits refuse."""
     if frames > 1:
         raise InvalidImageError(f"the image has {frames} frames; send one frame per image. {ACCEPTED}")
     if height * width > limits.max_pixels:
@@ -99,7 +100,7 @@ def _decode_with_pillow(data: bytes, limits: ImageLimits) -> np.ndarray:
         img = Image.open(io.BytesIO(data))
         if img.format not in {"PNG", "JPEG", "MPO"}:
             raise UnsupportedImageError(f"{img.format} images are not supported. {ACCEPTED}")
-        _check_geometry(img.height, img.width, getattr(img, "n_frames", 1), limits)
+        check_geometry(img.height, img.width, getattr(img, "n_frames", 1), limits)
         img.load()
     except UnidentifiedImageError as exc:
         raise UnsupportedImageError(f"the file is not an image we can read. {ACCEPTED}") from exc
@@ -124,7 +125,7 @@ def _decode_tiff(data: bytes, limits: ImageLimits) -> np.ndarray:
     try:
         with tifffile.TiffFile(io.BytesIO(data)) as tif:
             page = tif.pages.first
-            _check_geometry(int(page.imagelength), int(page.imagewidth), _tiff_frames(tif), limits)
+            check_geometry(int(page.imagelength), int(page.imagewidth), _tiff_frames(tif), limits)
             pixels = page.asarray()
             if page.samplesperpixel > 1 and page.planarconfig == tifffile.PLANARCONFIG.SEPARATE:
                 pixels = np.moveaxis(pixels, 0, -1)

@@ -89,10 +89,10 @@ def score_maps(scored: list[tuple[Sample, np.ndarray]], rules: InstanceRules) ->
 
 # Searched in two rounds: the two probability thresholds together, then the smallest cell at the best pair.
 THRESHOLD_GRID = {
-    "foreground_threshold": (0.3, 0.4, 0.5, 0.6, 0.7),
+    "foreground_threshold": (0.3, 0.4, 0.5, 0.6, 0.7, 0.8),
     "seed_threshold": (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
 }
-MIN_CELL_AREAS = (24, 64, 128, 256, 512)
+MIN_CELL_AREAS = (24, 64, 128, 256, 512, 1024, 2048)
 
 
 def tune_thresholds(scored: list[tuple[Sample, np.ndarray]], base: InstanceConfig) -> tuple[InstanceConfig, float]:

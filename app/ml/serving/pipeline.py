@@ -18,7 +18,7 @@ import numpy as np
 
 from app.ml import rle
 from app.ml.celltypes import InstanceRules
-from app.ml.imageio import ImageLimits, declared_shape, decode_image
+from app.ml.imageio import ImageLimits, check_geometry, declared_shape, decode_image
 from app.ml.options import Mode
 from app.ml.postprocess import Instances
 from app.ml.render import label_png, mask_png, overlay_png
@@ -92,6 +92,7 @@ class SegmentationPipeline:
         if shape is None:
             return 0
         height, width, frames = shape
+        check_geometry(height, width, frames, self.limits)  # one image's own limits first, with their message
         tiler = self.predictor.tiler
         grid = tiler.grid(tiler.working_size((height, width), mode), mode)
         return frames * max(height * width, grid.num_tiles * grid.tile_in[0] * grid.tile_in[1])
