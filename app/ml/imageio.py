@@ -132,6 +132,8 @@ def _decode_tiff(data: bytes, limits: ImageLimits) -> np.ndarray:
     except InvalidImageError:
         raise
     except Exception as exc:  # tifffile raises many types for broken files; all mean "not readable"
+        if "imagecodecs" in str(exc):  # a codec this installation lacks: the file is fine
+            raise UnsupportedImageError(f"this TIFF's compression cannot be decoded here ({exc}). {ACCEPTED}") from exc
         raise InvalidImageError(f"the TIFF is truncated or corrupt ({exc}). {ACCEPTED}") from exc
     return _array_to_gray(pixels)
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import io
+import json
 
 import httpx
 import numpy as np
 import pytest
+import roifile
 import tifffile
 from PIL import Image
+from pycocotools import mask as coco_mask
 
 from app.ml import rle
 from app.ml.scoring.metric import image_score
@@ -140,3 +143,25 @@ def test_thresholds_can_be_overridden_within_range(client, real_image):
 def test_the_request_id_is_returned_and_a_given_one_is_kept(client):
     assert len(client.get("/health").headers["x-request-id"]) == 32
     assert client.get("/health", headers={"X-Request-ID": "lab-42"}).headers["x-request-id"] == "lab-42"
+
+
+def test_the_lab_formats_read_back_with_their_own_libraries_as_the_same_cells(client, real_image, tmp_path):
+    def post(output: str) -> httpx.Response:
+        answer = client.post("/segment", params={"format": output}, files={"file": ("a.png", real_image)})
+        assert answer.status_code == 200, answer.text
+        return answer
+
+    labels = np.asarray(Image.open(io.BytesIO(post("png").content)))
+    tiff = post("tiff")
+    assert tiff.headers["content-type"] == "image/tiff"
+    assert np.array_equal(tifffile.imread(io.BytesIO(tiff.content)), labels)
+    annotations = json.loads(post("coco").content)["annotations"]
+    assert len(annotations) == labels.max()
+    for annotation in annotations:
+        rle_ = {**annotation["segmentation"], "counts": annotation["segmentation"]["counts"].encode()}
+        assert np.array_equal(coco_mask.decode(rle_).astype(bool), labels == annotation["id"])
+    features = json.loads(post("geojson").content)["features"]
+    assert post("geojson").headers["content-type"] == "application/geo+json"
+    assert sorted(f["properties"]["id"] for f in features) == list(range(1, labels.max() + 1))
+    (tmp_path / "cells.zip").write_bytes(post("roi").content)
+    assert len(roifile.roiread(tmp_path / "cells.zip")) == labels.max()

@@ -104,3 +104,21 @@ def test_a_tiff_declaring_huge_dimensions_is_refused_before_decoding():
     assert len(bomb) < 200
     with pytest.raises(ImageTooLargeError, match="60000x60000"):
         decode_image(bomb)
+
+
+@pytest.mark.parametrize("compression", ["lzw", "zlib", "zstd", "packbits", "lzma"])
+@pytest.mark.parametrize("tiled", [False, True])
+def test_tiffs_in_every_common_compression_are_read_exactly(compression, tiled):
+    pixels = np.random.default_rng(6).integers(0, 256, (96, 128)).astype(np.uint8)
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, pixels, compression=compression, **({"tile": (32, 32)} if tiled else {}))
+    assert np.allclose(decode_image(buffer.getvalue()), pixels / 255.0, atol=1 / 255)
+
+
+def test_jpeg_compressed_and_bigtiff_files_are_read():
+    pixels = np.tile(np.linspace(0, 255, 128, dtype=np.uint8), (96, 1))
+    jpeg, big = io.BytesIO(), io.BytesIO()
+    tifffile.imwrite(jpeg, pixels, compression="jpeg")
+    tifffile.imwrite(big, pixels.astype(np.uint16) * 257, bigtiff=True, compression="lzw")
+    assert np.abs(decode_image(jpeg.getvalue()) - pixels / 255.0).mean() < 0.02
+    assert np.allclose(decode_image(big.getvalue()), pixels / 255.0, atol=1e-6)

@@ -17,12 +17,19 @@ from app.ml.serving.pipeline import OutputFormat, Segmentation, SegmentationPipe
 
 router = APIRouter(tags=["segmentation"])
 
-PNG_DESCRIPTIONS = {
+FILE_DESCRIPTIONS = {
     OutputFormat.PNG: "16-bit PNG: 0 = background, 1..N = cells",
     OutputFormat.MASK: "8-bit PNG: 255 = cell, 0 = background",
     OutputFormat.OVERLAY: "RGB PNG of the image with every cell tinted and outlined",
+    OutputFormat.TIFF: "label TIFF for Fiji: 16-bit (32-bit float over 65535 cells), 0 = background",
+    OutputFormat.ROI: "zip of ImageJ polygon ROIs, one per cell, for Fiji's ROI Manager",
+    OutputFormat.GEOJSON: "GeoJSON FeatureCollection of cell polygons with area and score, for QuPath",
+    OutputFormat.COCO: "COCO instance annotations with compressed RLE, for pycocotools",
 }
-OK_DESCRIPTION = "JSON cells by default; a PNG for " + "; ".join(f"{f.value}: {t}" for f, t in PNG_DESCRIPTIONS.items())
+OK_DESCRIPTION = "JSON cells by default; else one file: " + "; ".join(
+    f"{f.value}: {t}" for f, t in FILE_DESCRIPTIONS.items()
+)
+FILE_CONTENT = {f.media_type: {} for f in FILE_DESCRIPTIONS}
 
 
 def threshold(name: str) -> object:
@@ -33,7 +40,7 @@ def threshold(name: str) -> object:
 @router.post(
     "/segment",
     response_model=schemas.Segmentation | schemas.BatchSegmentation,
-    responses={**schemas.ERROR_RESPONSES, 200: {"content": {"image/png": {}}, "description": OK_DESCRIPTION}},
+    responses={**schemas.ERROR_RESPONSES, 200: {"content": FILE_CONTENT, "description": OK_DESCRIPTION}},
     summary="Find every cell in one or several images",
 )
 async def segment(
@@ -42,9 +49,7 @@ async def segment(
     pipeline: PipelineDep,
     file: Annotated[UploadFile | None, File(description="one image: PNG, JPEG or TIFF")] = None,
     files: Annotated[list[UploadFile] | None, File(description="several images (JSON output only)")] = None,
-    output: Annotated[OutputFormat, Query(alias="format", description="json | png | mask | overlay")] = (
-        OutputFormat.JSON
-    ),
+    output: Annotated[OutputFormat, Query(alias="format", description=" | ".join(OutputFormat))] = (OutputFormat.JSON),
     mode: Annotated[Mode, Query(description="resize (572x572 and back) | tile (overlap-tile)")] = Mode.RESIZE,
     foreground_threshold: Annotated[float | None, threshold("foreground_threshold")] = None,
     seed_threshold: Annotated[float | None, threshold("seed_threshold")] = None,
@@ -53,7 +58,8 @@ async def segment(
     """Each cell comes back as its own non-overlapping mask, at the upload's exact size in pixels.
 
     `format=json` (default) gives one Kaggle RLE per cell with area, bbox and score; `png`, `mask` and `overlay`
-    give a PNG. Send one image as `file`, or several as `files` (JSON only).
+    give a PNG; `tiff`, `roi`, `geojson` and `coco` the files Fiji, QuPath and pycocotools open. Send one image
+    as `file`, or several as `files` (JSON only).
     """
     uploads = _uploads(file, files, output, service.settings.max_files)
     rules = pipeline.rules(
@@ -79,7 +85,7 @@ async def _answer(
         service.metrics.cells.observe(result.instances.count)
     version = pipeline.model_version
     if output is not OutputFormat.JSON:
-        return await _png_response(pipeline, results[0], output, version)
+        return await _file_response(pipeline, results[0], output, version)
     bodies = [
         await _json_body(pipeline, upload.filename, r, version) for upload, r in zip(uploads, results, strict=True)
     ]
@@ -146,15 +152,15 @@ async def _wait_for_disconnect(request: Request) -> None:
         pass
 
 
-async def _png_response(
+async def _file_response(
     pipeline: SegmentationPipeline, result: Segmentation, output: OutputFormat, version: str
 ) -> Response:
-    png = await pipeline.encode(result, output)
+    data = await pipeline.encode(result, output)
     headers = {"X-Model-Version": version, "X-Cell-Count": str(result.instances.count),
                "Server-Timing": _server_timing(result.timings)}  # fmt: skip
     if result.instances.cell_type is not None:
         headers["X-Cell-Type"] = result.instances.cell_type
-    return Response(png, media_type="image/png", headers=headers)
+    return Response(data, media_type=output.media_type, headers=headers)
 
 
 async def _json_body(

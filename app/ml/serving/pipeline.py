@@ -18,6 +18,7 @@ import numpy as np
 
 from app.ml import rle
 from app.ml.celltypes import InstanceRules
+from app.ml.exports import coco, geojson, imagej_rois, label_tiff
 from app.ml.imageio import ImageLimits, check_geometry, declared_shape, decode_image
 from app.ml.options import Mode
 from app.ml.postprocess import Instances
@@ -30,12 +31,34 @@ StageObserver = Callable[[str, float], None]
 
 
 class OutputFormat(StrEnum):
-    """json: per-cell RLE; png: 16-bit label image; mask: 0/255 image; overlay: RGB picture of the cells."""
+    """json: per-cell RLE; png: 16-bit label image; mask: 0/255 image; overlay: RGB picture of the cells; tiff:
+    label TIFF (Fiji); roi: ImageJ ROI set (zip); geojson: cell polygons (QuPath); coco: COCO annotations with
+    compressed RLE (pycocotools)."""
 
     JSON = "json"
     PNG = "png"
     MASK = "mask"
     OVERLAY = "overlay"
+    TIFF = "tiff"
+    ROI = "roi"
+    GEOJSON = "geojson"
+    COCO = "coco"
+
+    @property
+    def media_type(self) -> str:
+        return _MEDIA_TYPES[self]
+
+
+_MEDIA_TYPES = {
+    OutputFormat.JSON: "application/json",
+    OutputFormat.PNG: "image/png",
+    OutputFormat.MASK: "image/png",
+    OutputFormat.OVERLAY: "image/png",
+    OutputFormat.TIFF: "image/tiff",
+    OutputFormat.ROI: "application/zip",
+    OutputFormat.GEOJSON: "application/geo+json",
+    OutputFormat.COCO: "application/json",
+}
 
 
 @dataclass
@@ -112,7 +135,7 @@ class SegmentationPipeline:
         return Segmentation(image=image, instances=instances, mode=mode, timings=timings)
 
     async def encode(self, segmentation: Segmentation, output: OutputFormat) -> list[dict[str, Any]] | bytes:
-        """Cells as dicts (json) or PNG bytes (png, mask, overlay); timed as the 'encode' stage."""
+        """Cells as dicts (json) or the bytes of a file (every other format); timed as the 'encode' stage."""
         started = time.perf_counter()
         result = await asyncio.to_thread(_ENCODERS[output], segmentation)
         self._record(segmentation.timings, "encode", started)
@@ -145,4 +168,8 @@ _ENCODERS: dict[OutputFormat, Callable[[Segmentation], Any]] = {
     OutputFormat.PNG: lambda s: label_png(s.instances.labels),
     OutputFormat.MASK: lambda s: mask_png(s.instances.labels),
     OutputFormat.OVERLAY: lambda s: overlay_png(s.image, s.instances.labels),
+    OutputFormat.TIFF: lambda s: label_tiff(s.instances.labels),
+    OutputFormat.ROI: lambda s: imagej_rois(s.instances.labels),
+    OutputFormat.GEOJSON: lambda s: geojson(s.instances),
+    OutputFormat.COCO: lambda s: coco(s.instances),
 }
