@@ -38,8 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--mode",
         choices=[m.value for m in Mode],
-        default=Mode.RESIZE.value,
-        help="'resize' (572x572 and back, the default) or 'tile' (overlap-tile)",
+        default=Mode.AUTO.value,
+        help="'auto' (resize near the trained image size, else tile; the default), 'resize' (572x572 and back) or "
+        "'tile' (overlap-tile at the trained pixel scale)",
     )
     return parser
 

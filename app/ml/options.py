@@ -21,8 +21,10 @@ class Backend(StrEnum):
 
 
 class Mode(StrEnum):
-    """resize: the model card's 572x572 and back. tile: overlap-tile at the model's training pixel scale."""
+    """resize: the model card's 572x572 and back. tile: overlap-tile at the model's training pixel scale.
+    auto: resize for images near the size the model was trained at, tile for much larger or smaller ones."""
 
+    AUTO = "auto"
     RESIZE = "resize"
     TILE = "tile"
 

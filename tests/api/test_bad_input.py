@@ -45,9 +45,10 @@ CASES = {
     "1x1 image": ({"file": ("dot.png", png(np.zeros((1, 1), np.uint8)))}, {}, 422, "1x1, too small"),
     "multi-frame tiff": ({"file": ("stack.tif", multi_frame_tiff())}, {}, 422, "4 frames"),
     "unknown format": ({"file": ("a.png", GOOD)}, {"format": "gif"}, 422,
-                       "query parameter 'format': Input should be 'json', 'png', 'mask' or 'overlay' (got 'gif')"),
+                       "query parameter 'format': Input should be 'json', 'png', 'mask', 'overlay', 'tiff', 'roi', "
+                       "'geojson' or 'coco' (got 'gif')"),
     "unknown mode": ({"file": ("a.png", GOOD)}, {"mode": "zoom"}, 422,
-                     "query parameter 'mode': Input should be 'resize' or 'tile' (got 'zoom')"),
+                     "query parameter 'mode': Input should be 'auto', 'resize' or 'tile' (got 'zoom')"),
     "threshold out of range": ({"file": ("a.png", GOOD)}, {"seed_threshold": "1.5"}, 422,
                                "query parameter 'seed_threshold': Input should be less than or equal to 0.99"),
 }  # fmt: skip

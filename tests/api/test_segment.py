@@ -42,7 +42,8 @@ def test_a_real_test_image_comes_back_as_non_overlapping_rles_of_520x704(client,
     assert response.status_code == 200, response.text
     body = response.json()
     assert (body["height"], body["width"]) == (520, 704)
-    assert body["filename"] == "7ae19de7bc2a.png" and body["mode"] == "resize"
+    # auto mode tiles it: the test model was trained on 256x256 images at their own scale
+    assert body["filename"] == "7ae19de7bc2a.png" and body["mode"] == "tile"
     assert body["model_version"] == "synth-v1"
     assert body["cell_count"] == len(body["cells"]) > 0
     # The fixture's model learnt three cell types: it names one, with the classifier's probability.
@@ -165,3 +166,15 @@ def test_the_lab_formats_read_back_with_their_own_libraries_as_the_same_cells(cl
     assert sorted(f["properties"]["id"] for f in features) == list(range(1, labels.max() + 1))
     (tmp_path / "cells.zip").write_bytes(post("roi").content)
     assert len(roifile.roiread(tmp_path / "cells.zip")) == labels.max()
+
+
+def test_auto_mode_resizes_images_of_the_trained_size_and_tiles_larger_ones_and_says_so(client, real_image):
+    # The test model was trained on 256x256 images at their own pixel scale, resized to 256 in resize mode.
+    crop = np.asarray(Image.open(io.BytesIO(real_image)))[:256, :256]
+    as_trained = client.post("/segment", files={"file": ("a.png", png(crop))}).json()
+    assert as_trained["mode"] == "resize"  # auto is the default
+    answer = client.post("/segment", params={"format": "png"}, files={"file": ("big.png", real_image)})
+    assert answer.headers["x-mode"] == "tile"
+    assert np.asarray(Image.open(io.BytesIO(answer.content))).shape == (520, 704)
+    forced = client.post("/segment", params={"mode": "resize"}, files={"file": ("big.png", real_image)}).json()
+    assert forced["mode"] == "resize"

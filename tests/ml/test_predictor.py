@@ -58,7 +58,7 @@ def test_the_paper_network_uses_overlap_tile_in_both_modes():
 
 
 def test_unknown_mode_is_refused():
-    with pytest.raises(InvalidOptionError, match="unknown mode 'zoom'; accepted: resize, tile"):
+    with pytest.raises(InvalidOptionError, match="unknown mode 'zoom'; accepted: auto, resize, tile"):
         predictor().prepare(np.zeros((20, 20), np.float32), "zoom")
 
 

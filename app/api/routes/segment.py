@@ -50,7 +50,13 @@ async def segment(
     file: Annotated[UploadFile | None, File(description="one image: PNG, JPEG or TIFF")] = None,
     files: Annotated[list[UploadFile] | None, File(description="several images (JSON output only)")] = None,
     output: Annotated[OutputFormat, Query(alias="format", description=" | ".join(OutputFormat))] = (OutputFormat.JSON),
-    mode: Annotated[Mode, Query(description="resize (572x572 and back) | tile (overlap-tile)")] = Mode.RESIZE,
+    mode: Annotated[
+        Mode,
+        Query(
+            description="auto (resize near the trained image size, else tile) | resize (572x572 and back) | "
+            "tile (overlap-tile at the trained pixel scale); the answer says which ran"
+        ),
+    ] = Mode.AUTO,
     foreground_threshold: Annotated[float | None, threshold("foreground_threshold")] = None,
     seed_threshold: Annotated[float | None, threshold("seed_threshold")] = None,
     min_cell_area: Annotated[int | None, threshold("min_cell_area")] = None,
@@ -156,7 +162,7 @@ async def _file_response(
     pipeline: SegmentationPipeline, result: Segmentation, output: OutputFormat, version: str
 ) -> Response:
     data = await pipeline.encode(result, output)
-    headers = {"X-Model-Version": version, "X-Cell-Count": str(result.instances.count),
+    headers = {"X-Model-Version": version, "X-Mode": result.mode.value, "X-Cell-Count": str(result.instances.count),
                "Server-Timing": _server_timing(result.timings)}  # fmt: skip
     if result.instances.cell_type is not None:
         headers["X-Cell-Type"] = result.instances.cell_type

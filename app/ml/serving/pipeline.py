@@ -117,6 +117,7 @@ class SegmentationPipeline:
         height, width, frames = shape
         check_geometry(height, width, frames, self.limits)  # one image's own limits first, with their message
         tiler = self.predictor.tiler
+        mode = tiler.resolve((height, width), mode)
         grid = tiler.grid(tiler.working_size((height, width), mode), mode)
         return frames * max(height * width, grid.num_tiles * grid.tile_in[0] * grid.tile_in[1])
 
@@ -132,7 +133,7 @@ class SegmentationPipeline:
         outputs = await self.batcher.submit(prepared.tiles)
         self._record(timings, "network", started)
         instances = await asyncio.to_thread(self._instances, prepared, outputs, rules, timings)
-        return Segmentation(image=image, instances=instances, mode=mode, timings=timings)
+        return Segmentation(image=image, instances=instances, mode=prepared.mode, timings=timings)
 
     async def encode(self, segmentation: Segmentation, output: OutputFormat) -> list[dict[str, Any]] | bytes:
         """Cells as dicts (json) or the bytes of a file (every other format); timed as the 'encode' stage."""

@@ -33,6 +33,7 @@ class Prepared:
     grid: TileGrid
     original_shape: tuple[int, int]
     contrast: float
+    mode: Mode  # the one that ran (auto resolved)
 
 
 class Predictor:
@@ -107,8 +108,9 @@ class Predictor:
 
     def prepare(self, image: np.ndarray, mode: Mode | str = Mode.RESIZE) -> Prepared:
         """(H, W) float image in [0, 1] -> Prepared tiles for the network."""
+        mode = self.tiler.resolve(image.shape, mode)
         tiles, grid = self.tiler.cut(image, mode)
-        return Prepared(tiles, grid, (image.shape[0], image.shape[1]), image_contrast(image))
+        return Prepared(tiles, grid, (image.shape[0], image.shape[1]), image_contrast(image), mode)
 
     def run_network(self, tiles: np.ndarray) -> np.ndarray:
         """(N, 1, h, w) float32 -> (N, C, h', w') float32 probabilities (classes, then the centre map if any)."""
@@ -146,5 +148,8 @@ class Predictor:
         """Run a blank image through every step in each mode, so no request pays for lazy initialisation
         (exporting the network for each mode's input size with ONNX Runtime, compiling it with torch.compile)."""
         with self.runner.warming():
-            for mode in Mode:  # one tile at a time: the CPU service's micro-batches hold 1, the shape to compile
+            for mode in (
+                Mode.RESIZE,
+                Mode.TILE,
+            ):  # one tile at a time: the CPU service's micro-batches hold 1, the shape to compile
                 self.predict(np.full((64, 64), 0.5, dtype=np.float32), mode, max_batch=1)

@@ -17,6 +17,9 @@ from app.ml.options import Mode, parse_option
 from app.ml.transforms import PreprocessConfig, normalize, resize_image, scaled_size
 from app.ml.unet import UNetConfig
 
+# Auto mode resizes an image whose pixels at the trained scale are between these multiples of the resize input's.
+AUTO_RESIZE_RATIOS = (0.5, 2.0)
+
 
 @dataclass(frozen=True)
 class TileGrid:
@@ -74,9 +77,21 @@ class Tiler:
     preprocess: PreprocessConfig
     architecture: UNetConfig
 
+    def resolve(self, shape: tuple[int, ...], mode: Mode | str) -> Mode:
+        """The mode that runs for an image of `shape`: auto picks resize when the image, at the pixel scale the
+        model was trained at, has between half and twice the pixels of the resize input (a competition image has
+        as many), else tile, which keeps the trained scale (resizing a 2080x2816 image to 572x572 would shrink its
+        cells 4x below anything the model saw)."""
+        mode = parse_option(Mode, mode, "mode")
+        if mode is not Mode.AUTO:
+            return mode
+        height, width = scaled_size((shape[0], shape[1]), self.preprocess.pixel_scale)
+        ratio = height * width / self.preprocess.input_size**2
+        return Mode.RESIZE if AUTO_RESIZE_RATIOS[0] <= ratio <= AUTO_RESIZE_RATIOS[1] else Mode.TILE
+
     def working_size(self, shape: tuple[int, ...], mode: Mode | str) -> tuple[int, int]:
         """The (H, W) the image is resized to before tiling."""
-        if parse_option(Mode, mode, "mode") is Mode.RESIZE:
+        if self.resolve(shape, mode) is Mode.RESIZE:
             return self.preprocess.input_size, self.preprocess.input_size
         return scaled_size((shape[0], shape[1]), self.preprocess.pixel_scale)
 
@@ -88,7 +103,7 @@ class Tiler:
             size = self.preprocess.input_size
             out = self.architecture.output_size(size)
             return TileGrid(shape=shape, tile_out=(out, out), margin=(size - out) // 2)
-        if parse_option(Mode, mode, "mode") is Mode.RESIZE:
+        if parse_option(Mode, mode, "mode") is Mode.RESIZE:  # grid() takes a resolved mode
             stride = self.architecture.stride
             return TileGrid(shape=shape, tile_out=tuple(math.ceil(s / stride) * stride for s in shape), margin=0)
         out = self.preprocess.tile_size - 2 * self.preprocess.tile_margin
@@ -96,6 +111,7 @@ class Tiler:
 
     def cut(self, image: np.ndarray, mode: Mode | str) -> tuple[np.ndarray, TileGrid]:
         """(H, W) image -> (N, 1, h, w) float32 normalized tiles and their grid."""
+        mode = self.resolve(image.shape, mode)
         working = resize_image(image, self.working_size(image.shape, mode))
         grid = self.grid(working.shape, mode)
         return extract_tiles(normalize(working), grid)[:, None], grid
