@@ -1,10 +1,13 @@
-"""`predict`: segment a folder of images into a Kaggle submission CSV (`id,predicted`, one RLE row per cell).
+"""`predict`: segment a folder of images into a Kaggle submission CSV (`id,predicted`, one RLE row per cell) and,
+with --formats, the files lab tools open, per image, into an output folder.
 
 Masks never overlap (each pixel belongs to at most one cell); an image without cells gets one row with an empty
-prediction, so every image id appears, as the competition expects.
+prediction, so every image id appears, as the competition expects. A file that cannot be read is named, skipped
+and counted; the exit code is 1 when any was skipped.
 
-Example:
-  predict --model model_store/default-v1 --images /data/sartorius/test --out submission.csv
+Examples:
+  predict --images /data/sartorius/test --out submission.csv
+  predict --images plate7/ --out plate7.csv --formats tiff roi geojson --out-dir plate7-cells/
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import json
 import sys
 from pathlib import Path
 
@@ -23,6 +27,7 @@ from app.ml.checkpoint import atomic_write_bytes
 from app.ml.errors import CellSegError
 from app.ml.imageio import read_image
 from app.ml.options import Mode
+from app.ml.serving.pipeline import FILE_SUFFIXES, OutputFormat, Segmentation, encode_output
 from app.ml.serving.predictor import Predictor
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff"}
@@ -42,16 +47,38 @@ def build_parser() -> argparse.ArgumentParser:
         help="'auto' (resize near the trained image size, else tile; the default), 'resize' (572x572 and back) or "
         "'tile' (overlap-tile at the trained pixel scale)",
     )
+    parser.add_argument(
+        "--formats",
+        nargs="+",
+        default=[],
+        choices=[f.value for f in OutputFormat],
+        help="also write these files per image into --out-dir: " + ", ".join(OutputFormat),
+    )
+    parser.add_argument("--out-dir", default="predictions", help="folder for --formats (default: predictions)")
     return parser
 
 
-def submission_rows(predictor: Predictor, paths: list[Path], mode: str) -> list[tuple[str, str]]:
+def segment_folder(
+    predictor: Predictor, paths: list[Path], mode: str, formats: list[OutputFormat], out_dir: Path
+) -> tuple[list[tuple[str, str]], list[str]]:
+    """Kaggle CSV rows of every readable image, with its files in `formats` written into out_dir; and the
+    problems of the images that could not be read, one line each."""
     rows: list[tuple[str, str]] = []
+    skipped: list[str] = []
     for path in tqdm(paths, desc="predict", unit="img"):
-        instances = predictor.predict(read_image(path), mode)
+        try:
+            image = read_image(path)
+        except CellSegError as exc:
+            skipped.append(f"{path.name}: {exc}")
+            continue
+        instances = predictor.predict(image, mode)
         encoded = rle.encode_labels(instances.labels)
         rows += [(path.stem, encoded[label]) for label in sorted(encoded)] or [(path.stem, "")]
-    return rows
+        for output in formats:
+            data = encode_output(Segmentation(image, instances, predictor.tiler.resolve(image.shape, mode)), output)
+            data = data if isinstance(data, bytes) else json.dumps(data).encode()
+            atomic_write_bytes(out_dir / f"{path.stem}{FILE_SUFFIXES[output.value]}", data)
+    return rows, skipped
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -62,7 +89,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"predict: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {args.images}")
     try:
         predictor = predictor_from_args(args)
-        rows = submission_rows(predictor, paths, args.mode)
+        formats = [OutputFormat(name) for name in args.formats]
+        rows, skipped = segment_folder(predictor, paths, args.mode, formats, Path(args.out_dir))
     except CellSegError as exc:
         print(f"predict: {exc}", file=sys.stderr)
         raise SystemExit(2) from exc
@@ -71,7 +99,10 @@ def main(argv: list[str] | None = None) -> None:
     writer.writerow(["id", "predicted"])
     writer.writerows(rows)
     atomic_write_bytes(Path(args.out), buffer.getvalue().encode())
-    print(f"wrote {len(rows)} rows for {len(paths)} images to {args.out}")
+    print(f"wrote {len(rows)} rows for {len(paths) - len(skipped)} images to {args.out}")
+    if skipped:
+        print(f"predict: skipped {len(skipped)} of {len(paths)} files:", *skipped, sep="\n  ", file=sys.stderr)
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

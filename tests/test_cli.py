@@ -35,6 +35,26 @@ def test_predict_on_the_real_test_images_writes_a_valid_submission(trained_model
     assert "wrote" in capsys.readouterr().out
 
 
+def test_predict_writes_the_lab_formats_per_image_and_names_skips_and_counts_bad_files(
+    trained_model, sartorius, tmp_path, capsys
+):
+    images = tmp_path / "plate"
+    shutil.copytree(sartorius / "test", images)
+    (images / "broken.png").write_bytes(b"not a png at all")
+    out_dir = tmp_path / "cells"
+    with pytest.raises(SystemExit) as exit_info:
+        predict(["--model", str(trained_model), "--images", str(images), "--out", str(tmp_path / "s.csv"),
+                 "--formats", "tiff", "geojson", "--out-dir", str(out_dir), "--no-compile"])  # fmt: skip
+    assert exit_info.value.code == 1, "a skipped file makes the exit code say so"
+    assert "skipped 1 of 4 files" in capsys.readouterr().err
+    good = sorted(p.stem for p in (sartorius / "test").glob("*.png"))
+    assert sorted(p.name for p in out_dir.iterdir()) == sorted(
+        [f"{stem}-labels.tif" for stem in good] + [f"{stem}.geojson" for stem in good]
+    )
+    with (tmp_path / "s.csv").open() as handle:
+        assert {row["id"] for row in csv.DictReader(handle)} == set(good)
+
+
 def test_evaluate_reproduces_the_validation_score_recorded_in_model_json(trained_model, synth_train_data, tmp_path,
                                                                          capsys):  # fmt: skip
     report = tmp_path / "evaluation.json"

@@ -49,6 +49,12 @@ class OutputFormat(StrEnum):
         return _MEDIA_TYPES[self]
 
 
+# The file name ending of each format, for files written per image (predict --formats).
+FILE_SUFFIXES = {
+    "json": ".json", "png": "-labels.png", "mask": "-mask.png", "overlay": "-overlay.png", "tiff": "-labels.tif",
+    "roi": "-rois.zip", "geojson": ".geojson", "coco": "-coco.json",
+}  # fmt: skip
+
 _MEDIA_TYPES = {
     OutputFormat.JSON: "application/json",
     OutputFormat.PNG: "image/png",
@@ -138,7 +144,7 @@ class SegmentationPipeline:
     async def encode(self, segmentation: Segmentation, output: OutputFormat) -> list[dict[str, Any]] | bytes:
         """Cells as dicts (json) or the bytes of a file (every other format); timed as the 'encode' stage."""
         started = time.perf_counter()
-        result = await asyncio.to_thread(_ENCODERS[output], segmentation)
+        result = await asyncio.to_thread(encode_output, segmentation, output)
         self._record(segmentation.timings, "encode", started)
         return result
 
@@ -162,6 +168,11 @@ class SegmentationPipeline:
     def _record(self, timings: dict[str, float], stage: str, started: float) -> None:
         timings[stage] = time.perf_counter() - started
         self.observe_stage(stage, timings[stage])
+
+
+def encode_output(segmentation: Segmentation, output: OutputFormat) -> list[dict[str, Any]] | bytes:
+    """The cells of one image in `output`: dicts for json, the file's bytes for every other format."""
+    return _ENCODERS[output](segmentation)
 
 
 _ENCODERS: dict[OutputFormat, Callable[[Segmentation], Any]] = {
