@@ -55,12 +55,10 @@ def read_image(path: str | Path, limits: ImageLimits = ImageLimits()) -> np.ndar
 
 def image_size(path: str | Path) -> tuple[int, int]:
     """(height, width) of an image file, from its header only."""
-    data = Path(path).read_bytes()
-    if data[:4] in _TIFF_MAGIC:
-        with tifffile.TiffFile(io.BytesIO(data)) as tif:
-            return int(tif.pages.first.imagelength), int(tif.pages.first.imagewidth)
-    with Image.open(io.BytesIO(data)) as img:
-        return img.height, img.width
+    shape = declared_shape(Path(path).read_bytes())
+    if shape is None:
+        raise UnsupportedImageError(f"{path}: no PNG, JPEG or TIFF header could be read. {ACCEPTED}")
+    return shape[0], shape[1]
 
 
 def declared_shape(data: bytes) -> tuple[int, int, int] | None:
