@@ -46,24 +46,23 @@ class OutputFormat(StrEnum):
 
     @property
     def media_type(self) -> str:
-        return _MEDIA_TYPES[self]
+        return _FILES[self][0]
+
+    @property
+    def file_suffix(self) -> str:
+        """How the name of a file of this format ends, for files written per image (predict --formats)."""
+        return _FILES[self][1]
 
 
-# The file name ending of each format, for files written per image (predict --formats).
-FILE_SUFFIXES = {
-    "json": ".json", "png": "-labels.png", "mask": "-mask.png", "overlay": "-overlay.png", "tiff": "-labels.tif",
-    "roi": "-rois.zip", "geojson": ".geojson", "coco": "-coco.json",
-}  # fmt: skip
-
-_MEDIA_TYPES = {
-    OutputFormat.JSON: "application/json",
-    OutputFormat.PNG: "image/png",
-    OutputFormat.MASK: "image/png",
-    OutputFormat.OVERLAY: "image/png",
-    OutputFormat.TIFF: "image/tiff",
-    OutputFormat.ROI: "application/zip",
-    OutputFormat.GEOJSON: "application/geo+json",
-    OutputFormat.COCO: "application/json",
+_FILES = {  # format -> (media type, file name ending)
+    OutputFormat.JSON: ("application/json", ".json"),
+    OutputFormat.PNG: ("image/png", "-labels.png"),
+    OutputFormat.MASK: ("image/png", "-mask.png"),
+    OutputFormat.OVERLAY: ("image/png", "-overlay.png"),
+    OutputFormat.TIFF: ("image/tiff", "-labels.tif"),
+    OutputFormat.ROI: ("application/zip", "-rois.zip"),
+    OutputFormat.GEOJSON: ("application/geo+json", ".geojson"),
+    OutputFormat.COCO: ("application/json", "-coco.json"),
 }
 
 
