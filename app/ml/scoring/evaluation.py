@@ -18,7 +18,6 @@ from app.ml.options import Mode
 from app.ml.postprocess import InstanceConfig
 from app.ml.scoring.metric import THRESHOLDS, score_per_threshold
 from app.ml.serving.predictor import Predictor
-from app.ml.transforms import PreprocessConfig, scaled_size
 
 
 @dataclass
@@ -37,16 +36,11 @@ class Evaluation:
         return asdict(self)
 
 
-def evaluation_mode(shape: tuple[int, int], preprocess: PreprocessConfig) -> Mode:
-    """Resize mode (the service's default) for images of the size the model was trained for; otherwise, for crops
-    such as held-out rows, tile mode, which sees them at the same pixel scale."""
-    side = preprocess.input_size
-    return Mode.RESIZE if scaled_size(shape, preprocess.pixel_scale) == (side, side) else Mode.TILE
-
-
 def instance_step_maps(predictor: Predictor, image: np.ndarray) -> np.ndarray:
-    """(H, W) image -> the (2, H, W) maps the instance step reads, through the mode the evaluation uses."""
-    return predictor.predict_maps(image, evaluation_mode(image.shape, predictor.preprocess))
+    """(H, W) image -> the (2, H, W) maps the instance step reads, in the service's default mode (auto: resize for
+    images of the size the model was trained for, tile at the trained pixel scale for crops such as held-out rows
+    and for large images)."""
+    return predictor.predict_maps(image, Mode.AUTO)
 
 
 def evaluate(predictor: Predictor, samples: Iterable[Sample], rules: InstanceRules | None = None) -> Evaluation:

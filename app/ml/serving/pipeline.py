@@ -121,9 +121,7 @@ class SegmentationPipeline:
             return 0
         height, width, frames = shape
         check_geometry(height, width, frames, self.limits)  # one image's own limits first, with their message
-        tiler = self.predictor.tiler
-        mode = tiler.resolve((height, width), mode)
-        grid = tiler.grid(tiler.working_size((height, width), mode), mode)
+        _, grid = self.predictor.tiler.layout((height, width), mode)
         return frames * max(height * width, grid.num_tiles * grid.tile_in[0] * grid.tile_in[1])
 
     def rules(self, **overrides: float | int | None) -> InstanceRules:

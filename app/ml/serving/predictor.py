@@ -108,8 +108,7 @@ class Predictor:
 
     def prepare(self, image: np.ndarray, mode: Mode | str = Mode.RESIZE) -> Prepared:
         """(H, W) float image in [0, 1] -> Prepared tiles for the network."""
-        mode = self.tiler.resolve(image.shape, mode)
-        tiles, grid = self.tiler.cut(image, mode)
+        tiles, grid, mode = self.tiler.cut(image, mode)
         return Prepared(tiles, grid, (image.shape[0], image.shape[1]), image_contrast(image), mode)
 
     def run_network(self, tiles: np.ndarray) -> np.ndarray:

@@ -89,32 +89,38 @@ class Tiler:
         ratio = height * width / self.preprocess.input_size**2
         return Mode.RESIZE if AUTO_RESIZE_RATIOS[0] <= ratio <= AUTO_RESIZE_RATIOS[1] else Mode.TILE
 
+    def layout(self, shape: tuple[int, ...], mode: Mode | str) -> tuple[Mode, TileGrid]:
+        """The mode that runs for an image of `shape` (auto resolved) and its tile grid, whose shape is the size
+        the image is resized to before tiling."""
+        mode = self.resolve(shape, mode)
+        return mode, self.grid(self.working_size(shape, mode), mode)
+
     def working_size(self, shape: tuple[int, ...], mode: Mode | str) -> tuple[int, int]:
-        """The (H, W) the image is resized to before tiling."""
-        if self.resolve(shape, mode) is Mode.RESIZE:
+        """The (H, W) the image is resized to before tiling, in a resolved mode (resize or tile)."""
+        if parse_option(Mode, mode, "mode") is Mode.RESIZE:
             return self.preprocess.input_size, self.preprocess.input_size
         return scaled_size((shape[0], shape[1]), self.preprocess.pixel_scale)
 
     def grid(self, shape: tuple[int, int], mode: Mode | str) -> TileGrid:
         """How the working image is tiled for this network: the unpadded network always uses the paper's
         overlap-tile (input_size in); the padded one sees the whole resized image in resize mode (mirrored up to a
-        multiple of its stride), and tiles of tile_size with tile_margin of context in tile mode."""
+        multiple of its stride), and tiles of tile_size with tile_margin of context in tile mode. `mode` is a
+        resolved one (resize or tile)."""
         if not self.architecture.padded:
             size = self.preprocess.input_size
             out = self.architecture.output_size(size)
             return TileGrid(shape=shape, tile_out=(out, out), margin=(size - out) // 2)
-        if parse_option(Mode, mode, "mode") is Mode.RESIZE:  # grid() takes a resolved mode
+        if parse_option(Mode, mode, "mode") is Mode.RESIZE:
             stride = self.architecture.stride
             return TileGrid(shape=shape, tile_out=tuple(math.ceil(s / stride) * stride for s in shape), margin=0)
         out = self.preprocess.tile_size - 2 * self.preprocess.tile_margin
         return TileGrid(shape=shape, tile_out=(out, out), margin=self.preprocess.tile_margin)
 
-    def cut(self, image: np.ndarray, mode: Mode | str) -> tuple[np.ndarray, TileGrid]:
-        """(H, W) image -> (N, 1, h, w) float32 normalized tiles and their grid."""
-        mode = self.resolve(image.shape, mode)
-        working = resize_image(image, self.working_size(image.shape, mode))
-        grid = self.grid(working.shape, mode)
-        return extract_tiles(normalize(working), grid)[:, None], grid
+    def cut(self, image: np.ndarray, mode: Mode | str) -> tuple[np.ndarray, TileGrid, Mode]:
+        """(H, W) image -> (N, 1, h, w) float32 normalized tiles, their grid, and the mode that ran."""
+        mode, grid = self.layout(image.shape, mode)
+        working = resize_image(image, grid.shape)
+        return extract_tiles(normalize(working), grid)[:, None], grid, mode
 
     def stitch(self, outputs: np.ndarray, grid: TileGrid, shape: tuple[int, int]) -> np.ndarray:
         """(N, C, h, w) per-tile outputs -> (C, H, W) at the original image's `shape`."""
