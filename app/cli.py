@@ -8,8 +8,6 @@ import logging
 import os
 from pathlib import Path
 
-import torch
-
 from app.config import Settings
 from app.ml.checkpoint import Checkpoint, resolve_model_folder
 from app.ml.options import Backend
@@ -40,16 +38,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def predictor_from_args(args: argparse.Namespace, source: Checkpoint | Path | None = None) -> Predictor:
     """The predictor the inference settings in `args` describe, warmed up (and so compiled) when compiling."""
-    if args.torch_threads:
-        torch.set_num_threads(args.torch_threads)
-    predictor = Predictor.from_checkpoint(
-        source or model_folder(args),
-        device=args.device,
-        half_precision=args.half_precision,
-        backend=args.backend,
-        compile_network=args.compile,
-        tta=args.tta,
-    )
+    predictor = Predictor.from_options(source or model_folder(args), args)
     if predictor.runner.compiled is not None:
         predictor.warm_up()
     return predictor

@@ -7,7 +7,6 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import torch
 from fastapi import FastAPI
 
 import app as package
@@ -37,17 +36,9 @@ def load_predictor(settings: Settings) -> tuple[Predictor, dict]:
     """The model named by the settings (or the store's default), verified and on its device, not yet warmed up.
     Blocking, and quick: what can be wrong with a model folder or a setting shows here, before the server
     listens."""
-    if settings.torch_threads:
-        torch.set_num_threads(settings.torch_threads)
     checkpoint = load_checkpoint(resolve_model_folder(settings.model_store, settings.model_version))
-    predictor = Predictor.from_checkpoint(
-        checkpoint,
-        device=settings.device,
-        half_precision=settings.half_precision,
-        backend=settings.backend,
-        compile_network=settings.compile and settings.warmup,  # it compiles while warming up
-        tta=settings.tta,
-    )
+    # It compiles while warming up: without a warm-up, compiling is off (and cannot steer the backend's choice).
+    predictor = Predictor.from_options(checkpoint, settings, compile_network=settings.compile and settings.warmup)
     return predictor, checkpoint.card.without_host_paths().to_dict()
 
 

@@ -10,7 +10,7 @@ from fastapi import APIRouter, File, HTTPException, Query, Request, UploadFile
 from fastapi.responses import Response
 
 from app.api import schemas
-from app.api.deps import PipelineDep, ServiceDep
+from app.api.deps import PipelineDep, Service, ServiceDep
 from app.ml.options import Mode
 from app.ml.postprocess import THRESHOLD_RANGES
 from app.ml.serving.pipeline import OutputFormat, Segmentation, SegmentationPipeline
@@ -49,7 +49,7 @@ async def segment(
     pipeline: PipelineDep,
     file: Annotated[UploadFile | None, File(description="one image: PNG, JPEG or TIFF")] = None,
     files: Annotated[list[UploadFile] | None, File(description="several images (JSON output only)")] = None,
-    output: Annotated[OutputFormat, Query(alias="format", description=" | ".join(OutputFormat))] = (OutputFormat.JSON),
+    output: Annotated[OutputFormat, Query(alias="format", description=" | ".join(OutputFormat))] = OutputFormat.JSON,
     mode: Annotated[
         Mode,
         Query(
@@ -80,7 +80,7 @@ async def segment(
 
 
 async def _answer(
-    service: ServiceDep,
+    service: Service,
     pipeline: SegmentationPipeline,
     uploads: list[UploadFile],
     results: list[Segmentation],

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -22,6 +23,17 @@ from app.ml.serving.runner import NetworkRunner, pick_device
 from app.ml.serving.tiler import TileGrid, Tiler
 from app.ml.transforms import PreprocessConfig
 from app.ml.unet import UNet, UNetConfig
+
+
+class InferenceOptions(Protocol):
+    """The inference settings, by the names the service's Settings and the CLIs' arguments both use."""
+
+    device: str
+    backend: Backend | str
+    half_precision: bool
+    compile: bool
+    tta: int
+    torch_threads: int
 
 
 @dataclass(frozen=True)
@@ -57,6 +69,23 @@ class Predictor:
         self.preprocess = preprocess
         self.instances = instances if isinstance(instances, InstanceRules) else InstanceRules(instances)
         self.version = version
+
+    @classmethod
+    def from_options(
+        cls, source: str | Path | Checkpoint, options: InferenceOptions, compile_network: bool | None = None
+    ) -> Predictor:
+        """The model of `source` run as the inference settings say: the service's Settings or a CLI's arguments,
+        which share their names. compile_network overrides options.compile."""
+        if options.torch_threads:
+            torch.set_num_threads(options.torch_threads)
+        return cls.from_checkpoint(
+            source,
+            device=options.device,
+            half_precision=options.half_precision,
+            backend=options.backend,
+            compile_network=options.compile if compile_network is None else compile_network,
+            tta=options.tta,
+        )
 
     @classmethod
     def from_checkpoint(
