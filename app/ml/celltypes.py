@@ -10,6 +10,7 @@ classifier was.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -18,12 +19,16 @@ import numpy as np
 from app.ml.postprocess import InstanceConfig, Instances, maps_to_instances
 from app.ml.strict import check_keys
 
-FEATURES = ("log cells per 100k px", "log median area", "foreground fraction", "image contrast")
+FEATURES = ("log cells per 100k px", "log median area", "foreground fraction", "relative contrast")
+# Classifiers fitted before the contrast became relative: they read the plain standard deviation.
+RETIRED_FEATURES = ("log cells per 100k px", "log median area", "foreground fraction", "image contrast")
+log = logging.getLogger("cellseg.celltypes")
 
 
 def image_contrast(image: np.ndarray) -> float:
-    """(H, W) float image in [0, 1] -> its standard deviation."""
-    return float(np.std(image))
+    """(H, W) float image -> its standard deviation over its mean: the same for 8-bit, 12-bit and 16-bit pixels of
+    one scene (a plain standard deviation made a 12-bit image in a 16-bit file look as faint as astrocytes)."""
+    return float(np.std(image)) / max(float(np.mean(image)), 1e-6)
 
 
 def cell_features(instances: Instances, contrast: float) -> np.ndarray:
@@ -131,6 +136,12 @@ class InstanceRules:
         per_type = data.get("per_cell_type", {})
         classifier = dict(data.get("cell_type_classifier") or {})
         min_probability = classifier.pop("min_probability", cls.min_probability)
+        if tuple(classifier.get("features", ())) == RETIRED_FEATURES:
+            log.warning(
+                "this model's cell-type classifier reads a retired contrast feature: it is not used, and the default "
+                "thresholds apply to every image; `tune --model <its folder>` fits it again"
+            )
+            per_type, classifier = {}, {}
         default_keys = {k: v for k, v in data.items() if k not in ("per_cell_type", "cell_type_classifier")}
         return cls(
             InstanceConfig.from_dict(default_keys),

@@ -6,7 +6,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from app.ml.celltypes import CellTypeClassifier, InstanceRules, cell_features
+from app.ml.celltypes import RETIRED_FEATURES, CellTypeClassifier, InstanceRules, cell_features, image_contrast
 from app.ml.postprocess import InstanceConfig, maps_to_instances
 from tests.conftest import disk
 
@@ -93,3 +93,19 @@ def test_the_classifier_tells_a_faint_image_from_a_bright_one_with_the_same_cell
     classifier = CellTypeClassifier.fit(np.stack(features), [name for name in contrasts for _ in range(3)])
     for name, contrast in contrasts.items():
         assert classifier.predict(cell_features(found, contrast))[0] == name
+
+
+def test_a_classifier_of_the_retired_contrast_feature_is_set_aside_with_a_warning(caplog):
+    rules = InstanceRules(
+        InstanceConfig(seed_threshold=0.7),
+        {"astro": InstanceConfig(min_cell_area=128)},
+        CellTypeClassifier(["astro"], [[0.0] * 4], [0.0] * 4, [1.0] * 4),
+    ).to_dict()
+    rules["cell_type_classifier"]["features"] = list(RETIRED_FEATURES)
+    assert InstanceRules.from_dict(rules) == InstanceRules(InstanceConfig(seed_threshold=0.7))
+    assert "tune --model" in caplog.text
+
+
+def test_the_contrast_is_the_same_for_8_bit_and_12_bit_pixels_of_one_scene():
+    scene8 = np.random.default_rng(2).integers(20, 200, (64, 64)) / 255.0
+    assert image_contrast(scene8) == pytest.approx(image_contrast(scene8 * 255.0 * 16 / 65535.0))
