@@ -23,12 +23,16 @@ class Timings(BaseModel):
     encode_ms: float
 
 
+CHANNEL = Field(None, description="the channel segmented, by name where the file names it; null for one channel")
+
+
 class Segmentation(BaseModel):
     filename: str | None
     width: int
     height: int
     model_version: str
     mode: str
+    channel: str | None = CHANNEL
     cell_type: str | None = Field(
         description="the image's cell type as the model's classifier reads it from the cells found (it picks that "
         "type's thresholds); null for a model without a classifier"
@@ -47,9 +51,34 @@ class Segmentation(BaseModel):
     }]}}  # fmt: skip
 
 
+class Frame(BaseModel):
+    index: int = Field(description="0..frame_count-1, in the file's order (the last frame axis fastest)")
+    cell_type: str | None
+    cell_type_probability: float | None
+    cell_count: int
+    cells: list[Cell]
+    timings: Timings
+
+
+class StackSegmentation(BaseModel):
+    """A Z or time stack (or any multi-page TIFF), segmented frame by frame."""
+
+    filename: str | None
+    width: int
+    height: int
+    model_version: str
+    mode: str
+    channel: str | None = CHANNEL
+    axes: str = Field(description="the file's frame axes as tifffile names them: T time, Z depth, I pages, ...")
+    frame_shape: list[int] = Field(description="the size of each frame axis")
+    frame_count: int
+    cell_count: int = Field(description="cells in all frames")
+    frames: list[Frame]
+
+
 class BatchSegmentation(BaseModel):
     model_version: str
-    results: list[Segmentation]
+    results: list[Segmentation | StackSegmentation]
 
 
 class Error(BaseModel):
@@ -81,6 +110,6 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     401: {"model": Error, "description": "API key missing or wrong (only when one is configured)"},
     413: {"model": Error, "description": "upload or image dimensions over the limit"},
     415: {"model": Error, "description": "not an image, or an unsupported format"},
-    422: {"model": Error, "description": "a truncated, too small or multi-frame image, or an invalid option"},
+    422: {"model": Error, "description": "a truncated or too small image, a channel to choose, or an invalid option"},
     503: {"model": Error, "description": "busy (retry after the Retry-After header) or still loading"},
 }

@@ -23,12 +23,18 @@ from skimage import measure
 from app.ml.postprocess import Instances
 
 
-def label_tiff(labels: np.ndarray) -> bytes:
-    """(H, W) labels -> an ImageJ TIFF: 16-bit up to 65535 cells, else 32-bit float (exact up to 2**24 cells);
-    zlib-compressed, which Fiji reads."""
+def label_tiff(labels: np.ndarray, axes: str = "", frame_shape: tuple[int, ...] = ()) -> bytes:
+    """(H, W) labels, or (N, H, W) for a stack with its frame axes, -> an ImageJ TIFF: 16-bit up to 65535 cells,
+    else 32-bit float (exact up to 2**24 cells); zlib-compressed, which Fiji reads. A stack keeps its T and Z
+    axes where ImageJ can name them (T before Z), else its frames become one Z axis."""
     data = labels.astype(np.uint16 if labels.max(initial=0) <= np.iinfo(np.uint16).max else np.float32)
+    imagej_axes = "".join("T" if axis == "T" else "Z" for axis in axes)
+    if labels.ndim == 3 and imagej_axes in ("T", "Z", "TZ"):
+        data = data.reshape(*frame_shape, *labels.shape[1:])
+    elif labels.ndim == 3:
+        imagej_axes = "Z"
     buffer = io.BytesIO()
-    tifffile.imwrite(buffer, data, imagej=True, compression="zlib", metadata={"axes": "YX"})
+    tifffile.imwrite(buffer, data, imagej=True, compression="zlib", metadata={"axes": imagej_axes + "YX"})
     return buffer.getvalue()
 
 

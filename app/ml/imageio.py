@@ -1,8 +1,12 @@
-"""Decode uploaded bytes into one grayscale float image, refusing anything unsafe before allocating it.
+"""Decode uploaded bytes into grayscale float frames, refusing anything unsafe before allocating it.
 
-PNG and JPEG go through Pillow, TIFF through tifffile (it reads 16-bit RGB, float and scientific TIFF that
-Pillow cannot). Every reader looks at the header first: dimensions and frame count are checked before any
-pixel is decoded, so a decompression bomb costs nothing.
+PNG and JPEG go through Pillow, TIFF through tifffile with imagecodecs (every common compression, OME-TIFF and
+ImageJ hyperstacks with their axes, 16-bit, float). Every reader looks at the header first: dimensions and planes
+are checked before any pixel is decoded, so a decompression bomb costs nothing.
+
+A TIFF's axes decide what its planes are: Y and X are the image; C (channels) or S (samples, such as RGB) are
+reduced to one gray plane (the chosen channel, or the luminance of RGB); every other axis (Z, T, pages...) makes
+frames, each segmented on its own.
 """
 
 from __future__ import annotations
@@ -20,9 +24,11 @@ from app.ml.errors import ImageTooLargeError, InvalidImageError, UnsupportedImag
 MAX_PIXELS = 24_000_000  # sized to fit the service in a 2 GB container: docs/reliability.md
 MIN_SIDE = 16
 ACCEPTED = (
-    "Accepted: one PNG, JPEG or TIFF image, 8- or 16-bit, grayscale, RGB or RGBA, a single frame, "
-    f"at least {MIN_SIDE}x{MIN_SIDE} pixels and at most the service's pixel limit."
+    "Accepted: one PNG, JPEG or TIFF image (TIFF also as a Z or time stack, OME-TIFF or ImageJ hyperstack), "
+    f"8-, 16-bit or float, grayscale, RGB or RGBA, at least {MIN_SIDE}x{MIN_SIDE} pixels and at most the service's "
+    "pixel limit in all its planes."
 )
+_RGB_NAMES = ("red", "green", "blue", "alpha")
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R BT.601, what Pillow's "L" uses
 
@@ -39,13 +45,39 @@ class ImageLimits:
     min_side: int = MIN_SIDE
 
 
-def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> np.ndarray:
-    """Image file bytes -> (H, W) float32 in [0, 1], grayscale. Raises InvalidImageError / ImageTooLargeError."""
+@dataclass(frozen=True)
+class ImageStack:
+    """The frames of one image file, each a gray image to segment on its own."""
+
+    frames: np.ndarray  # (N, H, W) float32 in [0, 1]
+    axes: str  # the file's frame axes in order, e.g. "TZ" (tifffile's letters); "" for a single image
+    frame_shape: tuple[int, ...]  # the size of each frame axis: N = their product
+    channel: str | None  # the channel the frames were taken from, by name where the file names it
+
+    @property
+    def is_stack(self) -> bool:
+        return bool(self.axes)
+
+
+def decode_stack(data: bytes, limits: ImageLimits = ImageLimits(), channel: str | None = None) -> ImageStack:
+    """Image file bytes -> its frames, of `channel` (an index or a name) where it has several channels.
+    Raises InvalidImageError / ImageTooLargeError / UnsupportedImageError with what is wrong and what is accepted."""
     if not data:
         raise InvalidImageError(f"the file is empty. {ACCEPTED}")
     if data[:4] in _TIFF_MAGIC:
-        return _decode_tiff(data, limits)
-    return _decode_with_pillow(data, limits)
+        return _decode_tiff(data, limits, channel)
+    return _decode_with_pillow(data, limits, channel)
+
+
+def decode_image(data: bytes, limits: ImageLimits = ImageLimits(), channel: str | None = None) -> np.ndarray:
+    """Image file bytes -> (H, W) float32 in [0, 1]; a stack of several frames is refused."""
+    stack = decode_stack(data, limits, channel)
+    if len(stack.frames) > 1:
+        raise InvalidImageError(
+            f"the image is a stack of {len(stack.frames)} frames (axes {stack.axes}); send one frame per image "
+            f"here (the service segments stacks frame by frame). {ACCEPTED}"
+        )
+    return stack.frames[0]
 
 
 def read_image(path: str | Path, limits: ImageLimits = ImageLimits()) -> np.ndarray:
@@ -62,13 +94,13 @@ def image_size(path: str | Path) -> tuple[int, int]:
 
 
 def declared_shape(data: bytes) -> tuple[int, int, int] | None:
-    """(height, width, frames) as the image file's header declares them, without decoding any pixel; None when
-    the header cannot be read (decoding the file then says what is wrong)."""
+    """(height, width, planes) as the image file's header declares them, without decoding any pixel; None when
+    the header cannot be read (decoding the file then says what is wrong). Planes counts frames and channels."""
     try:
         if data[:4] in _TIFF_MAGIC:
             with tifffile.TiffFile(io.BytesIO(data)) as tif:
                 page = tif.pages.first
-                return int(page.imagelength), int(page.imagewidth), _tiff_frames(tif)
+                return int(page.imagelength), int(page.imagewidth), _tiff_planes(tif)
         with Image.open(io.BytesIO(data)) as img:
             return img.height, img.width, getattr(img, "n_frames", 1)
     except Exception:
@@ -80,81 +112,147 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8)
 
 
-def check_geometry(height: int, width: int, frames: int, limits: ImageLimits) -> None:
-    """InvalidImageError (ImageTooLargeError when too large) for a shape the limits refuse."""
-    if frames > 1:
-        raise InvalidImageError(f"the image has {frames} frames; send one frame per image. {ACCEPTED}")
-    if height * width > limits.max_pixels:
+def check_geometry(height: int, width: int, planes: int, limits: ImageLimits) -> None:
+    """InvalidImageError (ImageTooLargeError when too large) for a shape the limits refuse; every plane of a stack
+    counts against the pixel limit, as every plane is decoded."""
+    if height * width * planes > limits.max_pixels:
+        in_planes = f" x {planes} planes" if planes > 1 else ""
         raise ImageTooLargeError(
-            f"the image declares {width}x{height} = {width * height:,} pixels, over the limit of "
-            f"{limits.max_pixels:,}. {ACCEPTED}"
+            f"the image declares {width}x{height}{in_planes} = {width * height * planes:,} pixels, over the limit "
+            f"of {limits.max_pixels:,}. {ACCEPTED}"
         )
     if min(height, width) < limits.min_side:
         raise InvalidImageError(f"the image is {width}x{height}, too small to segment. {ACCEPTED}")
 
 
-def _decode_with_pillow(data: bytes, limits: ImageLimits) -> np.ndarray:
+def _decode_with_pillow(data: bytes, limits: ImageLimits, channel: str | None) -> ImageStack:
     try:
         img = Image.open(io.BytesIO(data))
         if img.format not in {"PNG", "JPEG", "MPO"}:
             raise UnsupportedImageError(f"{img.format} images are not supported. {ACCEPTED}")
-        check_geometry(img.height, img.width, getattr(img, "n_frames", 1), limits)
+        if getattr(img, "n_frames", 1) > 1:
+            raise InvalidImageError(f"the {img.format} has {img.n_frames} frames; send a stack as a TIFF. {ACCEPTED}")
+        check_geometry(img.height, img.width, 1, limits)
         img.load()
     except UnidentifiedImageError as exc:
         raise UnsupportedImageError(f"the file is not an image we can read. {ACCEPTED}") from exc
     except (OSError, SyntaxError, ValueError) as exc:
         raise InvalidImageError(f"the image is truncated or corrupt ({exc}). {ACCEPTED}") from exc
-    return _pillow_to_gray(img)
+    pixels = _pillow_pixels(img)
+    axes = "YXS" if pixels.ndim == 3 else "YX"
+    return _frames(pixels, axes, channel, _RGB_NAMES if pixels.ndim == 3 else ())
 
 
-def _pillow_to_gray(img: Image.Image) -> np.ndarray:
+def _pillow_pixels(img: Image.Image) -> np.ndarray:
     if img.mode in {"I;16", "I;16B", "I;16L", "I"}:
-        return _array_to_gray(np.asarray(img))
+        return np.asarray(img)
     if img.mode not in {"L", "RGB", "RGBA", "LA", "P", "1", "CMYK", "YCbCr"}:
         raise UnsupportedImageError(f"image mode {img.mode} is not supported. {ACCEPTED}")
     if img.mode in {"P", "CMYK", "YCbCr", "1"}:
         img = img.convert("RGB")
     if img.mode == "LA":
         img = img.getchannel(0)
-    return _array_to_gray(np.asarray(img))
+    return np.asarray(img)
 
 
-def _decode_tiff(data: bytes, limits: ImageLimits) -> np.ndarray:
+def _decode_tiff(data: bytes, limits: ImageLimits, channel: str | None) -> ImageStack:
     try:
         with tifffile.TiffFile(io.BytesIO(data)) as tif:
             page = tif.pages.first
-            check_geometry(int(page.imagelength), int(page.imagewidth), _tiff_frames(tif), limits)
-            pixels = page.asarray()
-            if page.samplesperpixel > 1 and page.planarconfig == tifffile.PLANARCONFIG.SEPARATE:
-                pixels = np.moveaxis(pixels, 0, -1)
+            check_geometry(int(page.imagelength), int(page.imagewidth), _tiff_planes(tif), limits)
+            pixels, axes = _tiff_pixels(tif)
+            names = _ome_channel_names(tif) if "C" in axes else _RGB_NAMES if "S" in axes else ()
     except InvalidImageError:
         raise
     except Exception as exc:  # tifffile raises many types for broken files; all mean "not readable"
         if "imagecodecs" in str(exc):  # a codec this installation lacks: the file is fine
             raise UnsupportedImageError(f"this TIFF's compression cannot be decoded here ({exc}). {ACCEPTED}") from exc
         raise InvalidImageError(f"the TIFF is truncated or corrupt ({exc}). {ACCEPTED}") from exc
-    return _array_to_gray(pixels)
+    return _frames(pixels, axes, channel, names)
 
 
-def _tiff_frames(tif: tifffile.TiffFile) -> int:
+def _tiff_pixels(tif: tifffile.TiffFile) -> tuple[np.ndarray, str]:
+    """The TIFF's pixels and their axes: its one series, or pages written one by one (several series of the same
+    shape) stacked along a page axis "I"."""
+    series = tif.series
+    if len(series) == 1:
+        return series[0].asarray(), series[0].axes
+    if len({(s.shape, s.axes, s.dtype) for s in series}) > 1:
+        shapes = ", ".join(str(s.shape) for s in series[:4])
+        raise InvalidImageError(f"the TIFF holds {len(series)} images of different shapes ({shapes}). {ACCEPTED}")
+    return np.stack([s.asarray() for s in series]), "I" + series[0].axes
+
+
+def _tiff_planes(tif: tifffile.TiffFile) -> int:
     """Pages, or planes of a stack stored in one page: every axis but height, width and samples."""
-    frames = len(tif.pages)
+    planes = len(tif.pages)
     for series in tif.series[:1]:
-        planes = [size for size, axis in zip(series.shape, series.axes, strict=True) if axis not in "YXS"]
-        frames = max(frames, int(np.prod(planes)) if planes else 1)
-    return frames
+        sizes = [size for size, axis in zip(series.shape, series.axes, strict=True) if axis not in "YXS"]
+        planes = max(planes, int(np.prod(sizes)) if sizes else 1)
+    return planes
 
 
-def _array_to_gray(pixels: np.ndarray) -> np.ndarray:
-    """(H, W) or (H, W, C) integer or float array -> (H, W) float32 in [0, 1]."""
-    if pixels.ndim == 3 and pixels.shape[-1] in (3, 4):
-        scaled = _scale_to_unit(pixels[..., :3])
-        return np.ascontiguousarray(scaled @ _LUMA, dtype=np.float32)
-    if pixels.ndim == 3 and pixels.shape[-1] in (1, 2):
-        pixels = pixels[..., 0]
-    if pixels.ndim != 2:
-        raise InvalidImageError(f"the image has shape {pixels.shape}; expected one 2-D frame. {ACCEPTED}")
-    return _scale_to_unit(pixels)
+def _ome_channel_names(tif: tifffile.TiffFile) -> tuple[str, ...]:
+    """The channels' names in an OME-TIFF's metadata (those without one by index); () for other TIFFs."""
+    if not tif.is_ome or not tif.ome_metadata:
+        return ()
+    image = tifffile.xml2dict(tif.ome_metadata)["OME"]["Image"]
+    pixels = (image[0] if isinstance(image, list) else image)["Pixels"]
+    channels = pixels.get("Channel", [])
+    channels = channels if isinstance(channels, list) else [channels]
+    return tuple(str(c.get("Name") or index) for index, c in enumerate(channels))
+
+
+def _frames(pixels: np.ndarray, axes: str, channel: str | None, names: tuple[str, ...]) -> ImageStack:
+    """An array with tifffile's axis letters -> gray frames: the chosen channel (or RGB's luminance) of every
+    plane; every axis but Y, X, C and S is a frame axis."""
+    if "Y" not in axes or "X" not in axes:
+        raise InvalidImageError(f"the image has axes {axes!r} without both Y and X. {ACCEPTED}")
+    frame_axes = "".join(a for a in axes if a not in "YXCS")
+    rest = "".join(a for a in axes if a in "CS")  # kept last, in the file's order
+    pixels = np.moveaxis(pixels, [axes.index(a) for a in frame_axes + "YX" + rest], range(len(axes)))
+    frame_shape = pixels.shape[: len(frame_axes)]
+    pixels = pixels.reshape(-1, *pixels.shape[len(frame_axes) :])  # (frames, Y, X, *rest)
+    pixels, taken = _pick_channel(pixels, rest, channel, names)
+    if pixels.ndim == 4:  # RGB(A) samples left: their luminance
+        gray = np.tensordot(_scale_to_unit(pixels[..., :3]), _LUMA, axes=([3], [0]))
+        return ImageStack(np.ascontiguousarray(gray, dtype=np.float32), frame_axes, frame_shape, taken)
+    return ImageStack(np.stack([_scale_to_unit(frame) for frame in pixels]), frame_axes, frame_shape, taken)
+
+
+def _pick_channel(
+    pixels: np.ndarray, rest: str, channel: str | None, names: tuple[str, ...]
+) -> tuple[np.ndarray, str | None]:
+    """(frames, Y, X, *rest) -> (frames, Y, X), or (frames, Y, X, 3|4) for RGB(A) left for its luminance: the
+    chosen channel, else the only one; several channels and no choice is an error, RGB excepted."""
+    channel_axis = "C" if "C" in rest else "S" if "S" in rest else ""
+    count = pixels.shape[3 + rest.index(channel_axis)] if channel_axis else 1
+    is_rgb = channel_axis == "S" and count in (3, 4)
+    if channel is None and count > 1 and channel_axis == "C":
+        listed = ", ".join(f"{i} ({names[i]})" if i < len(names) and names[i] != str(i) else str(i)
+                           for i in range(count))  # fmt: skip
+        raise InvalidImageError(f"the image has {count} channels: {listed}; choose one with channel=<index or name>")
+    index = None if channel is None else _channel_index(channel, count, names)
+    for axis in reversed(rest):  # the last axis first, so the position of the one before stays right
+        position = 3 + rest.index(axis)
+        if axis == channel_axis and index is not None:
+            pixels = np.take(pixels, index, axis=position)
+        elif not (axis == "S" and pixels.shape[position] in (3, 4)):
+            pixels = np.take(pixels, 0, axis=position)  # a lone channel, or the gray of gray + alpha
+    taken = None if index is None else (names[index] if is_rgb or index < len(names) else str(index))
+    return pixels, taken
+
+
+def _channel_index(channel: str, count: int, names: tuple[str, ...]) -> int:
+    lowered = [name.lower() for name in names[:count]]
+    if channel.lower() in lowered:
+        return lowered.index(channel.lower())
+    if channel.isdigit() and int(channel) < count:
+        return int(channel)
+    known = f" ({', '.join(names[:count])})" if names else ""
+    raise InvalidImageError(
+        f"channel={channel!r} is not in this image: it has {count} channel{'s' * (count > 1)}, 0..{count - 1}{known}"
+    )
 
 
 def _scale_to_unit(pixels: np.ndarray) -> np.ndarray:

@@ -27,10 +27,15 @@ def png_declaring(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + idat + chunk(b"IEND", b"")
 
 
-def multi_frame_tiff() -> bytes:
+def tiff(array: np.ndarray, **options) -> bytes:
     buffer = io.BytesIO()
-    tifffile.imwrite(buffer, np.zeros((4, 64, 64), np.uint16), photometric="minisblack")
+    tifffile.imwrite(buffer, array, **options)
     return buffer.getvalue()
+
+
+Z_STACK = tiff(np.zeros((4, 64, 64), np.uint16), imagej=True, metadata={"axes": "ZYX"})
+TWO_CHANNELS = tiff(np.zeros((2, 64, 64), np.uint16), ome=True,
+                    metadata={"axes": "CYX", "Channel": {"Name": ["Phase", "GFP"]}})  # fmt: skip
 
 
 # name: (multipart files, query parameters, status, part of the detail)
@@ -43,7 +48,13 @@ CASES = {
     "100000x100000 header": ({"file": ("bomb.png", png_declaring(100_000, 100_000))}, {}, 413,
                              "declares 100000x100000 = 10,000,000,000 pixels"),
     "1x1 image": ({"file": ("dot.png", png(np.zeros((1, 1), np.uint8)))}, {}, 422, "1x1, too small"),
-    "multi-frame tiff": ({"file": ("stack.tif", multi_frame_tiff())}, {}, 422, "4 frames"),
+    "stack as a png": ({"file": ("stack.tif", Z_STACK)}, {"format": "png"}, 422,
+                       "a stack of 4 frames (axes Z); format=png answers one image: ask for format=json or "
+                       "format=tiff"),
+    "two channels, none chosen": ({"file": ("two.tif", TWO_CHANNELS)}, {}, 422,
+                                  "2 channels: 0 (Phase), 1 (GFP); choose one with channel=<index or name>"),
+    "unknown channel": ({"file": ("two.tif", TWO_CHANNELS)}, {"channel": "DAPI"}, 422,
+                        "channel='DAPI' is not in this image: it has 2 channels, 0..1 (Phase, GFP)"),
     "unknown format": ({"file": ("a.png", GOOD)}, {"format": "gif"}, 422,
                        "query parameter 'format': Input should be 'json', 'png', 'mask', 'overlay', 'tiff', 'roi', "
                        "'geojson' or 'coco' (got 'gif')"),
@@ -52,7 +63,7 @@ CASES = {
     "threshold out of range": ({"file": ("a.png", GOOD)}, {"seed_threshold": "1.5"}, 422,
                                "query parameter 'seed_threshold': Input should be less than or equal to 0.99"),
 }  # fmt: skip
-IMAGE_PROBLEMS = {"not an image", "truncated png", "100000x100000 header", "1x1 image", "multi-frame tiff"}
+IMAGE_PROBLEMS = {"not an image", "truncated png", "100000x100000 header", "1x1 image"}
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Coroutine
-from typing import Annotated, Any
+from collections.abc import Awaitable
+from typing import Annotated
 
 from fastapi import APIRouter, File, HTTPException, Query, Request, UploadFile
 from fastapi.responses import Response
@@ -13,7 +13,7 @@ from app.api import schemas
 from app.api.deps import PipelineDep, Service, ServiceDep
 from app.ml.options import Mode
 from app.ml.postprocess import THRESHOLD_RANGES
-from app.ml.serving.pipeline import OutputFormat, Segmentation, SegmentationPipeline
+from app.ml.serving.pipeline import OutputFormat, Segmentation, SegmentationPipeline, SegmentedFile, all_or_none
 
 router = APIRouter(tags=["segmentation"])
 
@@ -21,7 +21,8 @@ FILE_DESCRIPTIONS = {
     OutputFormat.PNG: "16-bit PNG: 0 = background, 1..N = cells",
     OutputFormat.MASK: "8-bit PNG: 255 = cell, 0 = background",
     OutputFormat.OVERLAY: "RGB PNG of the image with every cell tinted and outlined",
-    OutputFormat.TIFF: "label TIFF for Fiji: 16-bit (32-bit float over 65535 cells), 0 = background",
+    OutputFormat.TIFF: "label TIFF for Fiji: 16-bit (32-bit float over 65535 cells), 0 = background; a stack "
+    "gives one page per frame",
     OutputFormat.ROI: "zip of ImageJ polygon ROIs, one per cell, for Fiji's ROI Manager",
     OutputFormat.GEOJSON: "GeoJSON FeatureCollection of cell polygons with area and score, for QuPath",
     OutputFormat.COCO: "COCO instance annotations with compressed RLE, for pycocotools",
@@ -60,12 +61,21 @@ async def segment(
     foreground_threshold: Annotated[float | None, threshold("foreground_threshold")] = None,
     seed_threshold: Annotated[float | None, threshold("seed_threshold")] = None,
     min_cell_area: Annotated[int | None, threshold("min_cell_area")] = None,
+    channel: Annotated[
+        str | None,
+        Query(
+            max_length=100,
+            description="the channel to segment, by index (0, 1, ...) or name (an OME-TIFF's channel names; red, "
+            "green or blue of an RGB image); needed where a file has several channels",
+        ),
+    ] = None,
 ) -> Response:
     """Each cell comes back as its own non-overlapping mask, at the upload's exact size in pixels.
 
     `format=json` (default) gives one Kaggle RLE per cell with area, bbox and score; `png`, `mask` and `overlay`
     give a PNG; `tiff`, `roi`, `geojson` and `coco` the files Fiji, QuPath and pycocotools open. Send one image
-    as `file`, or several as `files` (JSON only).
+    as `file`, or several as `files` (JSON only). A TIFF stack (Z, time, pages; OME-TIFF and ImageJ hyperstacks
+    included) is segmented frame by frame: JSON gives one result per frame, `tiff` one page per frame.
     """
     uploads = _uploads(file, files, output, service.settings.max_files)
     rules = pipeline.rules(
@@ -74,7 +84,7 @@ async def segment(
     images = [await _read(upload) for upload in uploads]
     with pipeline.admit(images, mode):  # 413 or 503 before any image is decoded
         # Several images go through the pipeline together, so their network inputs can share micro-batches.
-        work = _all_or_none([pipeline.segment(data, mode, rules) for data in images])
+        work = all_or_none([pipeline.segment(data, mode, rules, channel, output) for data in images])
         results = await _cancel_on_disconnect(request, work)
         return await _answer(service, pipeline, uploads, results, output, single=file is not None)
 
@@ -83,12 +93,13 @@ async def _answer(
     service: Service,
     pipeline: SegmentationPipeline,
     uploads: list[UploadFile],
-    results: list[Segmentation],
+    results: list[SegmentedFile],
     output: OutputFormat,
     single: bool,
 ) -> Response:
     for result in results:
-        service.metrics.cells.observe(result.instances.count)
+        for frame in result.frames:
+            service.metrics.cells.observe(frame.instances.count)
     version = pipeline.model_version
     if output is not OutputFormat.JSON:
         return await _file_response(pipeline, results[0], output, version)
@@ -124,18 +135,7 @@ async def _read(upload: UploadFile) -> bytes:
     return data
 
 
-async def _all_or_none(work: list[Coroutine[Any, Any, Segmentation]]) -> list[Segmentation]:
-    """Every image's segmentation, or the first error; then the other images' work is cancelled, queued network
-    inputs included, so no work outlives the answer."""
-    tasks = [asyncio.ensure_future(item) for item in work]
-    try:
-        return await asyncio.gather(*tasks)
-    finally:
-        for task in tasks:
-            task.cancel()  # a no-op for the tasks that finished
-
-
-async def _cancel_on_disconnect(request: Request, work: Awaitable[list[Segmentation]]) -> list[Segmentation]:
+async def _cancel_on_disconnect(request: Request, work: Awaitable[list[SegmentedFile]]) -> list[SegmentedFile]:
     """Run `work`, but cancel it (and its queued network inputs) if the client goes away meanwhile."""
     task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(_wait_for_disconnect(request))
@@ -159,26 +159,42 @@ async def _wait_for_disconnect(request: Request) -> None:
 
 
 async def _file_response(
-    pipeline: SegmentationPipeline, result: Segmentation, output: OutputFormat, version: str
+    pipeline: SegmentationPipeline, result: SegmentedFile, output: OutputFormat, version: str
 ) -> Response:
-    data = await pipeline.encode(result, output)
-    headers = {"X-Model-Version": version, "X-Mode": result.mode.value, "X-Cell-Count": str(result.instances.count),
-               "Server-Timing": _server_timing(result.timings)}  # fmt: skip
-    if result.instances.cell_type is not None:
-        headers["X-Cell-Type"] = result.instances.cell_type
+    data = await pipeline.encode_file(result, output)
+    headers = {"X-Model-Version": version, "X-Mode": result.mode.value, "X-Cell-Count": str(result.cell_count),
+               "Server-Timing": _server_timing(result.frames[0].timings)}  # fmt: skip
+    if result.is_stack:
+        headers |= {"X-Frame-Count": str(len(result.frames)), "X-Frame-Axes": result.axes}
+    elif result.frames[0].instances.cell_type is not None:
+        headers["X-Cell-Type"] = result.frames[0].instances.cell_type
+    if result.channel is not None:
+        headers["X-Channel"] = result.channel
     return Response(data, media_type=output.media_type, headers=headers)
 
 
 async def _json_body(
-    pipeline: SegmentationPipeline, filename: str | None, result: Segmentation, version: str
-) -> schemas.Segmentation:
-    cells = await pipeline.encode(result, OutputFormat.JSON)
+    pipeline: SegmentationPipeline, filename: str | None, result: SegmentedFile, version: str
+) -> schemas.Segmentation | schemas.StackSegmentation:
+    frames = [await _frame_body(pipeline, index, frame) for index, frame in enumerate(result.frames)]
     height, width = result.shape
-    timings = {f"{stage}_ms": round(seconds * 1000, 2) for stage, seconds in result.timings.items()}
-    return schemas.Segmentation(
-        filename=filename, width=width, height=height, model_version=version, mode=result.mode.value,
-        cell_type=result.instances.cell_type, cell_type_probability=_rounded(result.instances.cell_type_probability),
-        cell_count=len(cells), cells=cells, timings=timings,
+    common = {"filename": filename, "width": width, "height": height, "model_version": version,
+              "mode": result.mode.value, "channel": result.channel}  # fmt: skip
+    if not result.is_stack:
+        return schemas.Segmentation(**common, **frames[0].model_dump(exclude={"index"}))
+    return schemas.StackSegmentation(
+        **common, axes=result.axes, frame_shape=list(result.frame_shape), frame_count=len(frames),
+        cell_count=result.cell_count, frames=frames,
+    )  # fmt: skip
+
+
+async def _frame_body(pipeline: SegmentationPipeline, index: int, frame: Segmentation) -> schemas.Frame:
+    cells = await pipeline.encode(frame, OutputFormat.JSON)
+    timings = {f"{stage}_ms": round(seconds * 1000, 2) for stage, seconds in frame.timings.items()}
+    return schemas.Frame(
+        index=index, cell_type=frame.instances.cell_type,
+        cell_type_probability=_rounded(frame.instances.cell_type_probability), cell_count=len(cells), cells=cells,
+        timings=timings,
     )  # fmt: skip
 
 

@@ -1,7 +1,8 @@
 """Upload bytes -> cells, asynchronously: CPU steps in worker threads, the network through the micro-batcher.
 
 decode -> preprocess -> network -> instances -> encode, each timed, so a slow stage shows in the response and
-in the metrics.
+in the metrics. A stack (Z, time) is decoded once and its frames are segmented side by side, sharing
+micro-batches.
 """
 
 from __future__ import annotations
@@ -9,17 +10,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from app.ml import rle
 from app.ml.celltypes import InstanceRules
+from app.ml.errors import InvalidImageError
 from app.ml.exports import coco, geojson, imagej_rois, label_tiff
-from app.ml.imageio import ImageLimits, check_geometry, declared_shape, decode_image
+from app.ml.imageio import ImageLimits, ImageStack, check_geometry, declared_shape, decode_stack
 from app.ml.options import Mode
 from app.ml.postprocess import Instances
 from app.ml.render import label_png, mask_png, overlay_png
@@ -28,6 +30,7 @@ from app.ml.serving.budget import PixelBudget
 from app.ml.serving.predictor import Predictor, Prepared
 
 StageObserver = Callable[[str, float], None]
+T = TypeVar("T")
 
 
 class OutputFormat(StrEnum):
@@ -80,6 +83,46 @@ class Segmentation:
         return self.instances.labels.shape
 
 
+@dataclass
+class SegmentedFile:
+    """Every frame of one uploaded file, segmented; a plain image is one frame with no frame axes."""
+
+    frames: list[Segmentation]
+    axes: str  # the file's frame axes, e.g. "Z" or "TZ"; "" for a single image
+    frame_shape: tuple[int, ...]
+    channel: str | None  # the channel segmented, where the file has several
+
+    @property
+    def is_stack(self) -> bool:
+        return bool(self.axes)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.frames[0].shape
+
+    @property
+    def mode(self) -> Mode:
+        return self.frames[0].mode
+
+    @property
+    def cell_count(self) -> int:
+        return sum(frame.instances.count for frame in self.frames)
+
+
+STACK_FORMATS = frozenset({OutputFormat.JSON, OutputFormat.TIFF})  # the formats that carry every frame
+
+
+async def all_or_none(work: list[Awaitable[T]]) -> list[T]:
+    """Every result, or the first error; then the others' work is cancelled, queued network inputs included, so
+    no work outlives the answer."""
+    tasks = [asyncio.ensure_future(item) for item in work]
+    try:
+        return await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()  # a no-op for the tasks that finished
+
+
 def describe_cells(instances: Instances) -> list[dict[str, Any]]:
     """Instances -> one dict per cell: id, Kaggle RLE, area, bbox [x, y, width, height], score."""
     runs = rle.label_runs(instances.labels)
@@ -128,10 +171,30 @@ class SegmentationPipeline:
         """The model's instance step with a request's own thresholds (None: the model's)."""
         return self.predictor.instances.with_overrides(**overrides)
 
-    async def segment(self, data: bytes, mode: Mode, rules: InstanceRules) -> Segmentation:
-        """Raises InvalidImageError for bad bytes and QueueFullError when the service is overloaded."""
+    async def segment(
+        self,
+        data: bytes,
+        mode: Mode,
+        rules: InstanceRules,
+        channel: str | None = None,
+        output: OutputFormat = OutputFormat.JSON,
+    ) -> SegmentedFile:
+        """Every frame of the file, of `channel` where it has several. Raises InvalidImageError for bad bytes or a
+        stack asked for in a one-image format, and QueueFullError when the service is overloaded."""
         timings: dict[str, float] = {}
-        image, prepared = await asyncio.to_thread(self._decode_and_prepare, data, mode, timings)
+        stack = await asyncio.to_thread(self._decode, data, channel, timings)
+        if stack.is_stack and output not in STACK_FORMATS:
+            raise InvalidImageError(
+                f"the image is a stack of {len(stack.frames)} frames (axes {stack.axes}); format={output.value} "
+                f"answers one image: ask for format=json or format=tiff for every frame"
+            )
+        frames = await all_or_none([self._segment_frame(image, mode, rules, dict(timings)) for image in stack.frames])
+        return SegmentedFile(frames, stack.axes, stack.frame_shape, stack.channel)
+
+    async def _segment_frame(
+        self, image: np.ndarray, mode: Mode, rules: InstanceRules, timings: dict[str, float]
+    ) -> Segmentation:
+        prepared = await asyncio.to_thread(self._prepare, image, mode, timings)
         started = time.perf_counter()
         outputs = await self.batcher.submit(prepared.tiles)
         self._record(timings, "network", started)
@@ -145,14 +208,26 @@ class SegmentationPipeline:
         self._record(segmentation.timings, "encode", started)
         return result
 
-    def _decode_and_prepare(self, data: bytes, mode: Mode, timings: dict[str, float]) -> tuple[np.ndarray, Prepared]:
+    async def encode_file(self, segmented: SegmentedFile, output: OutputFormat) -> bytes:
+        """The file of a one-file format: a stack's tiff holds every frame, every other file the one image."""
+        if not segmented.is_stack:
+            return await self.encode(segmented.frames[0], output)
         started = time.perf_counter()
-        image = decode_image(data, self.limits)
+        result = await asyncio.to_thread(stack_tiff, segmented)
+        self._record(segmented.frames[0].timings, "encode", started)
+        return result
+
+    def _decode(self, data: bytes, channel: str | None, timings: dict[str, float]) -> ImageStack:
+        started = time.perf_counter()
+        stack = decode_stack(data, self.limits, channel)
         self._record(timings, "decode", started)
+        return stack
+
+    def _prepare(self, image: np.ndarray, mode: Mode, timings: dict[str, float]) -> Prepared:
         started = time.perf_counter()
         prepared = self.predictor.prepare(image, mode)
         self._record(timings, "preprocess", started)
-        return image, prepared
+        return prepared
 
     def _instances(
         self, prepared: Prepared, outputs: list[np.ndarray], rules: InstanceRules, timings: dict[str, float]
@@ -170,6 +245,12 @@ class SegmentationPipeline:
 def encode_output(segmentation: Segmentation, output: OutputFormat) -> list[dict[str, Any]] | bytes:
     """The cells of one image in `output`: dicts for json, the file's bytes for every other format."""
     return _ENCODERS[output](segmentation)
+
+
+def stack_tiff(segmented: SegmentedFile) -> bytes:
+    """Every frame's labels in one ImageJ TIFF with the stack's frame axes."""
+    labels = np.stack([frame.instances.labels for frame in segmented.frames])
+    return label_tiff(labels, segmented.axes, segmented.frame_shape)
 
 
 _ENCODERS: dict[OutputFormat, Callable[[Segmentation], Any]] = {
