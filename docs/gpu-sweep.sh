@@ -9,6 +9,8 @@
 # Usage (on the lent GPU machine, from the project root, after ../shared/tools/device-prep here):
 #   source .device/env.sh && bash docs/gpu-sweep.sh 400              # three candidates side by side
 #   source .device/env.sh && GRACE=40 bash docs/gpu-sweep.sh 150 finetune   # a second schedule for the default
+#   source .device/env.sh && GRACE=40 bash docs/gpu-sweep.sh 330 crops      # second schedules on 256 and 384 crops
+#   source .device/env.sh && GRACE=30 bash docs/gpu-sweep.sh 270 long       # the default recipe, every core feeding it
 # Results: runs/<name>/ (metrics.jsonl, curves.png, logs), and in $OUT the packed weights in float16
 # (the machine returns files of at most 16 MiB): cat $OUT/sweep.tar.part* | tar -x
 set -uo pipefail
@@ -59,6 +61,14 @@ run() {
 if [[ ${2:-sweep} == finetune ]]; then
   # A second schedule from the default model's weights, alone on the machine with every core feeding it.
   run finetune 14 "$ms256" --width 16 --depth 4 --crop 256 --init model_store/sartorius-w16-v3 --lr 1e-3 --warmup 0.02
+elif [[ ${2:-sweep} == long ]]; then
+  # The default model's recipe from scratch, alone on the machine: a longer schedule in the same time.
+  run long 14 "$ms256" --width 16 --depth 4 --crop 256
+elif [[ ${2:-sweep} == crops ]]; then
+  # Two second schedules from the default model's weights side by side: the same crops, and larger ones that hold
+  # more of an astrocyte's long processes.
+  run ft256 7 "$ms256" --width 16 --depth 4 --crop 256 --init model_store/sartorius-w16-v3 --lr 1e-3 --warmup 0.02
+  run ft384 7 "$ms384" --width 16 --depth 4 --crop 384 --init model_store/sartorius-w16-v3 --lr 1e-3 --warmup 0.02
 else
   run w16d4 4 "$ms256" --width 16 --depth 4 --crop 256
   run w32d4 4 "$ms256" --width 32 --depth 4 --crop 256
@@ -89,7 +99,7 @@ for run in sorted(p for p in Path("runs").iterdir() if p.is_dir()):
     state = torch.load(run / "last.pt", map_location="cpu", weights_only=True)["model"]
     save_file({k: v.half().contiguous() for k, v in state.items()}, run / "last-fp16.safetensors")
     for weights in run.glob("weights-*.safetensors"):
-        if run.name in ("w16d4", "finetune"):
+        if run.name in ("w16d4", "finetune", "ft256", "ft384", "long"):
             save_file({k: v.half() for k, v in load_file(weights).items()}, run / "best-fp16.safetensors")
         weights.unlink()
     (run / "last.pt").unlink()
