@@ -8,6 +8,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 
 import app as package
 from app.api.deps import Service
@@ -15,7 +17,7 @@ from app.api.errors import install_error_handlers
 from app.api.logs import configure_logging
 from app.api.metrics import Metrics
 from app.api.middleware import ApiKeyMiddleware, BodySizeLimitMiddleware, RequestContextMiddleware
-from app.api.routes import ops, segment
+from app.api.routes import ops, page, segment
 from app.config import Settings
 from app.ml.checkpoint import load_checkpoint, resolve_model_folder
 from app.ml.errors import CheckpointError, InvalidOptionError
@@ -29,7 +31,8 @@ log = logging.getLogger("cellseg.service")
 
 DESCRIPTION = """Finds every single cell in phase-contrast microscopy images with a U-Net
 (Ronneberger et al. 2015). Post an image to `/segment`; get each cell as its own non-overlapping mask:
-Kaggle-style RLE in JSON, or a PNG."""
+Kaggle-style RLE in JSON, a label image, or the files Fiji, QuPath and pycocotools open. A page at `/` does the
+same for a person with a browser."""
 
 
 def load_predictor(settings: Settings) -> tuple[Predictor, dict]:
@@ -92,11 +95,16 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     configure_logging(settings.log_level, settings.log_json)
-    app = FastAPI(title="cellseg", version=package.__version__, description=DESCRIPTION, lifespan=lifespan)
+    # Swagger UI from the package's own files, so /docs works on a host without internet. No ReDoc: its page
+    # fetches a logo from its makers' CDN.
+    app = FastAPIOffline(title="cellseg", version=package.__version__, description=DESCRIPTION, lifespan=lifespan,
+                         static_url="/static/docs", redoc_url=None)  # fmt: skip
     metrics = Metrics()
     app.state.service = Service(settings=settings, metrics=metrics)
     app.include_router(ops.router)
     app.include_router(segment.router)
+    app.include_router(page.router)
+    app.mount("/static/page", StaticFiles(directory=page.STATIC), name="page")
     install_error_handlers(app)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_upload_bytes)
     key = settings.api_key.get_secret_value() if settings.api_key else None

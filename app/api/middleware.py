@@ -19,7 +19,8 @@ log = logging.getLogger("cellseg.access")
 _VALID_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 # Metric labels come from fixed sets, so no client can grow /metrics by sending made-up methods.
 _METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
-OPEN_PATHS = {"/health"}  # answered without the API key: a liveness probe has no secrets
+OPEN_PATHS = {"/health", "/"}  # answered without the API key: a liveness probe and the page hold no secrets
+OPEN_PREFIXES = ("/static/",)  # the page's and the docs' script and style files, the same for everyone
 
 
 async def send_json(send: Send, status: int, detail: str, headers: list[tuple[bytes, bytes]] | None = None) -> None:
@@ -32,15 +33,17 @@ async def send_json(send: Send, status: int, detail: str, headers: list[tuple[by
 
 
 class ApiKeyMiddleware:
-    """When a key is set, every route but OPEN_PATHS (the docs and the OpenAPI schema included) needs it in the
-    X-API-Key header; a request without it gets 401 before any of its body is read. The header's bytes are
+    """When a key is set, every route but OPEN_PATHS and the static files (the docs and the OpenAPI schema included)
+    needs it in the X-API-Key header; a request without it gets 401 before any of its body is read (the page asks a
+    person for the key and sends it). The header's bytes are
     compared with the key's UTF-8 bytes in constant time, so a non-ASCII key works too."""
 
     def __init__(self, app: ASGIApp, key: str | None) -> None:
         self.app, self.key = app, key.encode() if key else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.key is None or scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+        path = scope.get("path", "")
+        if self.key is None or scope["type"] != "http" or path in OPEN_PATHS or path.startswith(OPEN_PREFIXES):
             await self.app(scope, receive, send)
             return
         given = dict(scope["headers"]).get(b"x-api-key", b"")

@@ -166,8 +166,9 @@ async def _file_response(
                "Server-Timing": _server_timing(result.frames[0].timings)}  # fmt: skip
     if result.is_stack:
         headers |= {"X-Frame-Count": str(len(result.frames)), "X-Frame-Axes": result.axes}
-    elif result.frames[0].instances.cell_type is not None:
-        headers["X-Cell-Type"] = result.frames[0].instances.cell_type
+    elif (instances := result.frames[0].instances).cell_type is not None:
+        headers["X-Cell-Type"] = instances.cell_type
+        headers["X-Cell-Type-Probability"] = f"{instances.cell_type_probability:.4f}"
     if result.channel is not None:
         headers["X-Channel"] = result.channel
     return Response(data, media_type=output.media_type, headers=headers)
