@@ -7,8 +7,12 @@ batch 1 and its best batch; the service end to end through a real uvicorn on 127
 where the time goes); throughput at several concurrencies, as shipped and with micro-batches of 8 forced; server
 memory after 50 and 500 requests. Prints a table and writes the same figures as JSON.
 
+A soak (`--soak MINUTES`, alone): the service under mixed good and bad requests at `--soak-concurrency` (16) for
+that long, counting answers by status, sampling its memory, and timing /health beside the load.
+
 Example:  bench --out bench.json            (about 3 minutes on 2 CPU cores; --quick for about 2)
           bench --device cuda --out bench-gpu.json    (the network alone on the GPU, the service with CELLSEG_DEVICE)
+          bench --soak 20 --out soak.json   (20 minutes of mixed load; the figures say whether it held)
 """
 
 from __future__ import annotations
@@ -202,6 +206,60 @@ def rle_figures() -> dict:
     return {"encode_400_cells_520x704_ms": best_of(lambda: rle.encode_labels(labels), 20) * 1000}
 
 
+def soak_requests(image: bytes) -> list[tuple[str, dict, bytes]]:
+    """The soak's mix, in turn: (name, query, file). Half are good images; the rest each earn a 4xx."""
+    header_only = image[:33] + b"\x00" * 16  # a PNG cut after its header: truncated
+    return [
+        ("json", {}, image), ("png", {"format": "png"}, image), ("tile", {"mode": "tile"}, image),
+        ("overlay", {"format": "overlay"}, image), ("junk", {}, b"this is not an image"),
+        ("truncated", {}, header_only), ("bad option", {"seed_threshold": "7"}, image),
+        ("empty", {}, b""),
+    ]  # fmt: skip
+
+
+async def soak(url: str, image: bytes, seconds: float, concurrency: int, memory: Callable[[], int]) -> dict:
+    """Mixed requests from `concurrency` clients for `seconds`; /health timed every half second; memory sampled
+    every 10 s. Returns the counts by status, the memory samples (MiB) and /health's latency."""
+    mix, statuses, health, samples = soak_requests(image), {}, [], []
+    deadline = time.monotonic() + seconds
+
+    async def client(http: httpx.AsyncClient, index: int) -> None:
+        while time.monotonic() < deadline:
+            name, params, data = mix[index % len(mix)]
+            index += concurrency
+            try:
+                answer = await http.post("/segment", params=params, files={"file": (f"{name}.png", data)})
+                key = str(answer.status_code)
+            except httpx.HTTPError as exc:
+                key = type(exc).__name__
+            statuses[key] = statuses.get(key, 0) + 1
+
+    async def watch(http: httpx.AsyncClient) -> None:
+        while time.monotonic() < deadline:
+            started = time.perf_counter()
+            await http.get("/health")
+            health.append(time.perf_counter() - started)
+            if len(health) % 20 == 1:
+                samples.append(memory() / 1024)
+                print(f"soak: {len(health) // 2} s, {sum(statuses.values())} answers {statuses}, "
+                      f"{samples[-1]:.0f} MiB", flush=True)  # fmt: skip
+            await asyncio.sleep(0.5)
+
+    limits = httpx.Limits(max_connections=concurrency + 4)
+    async with (
+        httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as http,
+        httpx.AsyncClient(base_url=url, timeout=10) as probe,
+    ):
+        await asyncio.gather(watch(probe), *(client(http, i) for i in range(concurrency)))
+    settled = samples[len(samples) // 4 :] or samples  # after the first quarter: caches and arenas warmed up
+    return {
+        "seconds": seconds, "concurrency": concurrency, "answers": statuses,
+        "server_errors": sum(n for key, n in statuses.items() if not key.isdigit() or key.startswith("5")),
+        "memory_mib": samples, "memory_growth_after_warm_up": settled[-1] / settled[0] - 1,
+        "health_p50_ms": percentile(health, 50) * 1000, "health_p99_ms": percentile(health, 99) * 1000,
+    }  # fmt: skip
+
+
 # ---------------------------------------------------------------- the run
 
 
@@ -237,6 +295,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         result["throughput_batch_8"] = throughput_figures(server, image, args.concurrency, 16 if quick else 32)
     result["ratios"] = ratios(result)
     return result
+
+
+def run_soak(args: argparse.Namespace) -> dict[str, Any]:
+    folder = model_folder(args)
+    settings = {"model_store": str(folder.parent), "model_version": folder.name, "log_level": "WARNING",
+                "device": args.device, "backend": args.backend}  # fmt: skip
+    with running_server(**settings) as server:
+        resident = lambda: server.memory_kib()["VmRSS"]  # noqa: E731 - read at each sample
+        figures = asyncio.run(soak(server.url, Path(args.image).read_bytes(), args.soak * 60, args.soak_concurrency,
+                                   resident))  # fmt: skip
+    return {"model": folder.name, **figures}
 
 
 def device_name(device: torch.device) -> str:
@@ -412,10 +481,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64], help="levels to measure")
     parser.add_argument("--quick", action="store_true", help="fewer requests and repeats (about 3 minutes)")
     parser.add_argument("--out", default="bench.json", help="where to write the figures as JSON")
+    parser.add_argument("--soak", type=float, metavar="MINUTES", help="only the soak, for this long")
+    parser.add_argument("--soak-concurrency", type=int, default=16, help="clients in the soak")
     args = parser.parse_args(argv)
     tune_malloc()  # the network alone is measured with the allocator settings the service runs with
-    result = run(args)
-    print(table(result))
+    if args.soak:
+        result = run_soak(args)
+        print(json.dumps({k: v for k, v in result.items() if k != "memory_mib"}, indent=2))
+    else:
+        result = run(args)
+        print(table(result))
     Path(args.out).write_text(json.dumps(result, indent=2, default=str))
     print(f"wrote {args.out}")
 

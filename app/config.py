@@ -56,6 +56,13 @@ class Settings(BaseSettings):
         "now gets 503 with Retry-After before it is decoded (docs/reliability.md: memory follows it)",
     )
     max_files: int = Field(16, gt=0, description="most images in one request (field 'files')")
+    max_active_requests: int = Field(
+        64,
+        gt=0,
+        description="most /segment requests in progress at once (uploading or being worked on); beyond them, and "
+        "while the pixels in flight or the queue are full, a request gets 503 with Retry-After before its body "
+        "is read",
+    )
 
     max_batch: int = Field(
         0,
@@ -64,7 +71,12 @@ class Settings(BaseSettings):
         "batches to be slower per image than single inputs)",
     )
     max_wait_ms: float = Field(5.0, ge=0, description="how long a micro-batch waits to fill up")
-    max_queue: int = Field(64, gt=0, description="most network inputs waiting; beyond it requests get 503")
+    max_queue: int = Field(
+        64,
+        gt=0,
+        description="most network inputs a new request may wait in turn with, its own included (requests take turns, "
+        "one input each); beyond it, 503",
+    )
 
     api_key: SecretStr | None = Field(None, description="when set, every route but /health needs it")
     log_level: str = Field("INFO", description="logging level")

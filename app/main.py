@@ -16,7 +16,12 @@ from app.api.deps import Service
 from app.api.errors import install_error_handlers
 from app.api.logs import configure_logging
 from app.api.metrics import Metrics
-from app.api.middleware import ApiKeyMiddleware, BodySizeLimitMiddleware, RequestContextMiddleware
+from app.api.middleware import (
+    AdmissionMiddleware,
+    ApiKeyMiddleware,
+    BodySizeLimitMiddleware,
+    RequestContextMiddleware,
+)
 from app.api.routes import ops, page, segment
 from app.config import Settings
 from app.ml.checkpoint import load_checkpoint, resolve_model_folder
@@ -107,6 +112,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.mount("/static/page", StaticFiles(directory=page.STATIC), name="page")
     install_error_handlers(app)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_upload_bytes)
+    service = app.state.service
+    app.add_middleware(AdmissionMiddleware, max_active=settings.max_active_requests,
+                       is_full=lambda: service.pipeline is not None and service.pipeline.is_full)  # fmt: skip
     key = settings.api_key.get_secret_value() if settings.api_key else None
     app.add_middleware(ApiKeyMiddleware, key=key)  # before the body is read, on every route but /health
     app.add_middleware(RequestContextMiddleware, metrics=metrics)  # outermost: sees every answer, 413s too

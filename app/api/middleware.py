@@ -1,5 +1,5 @@
-"""Pure ASGI middleware (no buffering of bodies): request ids, access logs and metrics; the API key, checked before
-any of the body is read; the upload size limit."""
+"""Pure ASGI middleware (no buffering of bodies): request ids, access logs and metrics; the API key and admission,
+both decided before any of the body is read; the upload size limit."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -52,6 +53,31 @@ class ApiKeyMiddleware:
             return
         await send_json(send, 401, "missing or wrong API key: send it in the X-API-Key header",
                         [(b"www-authenticate", b"APIKey")])  # fmt: skip
+
+
+class AdmissionMiddleware:
+    """Refuses a POST /segment the service cannot take now before reading a byte of its body: when `max_active`
+    such requests are already in progress (uploading or being worked on), or the work in flight fills the service
+    (`is_full`), it gets 503 with Retry-After at once. A crowd of clients then costs each refused one a header's
+    worth of work, and the admitted ones keep their pace."""
+
+    def __init__(self, app: ASGIApp, max_active: int, is_full: Callable[[], bool]) -> None:
+        self.app, self.max_active, self.is_full, self.active = app, max_active, is_full, 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] != "/segment" or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        if self.active >= self.max_active or self.is_full():
+            await send_json(send, 503, f"the service is busy ({self.active} requests in progress, its limit "
+                                       f"{self.max_active}); retry after Retry-After seconds",
+                            [(b"retry-after", b"1")])  # fmt: skip
+            return
+        self.active += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.active -= 1
 
 
 class RequestContextMiddleware:

@@ -140,3 +140,45 @@ def test_models_shows_no_paths_of_the_machine_that_trained_the_model(server, tra
     assert data["paths"] and all("/" not in p for p in data["paths"])
     assert not {"data", "out", "init"} & set(card["training"]["args"])
     assert str(trained_model.parent.parent) not in answer.text
+
+
+def test_a_full_service_answers_503_before_reading_the_body(trained_model):
+    with running_server(trained_model.parent, max_active_requests="1") as url:
+        port = int(url.rsplit(":", 1)[1])
+        head = (b"POST /segment HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                b"Content-Length: 10000000\r\n\r\n")  # fmt: skip
+        uploading = socket.create_connection(("127.0.0.1", port))
+        uploading.sendall(head + b"--b\r\n")  # then stalls: this request stays in progress
+        try:
+            time.sleep(0.5)
+            second = socket.create_connection(("127.0.0.1", port), timeout=5)
+            second.sendall(head)  # declares 10 MB and sends none of it
+            started = time.perf_counter()
+            answer = b"".join(iter(lambda: second.recv(4096), b"")).decode()  # until the server closes
+            assert answer.startswith("HTTP/1.1 503"), answer
+            assert "retry-after: 1" in answer.lower() and "the service is busy (1 requests in progress" in answer
+            assert time.perf_counter() - started < 1, "refused before the body"
+            second.close()
+        finally:
+            uploading.close()
+        time.sleep(0.5)
+        assert httpx.post(f"{url}/segment", files={"file": ("a.png", SMALL)}, timeout=60).status_code == 200
+
+
+def test_a_small_request_is_served_in_turn_beside_a_large_one_not_after_it(trained_model):
+    large = png(np.random.default_rng(4).integers(0, 256, (2000, 2000)).astype(np.uint8))  # about 50 tiles
+    with running_server(trained_model.parent, max_batch="1") as url:
+
+        async def both() -> tuple[float, float]:
+            async with httpx.AsyncClient(base_url=url, timeout=120) as http:
+
+                async def timed(delay: float, image: bytes) -> float:
+                    await asyncio.sleep(delay)
+                    answer = await http.post("/segment", params={"mode": "tile"}, files={"file": ("a.png", image)})
+                    assert answer.status_code == 200, answer.text
+                    return time.perf_counter()
+
+                return tuple(await asyncio.gather(timed(0, large), timed(0.5, SMALL)))
+
+        large_done, small_done = asyncio.run(both())
+        assert small_done < large_done, "the small request waited for every tile of the large one"

@@ -178,3 +178,33 @@ def test_auto_mode_resizes_images_of_the_trained_size_and_tiles_larger_ones_and_
     assert np.asarray(Image.open(io.BytesIO(answer.content))).shape == (520, 704)
     forced = client.post("/segment", params={"mode": "resize"}, files={"file": ("big.png", real_image)}).json()
     assert forced["mode"] == "resize"
+
+
+def read_events(response: httpx.Response) -> list[tuple[str, dict]]:
+    """(event name, data) of each server-sent event in the answer."""
+    events = []
+    for block in response.text.strip().split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.splitlines())
+        events.append((fields["event"], json.loads(fields["data"])))
+    return events
+
+
+def test_a_large_image_streams_its_progress_then_the_same_answer(client, real_image):
+    large = png(np.tile(np.asarray(Image.open(io.BytesIO(real_image))), (2, 2)))  # 1040x1408: tiles
+    stream = {"Accept": "text/event-stream"}
+    answer = client.post("/segment", params={"mode": "tile"}, files={"file": ("big.png", large)}, headers=stream)
+    assert answer.status_code == 200 and answer.headers["content-type"].startswith("text/event-stream")
+    events = read_events(answer)
+    names = [name for name, _ in events]
+    assert names[-1] == "result" and set(names[:-1]) == {"progress"}
+    done = [data["tiles_done"] for name, data in events if name == "progress"]
+    total = events[-2][1]["tiles_total"]
+    assert total > 4 and done == sorted(done) and done[-1] == total
+    plain = client.post("/segment", params={"mode": "tile"}, files={"file": ("big.png", large)}).json()
+    assert [c["rle"] for c in events[-1][1]["cells"]] == [c["rle"] for c in plain["cells"]]
+
+    junk = client.post("/segment", files={"file": ("notes.txt", b"no image here")}, headers=stream)
+    (name, data), *_ = read_events(junk)
+    assert name == "error" and data["status"] == 415 and "not an image we can read" in data["detail"]
+    files_too = client.post("/segment", params={"format": "png"}, files={"file": ("a.png", real_image)}, headers=stream)
+    assert files_too.status_code == 400 and "progress events come with format=json" in files_too.json()["detail"]

@@ -3,19 +3,33 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable
 from typing import Annotated
 
 from fastapi import APIRouter, File, HTTPException, Query, Request, UploadFile
-from fastapi.responses import Response
+from fastapi.responses import Response, StreamingResponse
 
 from app.api import schemas
 from app.api.deps import PipelineDep, Service, ServiceDep
+from app.api.errors import status_of
+from app.ml.celltypes import InstanceRules
+from app.ml.errors import CellSegError
 from app.ml.options import Mode
 from app.ml.postprocess import THRESHOLD_RANGES
-from app.ml.serving.pipeline import OutputFormat, Segmentation, SegmentationPipeline, SegmentedFile, all_or_none
+from app.ml.serving.pipeline import (
+    OutputFormat,
+    Segmentation,
+    SegmentationPipeline,
+    SegmentedFile,
+    TileProgress,
+    all_or_none,
+)
 
 router = APIRouter(tags=["segmentation"])
+log = logging.getLogger("cellseg.api")
 
 FILE_DESCRIPTIONS = {
     OutputFormat.PNG: "16-bit PNG: 0 = background, 1..N = cells",
@@ -76,17 +90,70 @@ async def segment(
     give a PNG; `tiff`, `roi`, `geojson` and `coco` the files Fiji, QuPath and pycocotools open. Send one image
     as `file`, or several as `files` (JSON only). A TIFF stack (Z, time, pages; OME-TIFF and ImageJ hyperstacks
     included) is segmented frame by frame: JSON gives one result per frame, `tiff` one page per frame.
+
+    With `Accept: text/event-stream` (JSON only) the answer is a stream of server-sent events: `progress` events
+    ({"tiles_done", "tiles_total"}) as the network works through a large image, then one `result` event holding the
+    JSON answer, or an `error` event ({"status", "detail"}).
     """
     uploads = _uploads(file, files, output, service.settings.max_files)
     rules = pipeline.rules(
         foreground_threshold=foreground_threshold, seed_threshold=seed_threshold, min_cell_area=min_cell_area
     )
+    stream = "text/event-stream" in request.headers.get("accept", "")
+    if stream and output is not OutputFormat.JSON:
+        raise HTTPException(400, "progress events come with format=json; ask for a file without them")
     images = [await _read(upload) for upload in uploads]
-    with pipeline.admit(images, mode):  # 413 or 503 before any image is decoded
+    with contextlib.ExitStack() as held:
+        held.enter_context(pipeline.admit(images, mode))  # 413 or 503 before any image is decoded
+        if stream:  # the stream holds the admission from here on
+            how = (mode, rules, channel)
+            return _event_stream(service, pipeline, uploads, images, held.pop_all(), how, single=file is not None)
         # Several images go through the pipeline together, so their network inputs can share micro-batches.
         work = all_or_none([pipeline.segment(data, mode, rules, channel, output) for data in images])
         results = await _cancel_on_disconnect(request, work)
         return await _answer(service, pipeline, uploads, results, output, single=file is not None)
+
+
+def _event_stream(
+    service: Service,
+    pipeline: SegmentationPipeline,
+    uploads: list[UploadFile],
+    images: list[bytes],
+    admitted: contextlib.ExitStack,
+    how: tuple[Mode, InstanceRules, str | None],
+    single: bool,
+) -> StreamingResponse:
+    """Server-sent events: `progress` ({"tiles_done", "tiles_total"}) as the network inputs come back, then one
+    `result` (the JSON answer) or `error` ({"status", "detail"}). The client going away cancels the work."""
+    events: asyncio.Queue[tuple[str, object]] = asyncio.Queue()
+
+    def report(done: int, total: int) -> None:
+        events.put_nowait(("progress", {"tiles_done": done, "tiles_total": total}))
+
+    async def work() -> None:
+        try:
+            progress = TileProgress(report)
+            results = await all_or_none([pipeline.segment(data, *how, OutputFormat.JSON, progress) for data in images])
+            answer = await _answer(service, pipeline, uploads, results, OutputFormat.JSON, single)
+            events.put_nowait(("result", json.loads(answer.body)))
+        except CellSegError as exc:
+            events.put_nowait(("error", {"status": status_of(exc), "detail": str(exc)}))
+        except Exception as exc:  # the stream has begun, so the error goes in it; the log has the details
+            log.error("unexpected error in a progress stream: %s", exc, exc_info=exc)
+            events.put_nowait(("error", {"status": 500, "detail": "internal error; the service's log has it"}))
+
+    async def stream() -> AsyncIterator[str]:
+        with admitted:
+            task = asyncio.ensure_future(work())
+            try:
+                while not (task.done() and events.empty()):
+                    with contextlib.suppress(TimeoutError):
+                        name, data = await asyncio.wait_for(events.get(), timeout=1.0)
+                        yield f"event: {name}\ndata: {json.dumps(data)}\n\n"
+            finally:
+                task.cancel()  # the client went away, or the stream ended: no work outlives it
+
+    return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
 async def _answer(

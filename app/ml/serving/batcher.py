@@ -1,9 +1,12 @@
 """Gather network inputs from concurrent requests into micro-batches, off the event loop.
 
-Requests submit tiles; one worker task takes the first waiting tile, waits at most `max_wait` for more of the
-same shape (up to `max_batch`), and runs the network on the stack in a single inference thread. The queue is
-bounded in tiles: a request that would overflow it is refused at once (QueueFullError), so memory does not grow
-under overload. Tiles whose request went away (cancelled) are dropped before they reach the network.
+Requests submit tiles; one worker task takes the next waiting tile, waits at most `max_wait` for more of the
+same shape (up to `max_batch`), and runs the network on the stack in a single inference thread. Tiles are taken
+round robin over the submissions waiting, one at a time, so a request of a few tiles behind one of hundreds waits
+for a few batches, not for all of them. The queue is bounded by the wait a new request would see: its tiles and, of
+each submission waiting, as many tiles as it brings (those run in turn with its own). One over the bound is refused at
+once (QueueFullError); an idle queue admits any request, so one large image is served, not refused for ever. A
+submission whose request went away (cancelled) leaves the queue at once, freeing its places.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -48,7 +52,9 @@ class MicroBatcher:
         self.run, self.max_batch, self.max_wait, self.max_queue = run, max_batch, max_wait, max_queue
         self.observe_batch = observe_batch or (lambda size, seconds: None)
         self.observe_skipped = observe_skipped or (lambda count: None)
-        self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self._submissions: deque[deque[_Pending]] = deque()  # each request's tiles not yet taken, in turn
+        self._waiting = 0  # tiles in _submissions
+        self._arrived = asyncio.Event()  # set when a submission comes in
         self._carry: _Pending | None = None  # a tile of another shape, first in the next batch
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         self._worker: asyncio.Task | None = None
@@ -56,7 +62,12 @@ class MicroBatcher:
     @property
     def depth(self) -> int:
         """Tiles waiting for the network."""
-        return self._queue.qsize() + (self._carry is not None)
+        return self._waiting + (self._carry is not None)
+
+    def tiles_ahead(self, tiles: int) -> int:
+        """Network inputs that run before the last of `tiles` new ones, taken in turn: each waiting submission's,
+        up to `tiles` of them, and the new ones."""
+        return sum(min(len(s), tiles) for s in self._submissions) + (self._carry is not None) + tiles
 
     def start(self) -> None:
         self._worker = asyncio.get_running_loop().create_task(self._serve_forever(), name="micro-batcher")
@@ -68,27 +79,42 @@ class MicroBatcher:
                 await self._worker
         self._executor.shutdown(wait=True)
 
-    async def submit(self, tiles: np.ndarray) -> list[np.ndarray]:
-        """(N, ...) inputs -> N outputs, one per tile. Raises QueueFullError when N more tiles would not fit.
+    async def submit(self, tiles: np.ndarray, on_tile_done: Callable[[], None] | None = None) -> list[np.ndarray]:
+        """(N, ...) inputs -> N outputs, one per tile; `on_tile_done` is called as each tile's output arrives.
+        Raises QueueFullError when N more tiles would not fit.
 
-        An idle queue admits any request, so one large image is served, not refused for ever. The outputs are
-        views into their batch's result, not stacked here: a copy on the event loop (most of it page faults)
-        holds up every request.
+        The outputs are views into their batch's result, not stacked here: a copy on the event loop (most of it page
+        faults) holds up every request.
         """
-        if self.depth and self.depth + len(tiles) > self.max_queue:
+        ahead = self.tiles_ahead(len(tiles))
+        if self.depth and ahead > self.max_queue:
             raise QueueFullError(
-                f"the service is busy ({self.depth} tiles queued, limit {self.max_queue}); retry shortly"
+                f"the service is busy: this request's {len(tiles)} network inputs would wait in turn with "
+                f"{ahead - len(tiles)} others ({self.depth} queued), over the limit of {self.max_queue}; retry shortly"
             )
         loop = asyncio.get_running_loop()
         pending = [_Pending(tile, loop.create_future()) for tile in tiles]
-        for item in pending:
-            self._queue.put_nowait(item)
+        if on_tile_done is not None:
+            for item in pending:
+                item.future.add_done_callback(lambda future: future.cancelled() or on_tile_done())
+        submission = deque(pending)
+        self._submissions.append(submission)
+        self._waiting += len(submission)
+        self._arrived.set()
         try:
             return await asyncio.gather(*(p.future for p in pending))
         except asyncio.CancelledError:
+            self._withdraw(submission)
             for item in pending:
-                item.future.cancel()  # the worker skips cancelled tiles
+                item.future.cancel()  # a tile already taken is skipped by the worker, or its output dropped
             raise
+
+    def _withdraw(self, submission: deque[_Pending]) -> None:
+        """Take a cancelled request's tiles out of the queue, freeing their places now."""
+        with contextlib.suppress(ValueError):
+            self._submissions.remove(submission)
+            self._waiting -= len(submission)
+            self.observe_skipped(len(submission))
 
     async def _serve_forever(self) -> None:
         while True:
@@ -97,7 +123,7 @@ class MicroBatcher:
                 await self._run_batch(batch)
 
     async def _next_batch(self) -> list[_Pending]:
-        first = self._carry or await self._queue.get()
+        first = self._carry or await self._get(None)
         self._carry = None
         if first.future.cancelled():
             self.observe_skipped(1)
@@ -105,21 +131,38 @@ class MicroBatcher:
         batch = [first]
         deadline = time.monotonic() + self.max_wait
         while len(batch) < self.max_batch:
-            timeout = deadline - time.monotonic()
-            if timeout <= 0 and self._queue.empty():
-                break
             try:
-                item = self._queue.get_nowait() if timeout <= 0 else await asyncio.wait_for(self._queue.get(), timeout)
+                item = await self._get(deadline - time.monotonic())
             except TimeoutError:
                 break
             if item.future.cancelled():
                 self.observe_skipped(1)
                 continue
-            if batch and item.tile.shape != batch[0].tile.shape:
+            if item.tile.shape != batch[0].tile.shape:
                 self._carry = item
                 break
             batch.append(item)
         return batch
+
+    async def _get(self, timeout: float | None) -> _Pending:
+        """The next tile in turn; waits for one (at most `timeout` seconds, else TimeoutError)."""
+        while (item := self._take()) is None:
+            if timeout is not None and timeout <= 0:
+                raise TimeoutError
+            self._arrived.clear()
+            await asyncio.wait_for(self._arrived.wait(), timeout)
+        return item
+
+    def _take(self) -> _Pending | None:
+        """One tile of the submission first in turn, which then goes to the back of the turn."""
+        if not self._submissions:
+            return None
+        submission = self._submissions.popleft()
+        item = submission.popleft()
+        self._waiting -= 1
+        if submission:
+            self._submissions.append(submission)
+        return item
 
     async def _run_batch(self, batch: list[_Pending]) -> None:
         loop = asyncio.get_running_loop()

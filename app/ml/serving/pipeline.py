@@ -30,6 +30,7 @@ from app.ml.serving.budget import PixelBudget
 from app.ml.serving.predictor import Predictor, Prepared
 
 StageObserver = Callable[[str, float], None]
+ProgressObserver = Callable[[int, int], None]  # (network inputs done, network inputs known so far)
 T = TypeVar("T")
 
 
@@ -109,6 +110,21 @@ class SegmentedFile:
         return sum(frame.instances.count for frame in self.frames)
 
 
+class TileProgress:
+    """Counts a request's network inputs, known and done, and tells `report` at each change: for a progress bar."""
+
+    def __init__(self, report: ProgressObserver) -> None:
+        self.report, self.done, self.total = report, 0, 0
+
+    def expect(self, tiles: int) -> None:
+        self.total += tiles
+        self.report(self.done, self.total)
+
+    def tile_done(self) -> None:
+        self.done += 1
+        self.report(self.done, self.total)
+
+
 STACK_FORMATS = frozenset({OutputFormat.JSON, OutputFormat.TIFF})  # the formats that carry every frame
 
 
@@ -152,6 +168,12 @@ class SegmentationPipeline:
     def model_version(self) -> str:
         return self.predictor.version
 
+    @property
+    def is_full(self) -> bool:
+        """No new request could start now: the pixels in flight are at their limit, or even one network input would
+        wait longer than the queue allows."""
+        return self.budget.used >= self.budget.in_flight or self.batcher.tiles_ahead(1) > self.batcher.max_queue
+
     def admit(self, images: list[bytes], mode: Mode) -> contextlib.AbstractContextManager[None]:
         """Hold the images' cost in the service's pixel budget while inside (see PixelBudget)."""
         return self.budget.reserve(sum(self.cost(data, mode) for data in images))
@@ -178,9 +200,11 @@ class SegmentationPipeline:
         rules: InstanceRules,
         channel: str | None = None,
         output: OutputFormat = OutputFormat.JSON,
+        progress: TileProgress | None = None,
     ) -> SegmentedFile:
-        """Every frame of the file, of `channel` where it has several. Raises InvalidImageError for bad bytes or a
-        stack asked for in a one-image format, and QueueFullError when the service is overloaded."""
+        """Every frame of the file, of `channel` where it has several; `progress` counts its network inputs. Raises
+        InvalidImageError for bad bytes or a stack asked for in a one-image format, and QueueFullError when the
+        service is overloaded."""
         timings: dict[str, float] = {}
         stack = await asyncio.to_thread(self._decode, data, channel, timings)
         if stack.is_stack and output not in STACK_FORMATS:
@@ -188,15 +212,23 @@ class SegmentationPipeline:
                 f"the image is a stack of {len(stack.frames)} frames (axes {stack.axes}); format={output.value} "
                 f"answers one image: ask for format=json or format=tiff for every frame"
             )
-        frames = await all_or_none([self._segment_frame(image, mode, rules, dict(timings)) for image in stack.frames])
+        work = [self._segment_frame(image, mode, rules, dict(timings), progress) for image in stack.frames]
+        frames = await all_or_none(work)
         return SegmentedFile(frames, stack.axes, stack.frame_shape, stack.channel)
 
     async def _segment_frame(
-        self, image: np.ndarray, mode: Mode, rules: InstanceRules, timings: dict[str, float]
+        self,
+        image: np.ndarray,
+        mode: Mode,
+        rules: InstanceRules,
+        timings: dict[str, float],
+        progress: TileProgress | None,
     ) -> Segmentation:
         prepared = await asyncio.to_thread(self._prepare, image, mode, timings)
         started = time.perf_counter()
-        outputs = await self.batcher.submit(prepared.tiles)
+        if progress is not None:
+            progress.expect(len(prepared.tiles))
+        outputs = await self.batcher.submit(prepared.tiles, progress and progress.tile_done)
         self._record(timings, "network", started)
         instances = await asyncio.to_thread(self._instances, prepared, outputs, rules, timings)
         return Segmentation(image=image, instances=instances, mode=prepared.mode, timings=timings)
