@@ -268,4 +268,6 @@ def _scale_to_unit(pixels: np.ndarray) -> np.ndarray:
     if not np.isfinite(pixels).all():
         raise InvalidImageError(f"the image contains NaN or infinite values. {ACCEPTED}")
     low, high = float(pixels.min()), float(pixels.max())
+    if low >= 0.0 and high <= 1.0:  # already in [0, 1], the usual float convention: kept, as 8-bit / 255 would be
+        return pixels
     return (pixels - low) / (high - low) if high > low else np.zeros_like(pixels)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import shutil
 import sys
 from collections.abc import Iterator
@@ -27,9 +28,10 @@ pytestmark = pytest.mark.slow
 playwright_api = pytest.importorskip("playwright.sync_api", reason="pip install -e '.[dev]' installs playwright")
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-requires_chromium = pytest.mark.skipif(
-    CHROMIUM is None, reason="Chromium not found: apt-get install chromium (Debian's package; .ci/run installs it)"
-)
+NO_CHROMIUM = "Chromium not found: apt-get install chromium (Debian's package; .ci/run installs it)"
+if CHROMIUM is None and os.environ.get("CI"):  # CI installs it: a missing browser is a broken CI, not a skip
+    pytest.fail(NO_CHROMIUM, pytrace=False)
+requires_chromium = pytest.mark.skipif(CHROMIUM is None, reason=NO_CHROMIUM)
 # Without the background-networking flags Chromium calls Google's hosts at start; here they are simply off.
 FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]  # fmt: skip
