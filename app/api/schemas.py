@@ -23,16 +23,22 @@ class Timings(BaseModel):
     encode_ms: float
 
 
-CHANNEL = Field(None, description="the channel segmented, by name where the file names it; null for one channel")
+class ImageFacts(BaseModel):
+    """What every answer says of the image: its name and size, the model and mode that ran, the channel."""
 
-
-class Segmentation(BaseModel):
     filename: str | None
     width: int
     height: int
     model_version: str
     mode: str
-    channel: str | None = CHANNEL
+    channel: str | None = Field(
+        None, description="the channel segmented, by name where the file names it; null for one channel"
+    )
+
+
+class FrameCells(BaseModel):
+    """The cells of one image, or of one frame of a stack."""
+
     cell_type: str | None = Field(
         description="the image's cell type as the model's classifier reads it from the cells found (it picks that "
         "type's thresholds); null for a model without a classifier"
@@ -42,33 +48,24 @@ class Segmentation(BaseModel):
     cells: list[Cell]
     timings: Timings
 
+
+class Segmentation(FrameCells, ImageFacts):  # fields in order: the image's facts first, then its cells
     model_config = {"json_schema_extra": {"examples": [{
         "filename": "7ae19de7bc2a.png", "width": 704, "height": 520, "model_version": "sartorius-w16-v3",
-        "mode": "resize", "cell_type": "shsy5y", "cell_type_probability": 0.97, "cell_count": 1,
+        "mode": "resize", "channel": None, "cell_type": "shsy5y", "cell_type_probability": 0.97, "cell_count": 1,
         "cells": [{"id": 1, "rle": "120428 3 121132 5", "area": 8, "bbox": [36, 171, 5, 2], "score": 0.91}],
         "timings": {"decode_ms": 4.1, "preprocess_ms": 6.0, "network_ms": 330.2, "instances_ms": 41.5,
                     "encode_ms": 3.2},
     }]}}  # fmt: skip
 
 
-class Frame(BaseModel):
+class Frame(FrameCells):
     index: int = Field(description="0..frame_count-1, in the file's order (the last frame axis fastest)")
-    cell_type: str | None
-    cell_type_probability: float | None
-    cell_count: int
-    cells: list[Cell]
-    timings: Timings
 
 
-class StackSegmentation(BaseModel):
+class StackSegmentation(ImageFacts):
     """A Z or time stack (or any multi-page TIFF), segmented frame by frame."""
 
-    filename: str | None
-    width: int
-    height: int
-    model_version: str
-    mode: str
-    channel: str | None = CHANNEL
     axes: str = Field(description="the file's frame axes as tifffile names them: T time, Z depth, I pages, ...")
     frame_shape: list[int] = Field(description="the size of each frame axis")
     frame_count: int

@@ -7,7 +7,7 @@ import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, File, HTTPException, Query, Request, UploadFile
 from fastapi.responses import Response, StreamingResponse
@@ -244,30 +244,27 @@ async def _file_response(
 async def _json_body(
     pipeline: SegmentationPipeline, filename: str | None, result: SegmentedFile, version: str
 ) -> schemas.Segmentation | schemas.StackSegmentation:
-    frames = [await _frame_body(pipeline, index, frame) for index, frame in enumerate(result.frames)]
+    frames = [await _frame_cells(pipeline, frame) for frame in result.frames]
     height, width = result.shape
-    common = {"filename": filename, "width": width, "height": height, "model_version": version,
-              "mode": result.mode.value, "channel": result.channel}  # fmt: skip
+    facts = {"filename": filename, "width": width, "height": height, "model_version": version,
+             "mode": result.mode.value, "channel": result.channel}  # fmt: skip
     if not result.is_stack:
-        return schemas.Segmentation(**common, **frames[0].model_dump(exclude={"index"}))
+        return schemas.Segmentation(**facts, **frames[0])
     return schemas.StackSegmentation(
-        **common, axes=result.axes, frame_shape=list(result.frame_shape), frame_count=len(frames),
-        cell_count=result.cell_count, frames=frames,
+        **facts, axes=result.axes, frame_shape=list(result.frame_shape), frame_count=len(frames),
+        cell_count=result.cell_count, frames=[schemas.Frame(index=i, **cells) for i, cells in enumerate(frames)],
     )  # fmt: skip
 
 
-async def _frame_body(pipeline: SegmentationPipeline, index: int, frame: Segmentation) -> schemas.Frame:
+async def _frame_cells(pipeline: SegmentationPipeline, frame: Segmentation) -> dict[str, Any]:
+    """The fields of schemas.FrameCells for one image or frame."""
     cells = await pipeline.encode(frame, OutputFormat.JSON)
-    timings = {f"{stage}_ms": round(seconds * 1000, 2) for stage, seconds in frame.timings.items()}
-    return schemas.Frame(
-        index=index, cell_type=frame.instances.cell_type,
-        cell_type_probability=_rounded(frame.instances.cell_type_probability), cell_count=len(cells), cells=cells,
-        timings=timings,
-    )  # fmt: skip
-
-
-def _rounded(probability: float | None) -> float | None:
-    return None if probability is None else round(probability, 4)
+    probability = frame.instances.cell_type_probability
+    return {
+        "cell_type": frame.instances.cell_type, "cell_count": len(cells), "cells": cells,
+        "cell_type_probability": None if probability is None else round(probability, 4),
+        "timings": {f"{stage}_ms": round(seconds * 1000, 2) for stage, seconds in frame.timings.items()},
+    }  # fmt: skip
 
 
 def _server_timing(timings: dict[str, float]) -> str:
