@@ -112,8 +112,9 @@ def label_image(cells: list[dict[str, Any]], shape: tuple[int, int]) -> np.ndarr
 
 def _encode(pixels: np.ndarray) -> tuple[str, bytes]:
     """An array -> (file name, file bytes) that the service reads back to the same values. uint8 and uint16, and
-    (H, W, 3|4) uint8 as RGB(A), go as PNG; any other numbers as a float32 TIFF, whose min..max the service
-    stretches to 0..1 as it does for every float image (16 bits would round them, and move cells at the margin)."""
+    (H, W, 3|4) uint8 as RGB(A), go as PNG; any other numbers as a float32 TIFF, which the service reads as every
+    float image: as it is in [0, 1], else stretched from its min..max (16 bits would round them, and move cells at
+    the margin)."""
     array = np.asarray(pixels)
     rgb = array.ndim == 3 and array.shape[2] in (3, 4) and array.dtype == np.uint8
     if array.ndim != 2 and not rgb:

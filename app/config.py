@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.ml.imageio import MAX_PIXELS
@@ -97,3 +97,16 @@ class Settings(BaseSettings):
     def _empty_means_unset(cls, value: object) -> object:
         """docker compose passes unset variables as empty strings: treat them as not given."""
         return None if value == "" else value
+
+
+def load_settings() -> Settings:
+    """The settings from the environment, or SystemExit with one line per bad variable: its name, what it was
+    given and what it takes (pydantic's report is a page of text for a typo)."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problems = [
+            f"CELLSEG_{'_'.join(str(part) for part in error['loc']).upper()}={error.get('input')!r}: {error['msg']}"
+            for error in exc.errors()
+        ]
+        raise SystemExit("bad settings: " + "; ".join(problems)) from None

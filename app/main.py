@@ -75,7 +75,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     service: Service = app.state.service
     settings = service.settings
     try:
-        predictor, card = await asyncio.to_thread(load_predictor, settings)
+        predictor, card = app.state.loaded or await asyncio.to_thread(load_predictor, settings)
     except (CheckpointError, InvalidOptionError) as exc:
         log.critical("cannot load the model: %s", exc)
         raise
@@ -97,7 +97,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await batcher.stop()
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, loaded: tuple[Predictor, dict] | None = None) -> FastAPI:
+    """The service; `loaded` is the model already loaded by load_predictor (serve loads it before it listens, so
+    a bad model folder stops it with one line), else the lifespan loads it."""
     settings = settings or Settings()
     configure_logging(settings.log_level, settings.log_json)
     # Swagger UI from the package's own files, so /docs works on a host without internet. No ReDoc: its page
@@ -105,7 +107,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPIOffline(title="cellseg", version=package.__version__, description=DESCRIPTION, lifespan=lifespan,
                          static_url="/static/docs", redoc_url=None)  # fmt: skip
     metrics = Metrics()
-    app.state.service = Service(settings=settings, metrics=metrics)
+    app.state.service, app.state.loaded = Service(settings=settings, metrics=metrics), loaded
     app.include_router(ops.router)
     app.include_router(segment.router)
     app.include_router(page.router)

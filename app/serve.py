@@ -12,8 +12,9 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from app.cli import tune_malloc
-from app.config import Settings
-from app.main import create_app
+from app.config import load_settings
+from app.main import create_app, load_predictor
+from app.ml.errors import CheckpointError, InvalidOptionError
 
 
 class IdleTimeoutProtocol(H11Protocol):
@@ -33,9 +34,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, help="port (default: CELLSEG_PORT or 8000)")
     args = parser.parse_args(argv)
     tune_malloc()
-    settings = Settings()
+    settings = load_settings()
+    try:  # quick: reads and checks the model folder; the slow warm-up runs once the server listens
+        loaded = load_predictor(settings)
+    except (CheckpointError, InvalidOptionError) as exc:
+        raise SystemExit(f"cannot load the model: {exc}") from None
     # One worker process: the model is loaded once and the micro-batcher sees every request.
-    config = uvicorn.Config(create_app(settings), host=args.host or settings.host, port=args.port or settings.port,
+    app = create_app(settings, loaded)
+    config = uvicorn.Config(app, host=args.host or settings.host, port=args.port or settings.port,
                             log_config=None, access_log=False, timeout_graceful_shutdown=10,
                             timeout_keep_alive=settings.keep_alive_seconds, http=IdleTimeoutProtocol,
                             limit_concurrency=settings.max_connections)  # fmt: skip

@@ -3,6 +3,7 @@ both decided before any of the body is read; the upload size limit."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -82,7 +83,9 @@ class AdmissionMiddleware:
 
 class RequestContextMiddleware:
     """Gives every request an id (the client's X-Request-ID when sane), returns it as a header, logs one line
-    per request and counts it in the metrics by route template, method and status."""
+    per request and counts it in the metrics by route template, method and status. A request the server cancels
+    while shutting down (an upload still coming in when the grace period ends) is answered 503, not left to
+    uvicorn's plain-text 500."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app, self.metrics = app, metrics
@@ -94,17 +97,23 @@ class RequestContextMiddleware:
         given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
         rid = given if _VALID_ID.match(given) else uuid.uuid4().hex
         token = request_id.set(rid)
-        started, status = time.perf_counter(), 500
+        started, status, answered = time.perf_counter(), 500, False
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, answered
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, answered = message["status"], True
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
             await send(message)
 
         try:
             await self.app(scope, receive, send_with_id)
+        except asyncio.CancelledError:
+            # Only uvicorn cancels a request's own task, at the end of a shutdown's grace period.
+            if answered:
+                raise
+            await send_json(send_with_id, 503, "the service is shutting down; retry in a moment, maybe elsewhere",
+                            [(b"retry-after", b"5")])  # fmt: skip
         finally:
             self._record(scope, status, time.perf_counter() - started)
             request_id.reset(token)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -182,3 +183,20 @@ def test_a_small_request_is_served_in_turn_beside_a_large_one_not_after_it(train
 
         large_done, small_done = asyncio.run(both())
         assert small_done < large_done, "the small request waited for every tile of the large one"
+
+
+def test_an_upload_still_coming_in_at_shutdown_gets_a_503_not_a_500(trained_model):
+    from app.localserver import running_server as start_server  # noqa: PLC0415 - its pid, to signal it
+
+    with start_server(model_store=str(trained_model.parent), warmup="false") as server:
+        port = int(server.url.rsplit(":", 1)[1])
+        upload = socket.create_connection(("127.0.0.1", port))
+        upload.sendall(b"POST /segment HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                       b"Content-Length: 100000\r\n\r\n--b\r\n")  # fmt: skip
+        time.sleep(0.5)
+        os.kill(server.pid, signal.SIGTERM)  # the upload stalls past the shutdown's grace period (10 s)
+        upload.settimeout(30)
+        answer = b"".join(iter(lambda: upload.recv(4096), b"")).decode()
+        upload.close()
+    assert answer.startswith("HTTP/1.1 503"), answer
+    assert "application/json" in answer and "the service is shutting down" in answer

@@ -124,12 +124,22 @@ def test_an_api_key_protects_everything_but_health(trained_model):
         assert good.status_code == 200
 
 
-def test_a_missing_model_stops_startup_with_a_message(tmp_path):
-    env = {"CELLSEG_MODEL_STORE": str(tmp_path), "PATH": "/usr/bin:/bin"}
-    done = subprocess.run([sys.executable, "-m", "app.serve", "--port", "0"], env=env, capture_output=True,
-                          text=True, timeout=120, check=False)  # fmt: skip
-    assert done.returncode != 0
-    assert f"no model in {tmp_path}" in done.stderr
+def test_a_missing_model_or_a_bad_setting_stops_startup_with_one_line(tmp_path):
+    def serve(**env: str) -> subprocess.CompletedProcess:
+        env = {"CELLSEG_MODEL_STORE": str(tmp_path), "PATH": "/usr/bin:/bin", **env}
+        return subprocess.run([sys.executable, "-m", "app.serve", "--port", "0"], env=env, capture_output=True,
+                              text=True, timeout=120, check=False)  # fmt: skip
+
+    missing = serve()
+    assert missing.returncode != 0
+    assert missing.stderr.strip() == f"cannot load the model: no model in {tmp_path}: train one with `train` or " \
+                                     "set the version to load"  # fmt: skip
+    typo = serve(CELLSEG_MAX_QUEUE="lots", CELLSEG_TTA="3")
+    assert typo.returncode != 0
+    assert typo.stderr.strip() == (
+        "bad settings: CELLSEG_TTA='3': Input should be 1, 4 or 8; CELLSEG_MAX_QUEUE="
+        "'lots': Input should be a valid integer, unable to parse string as an integer"
+    )
 
 
 def test_every_log_line_is_one_json_object_with_onnxruntime_exporting_at_startup(trained_model, tmp_path):
