@@ -54,7 +54,7 @@ def threshold(name: str) -> object:
 
 @router.post(
     "/segment",
-    response_model=schemas.Segmentation | schemas.BatchSegmentation,
+    response_model=schemas.Segmentation | schemas.StackSegmentation | schemas.BatchSegmentation,
     responses={**schemas.ERROR_RESPONSES, 200: {"content": FILE_CONTENT, "description": OK_DESCRIPTION}},
     summary="Find every cell in one or several images",
 )
