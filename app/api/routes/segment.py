@@ -146,10 +146,10 @@ def _event_stream(
         with admitted:
             task = asyncio.ensure_future(work())
             try:
-                while not (task.done() and events.empty()):
-                    with contextlib.suppress(TimeoutError):
-                        name, data = await asyncio.wait_for(events.get(), timeout=1.0)
-                        yield f"event: {name}\ndata: {json.dumps(data)}\n\n"
+                name = "progress"
+                while name == "progress":  # work() always ends with a result or an error event
+                    name, data = await events.get()
+                    yield f"event: {name}\ndata: {json.dumps(data)}\n\n"
             finally:
                 task.cancel()  # the client went away, or the stream ended: no work outlives it
 
