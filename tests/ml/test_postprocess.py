@@ -4,11 +4,12 @@ from scipy import ndimage
 from skimage.segmentation import watershed
 
 from app.ml.checkpoint import resolve_model_folder
-from app.ml.data.kaggle import KaggleDataset
+from app.ml.data.kaggle import KaggleDataset, Sample
 from app.ml.data.synth import generate_image
 from app.ml.errors import InvalidOptionError
 from app.ml.imageio import read_image
-from app.ml.postprocess import InstanceConfig, grow_seeds, probabilities_to_instances
+from app.ml.postprocess import InstanceConfig, grow_seeds, maps_to_instances, probabilities_to_instances
+from app.ml.scoring.evaluation import tune_thresholds
 from app.ml.scoring.metric import image_score, iou_matrix
 from app.ml.serving.predictor import Predictor
 from app.ml.training.targets import label_to_classes
@@ -125,3 +126,22 @@ def test_grow_seeds_gives_the_labels_of_the_plain_watershed(source, sartorius):
     plain = watershed(landscape, markers=seeds, mask=foreground)
     assert seeds.max() > 5 and (plain != seeds).sum() > 100  # the flood has real work to do
     np.testing.assert_array_equal(grow_seeds(landscape, seeds, foreground), plain)
+
+
+def test_the_threshold_search_picks_a_smallest_seed_that_keeps_a_thin_cell_whole():
+    """A cell whose seed map breaks into a large core and specks (as an astrocyte's thin processes do): with the
+    default smallest seed each speck grows into a cell of its own; the search finds a size that drops them."""
+    shape = (80, 80)
+    cell = disk(shape, (40, 40), 25)
+    seed_map = np.where(disk(shape, (40, 40), 6), 0.95, 0.1).astype(np.float32)
+    for centre in ((25, 40), (55, 40), (40, 25), (40, 55)):  # 3x3 specks of 9 px, far from the core
+        seed_map[centre[0] - 1 : centre[0] + 2, centre[1] - 1 : centre[1] + 2] = 0.95
+    maps = np.stack((np.where(cell, 0.95, 0.05), seed_map)).astype(np.float32)
+    scored = [(Sample("thin", np.zeros(shape, np.float32), cell.astype(np.int32), ["astro"], {}), maps)]
+
+    base = InstanceConfig(min_seed_area=6)
+    config, score = tune_thresholds(scored, base)
+
+    assert maps_to_instances(maps, base).count == 5
+    assert config.min_seed_area > 9
+    assert score == pytest.approx(1.0)

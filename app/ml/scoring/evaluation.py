@@ -81,23 +81,29 @@ def score_maps(scored: list[tuple[Sample, np.ndarray]], rules: InstanceRules) ->
     )
 
 
-# Searched in two rounds: the two probability thresholds together, then the smallest cell at the best pair.
+# Searched in rounds: the two probability thresholds together, then the smallest cell at the best pair, then the
+# smallest seed (a larger one merges the fragments a thin cell's interior breaks into).
 THRESHOLD_GRID = {
     "foreground_threshold": (0.3, 0.4, 0.5, 0.6, 0.7, 0.8),
     "seed_threshold": (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
 }
-MIN_CELL_AREAS = (24, 64, 128, 256, 512, 1024, 2048)
+ONE_AT_A_TIME = {
+    "min_cell_area": (24, 64, 128, 256, 512, 1024, 2048),
+    "min_seed_area": (2, 4, 8, 12, 16, 24, 32, 48, 64),
+}
 
 
 def tune_thresholds(scored: list[tuple[Sample, np.ndarray]], base: InstanceConfig) -> tuple[InstanceConfig, float]:
-    """Search THRESHOLD_GRID, then MIN_CELL_AREAS, on already computed instance step maps; the best config and its
-    score (`base` itself wins ties)."""
+    """Search THRESHOLD_GRID, then each of ONE_AT_A_TIME in turn, on already computed instance step maps; the best
+    config and its score (the config a round starts from wins ties)."""
     candidates = [
         base.with_overrides(foreground_threshold=foreground, seed_threshold=seed)
         for foreground, seed in itertools.product(*THRESHOLD_GRID.values())
     ]
     best = _best(scored, [base, *candidates])
-    return _best(scored, [best[0], *(best[0].with_overrides(min_cell_area=area) for area in MIN_CELL_AREAS)])
+    for name, values in ONE_AT_A_TIME.items():
+        best = _best(scored, [best[0], *(best[0].with_overrides(**{name: value}) for value in values)])
+    return best
 
 
 def _features(rules: InstanceRules, sample: Sample, maps: np.ndarray) -> np.ndarray:
