@@ -19,11 +19,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import functools
 import json
+import shutil
 import statistics
+import subprocess
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -60,11 +64,17 @@ def best_of(run: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
-def matmul_gflops(device: torch.device, dtype: torch.dtype = torch.float32) -> float:
-    """Achieved GFLOP/s of a large square matmul in `dtype` on `device`: what this hardware can do at best."""
+def matmul_gflops(device: torch.device, dtype: torch.dtype = torch.float32, tf32: bool = False) -> float:
+    """Achieved GFLOP/s of a large square matmul in `dtype` on `device`: what this hardware can do at best. `tf32`:
+    float32 through TF32 tensor cores (CUDA), as PyTorch runs float32 convolutions by default, not matmuls."""
     size = 8192 if device.type == "cuda" else 2048  # a GPU needs the larger one to fill its cores
     a, b = (torch.randn(size, size, device=device).to(dtype) for _ in range(2))
-    return 2 * size**3 / best_of(lambda: synchronized(device, a @ b), 10) / 1e9
+    allowed = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    try:
+        return 2 * size**3 / best_of(lambda: synchronized(device, a @ b), 10) / 1e9
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = allowed
 
 
 def synchronized(device: torch.device, result: object) -> object:
@@ -171,11 +181,15 @@ def stage_split(records: list[dict]) -> dict[str, float]:
     return split
 
 
-def throughput_figures(server: LocalServer, image: bytes, concurrencies: list[int], per_level: int) -> dict:
+def throughput_figures(
+    server: LocalServer, image: bytes, concurrencies: list[int], per_level: int, gpu: int | None = None
+) -> dict:
+    """Images per second and p50 at each concurrency; with `gpu` (a CUDA index), also the GPU's busy share meanwhile."""
     figures = {}
     for concurrency in concurrencies:
         count = max(per_level, concurrency)
-        records, wall = asyncio.run(post_many(server.url, image, count, concurrency, {}))
+        with GpuBusy(gpu) as busy:
+            records, wall = asyncio.run(post_many(server.url, image, count, concurrency, {}))
         ok = sum(r["status"] == 200 for r in records)
         figures[concurrency] = {
             "requests": count,
@@ -183,7 +197,40 @@ def throughput_figures(server: LocalServer, image: bytes, concurrencies: list[in
             "images_per_s": ok / wall,
             "p50_ms": percentile([r["seconds"] for r in records], 50) * 1000,
         }
+        if busy.share is not None:
+            figures[concurrency]["gpu_busy_share"] = busy.share
     return figures
+
+
+class GpuBusy:
+    """While inside, samples a CUDA GPU's utilization (the share of time a kernel ran) every 100 ms with
+    nvidia-smi; `share` is their mean afterwards, or None without a GPU index or without nvidia-smi."""
+
+    def __init__(self, index: int | None) -> None:
+        self.index, self.share = index, None
+        self._samples: list[float] = []
+        self._process: subprocess.Popen | None = None
+
+    def __enter__(self) -> GpuBusy:
+        if self.index is not None and shutil.which("nvidia-smi"):
+            query = ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"]
+            self._process = subprocess.Popen([*query, "-i", str(self.index), "-lms", "100"], stdout=subprocess.PIPE,
+                                             stderr=subprocess.DEVNULL, text=True)  # fmt: skip
+            self._reader = threading.Thread(target=self._read, daemon=True)
+            self._reader.start()
+        return self
+
+    def _read(self) -> None:
+        for line in self._process.stdout:
+            with contextlib.suppress(ValueError):
+                self._samples.append(float(line) / 100)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._process is not None:
+            self._process.terminate()
+            self._process.wait()
+            self._reader.join(timeout=2)
+            self.share = statistics.fmean(self._samples) if self._samples else None
 
 
 def memory_figures(server: LocalServer, image: bytes, total: int) -> dict:
@@ -269,7 +316,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     folder = model_folder(args)
     image = Path(args.image).read_bytes()
     result: dict[str, Any] = {
-        "machine": {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": device_name(device)},
+        "machine": {
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "device": device_name(device),
+            **cuda_settings(device),
+        },
         "model": folder.name,  # a model's version is its folder's name
     }
     print("matmul ceiling ...", flush=True)
@@ -279,20 +331,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result["rle"] = rle_figures()
     settings = {"model_store": str(folder.parent), "model_version": folder.name, "log_level": "WARNING",
                 "device": str(device), "backend": args.backend, "half_precision": str(args.half_precision).lower(),
-                "compile": str(args.compile).lower(), "tta": str(args.tta)}  # fmt: skip
+                "compile": str(args.compile).lower(), "tta": str(args.tta), "workers": str(args.workers),
+                "steps_on_device": args.steps_on_device}  # fmt: skip
     print("service end to end ...", flush=True)
     quick = args.quick
+    gpu = (device.index or 0) if device.type == "cuda" else None
+    # A GPU serves hundreds of images a second: a level needs that many requests to reach its steady state.
+    per_level = (128 if quick else 512) if gpu is not None else (16 if quick else 32)
     # The service as shipped (max_batch auto: 1 on CPU, 8 on CUDA), then with micro-batches of up to 8 forced on.
     with running_server(**settings) as server:
         ready = httpx.get(f"{server.url}/ready").json()
         result["service"] = {key: ready[key] for key in ("backend", "precision", "compiled")}
+        result["service"]["workers"] = args.workers
         # Steady state first: the first series after the network section above ran up to 30 % slower (bfloat16).
         asyncio.run(post_many(server.url, image, 20, 1, {}))
         result["latency"] = latency_figures(server, image, 8 if quick else 20)
-        result["throughput_default"] = throughput_figures(server, image, args.concurrency, 16 if quick else 32)
+        result["throughput_default"] = throughput_figures(server, image, args.concurrency, per_level, gpu)
         result["memory"] = memory_figures(server, image, 150 if quick else 500)
     with running_server(**settings, max_batch="8") as server:
-        result["throughput_batch_8"] = throughput_figures(server, image, args.concurrency, 16 if quick else 32)
+        result["throughput_batch_8"] = throughput_figures(server, image, args.concurrency, per_level, gpu)
     result["ratios"] = ratios(result)
     return result
 
@@ -308,6 +365,13 @@ def run_soak(args: argparse.Namespace) -> dict[str, Any]:
     return {"model": folder.name, **figures}
 
 
+def cuda_settings(device: torch.device) -> dict[str, bool]:
+    """How PyTorch computes on CUDA, which the figures depend on: TF32 for float32 convolutions and matmuls."""
+    if device.type != "cuda":
+        return {}
+    return {"tf32_convolutions": torch.backends.cudnn.allow_tf32, "tf32_matmul": torch.backends.cuda.matmul.allow_tf32}
+
+
 def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
@@ -316,6 +380,7 @@ def ceilings(device: torch.device) -> dict[str, float]:
     """Matmul GFLOP/s in float32, and in the reduced precision the service uses on this device, if any."""
     figures = {"matmul_gflops": matmul_gflops(device)}
     if device.type == "cuda":
+        figures["matmul_gflops_tf32"] = matmul_gflops(device, tf32=True)
         figures["matmul_gflops_float16"] = matmul_gflops(device, torch.float16)
     elif native_bfloat16():
         figures["matmul_gflops_bfloat16"] = matmul_gflops(device, torch.bfloat16)
@@ -329,7 +394,7 @@ def network_variants(folder: Path, device: torch.device, quick: bool) -> dict[st
     load = functools.partial(Predictor.from_checkpoint, folder, device=str(device))
     if device.type == "cuda":
         batches = [1, 4, 16] if quick else [1, 2, 4, 8, 16]
-        return {"network_default": (load(half_precision=False), "matmul_gflops", batches),
+        return {"network_default": (load(half_precision=False), float32_ceiling(device), batches),
                 "network_default_float16": (load(half_precision=True), "matmul_gflops_float16", batches)}  # fmt: skip
     batches = [1, 2, 4] if quick else [1, 2, 4, 8]
     full = functools.partial(load, half_precision=False)
@@ -347,9 +412,28 @@ def network_variants(folder: Path, device: torch.device, quick: bool) -> dict[st
     return variants
 
 
+def float32_ceiling(device: torch.device) -> str:
+    """The ceiling a float32 network is measured against: on CUDA, PyTorch runs float32 convolutions on TF32
+    tensor cores (unless turned off), so a plain float32 matmul is no ceiling for them."""
+    tf32 = device.type == "cuda" and torch.backends.cudnn.allow_tf32
+    return "matmul_gflops_tf32" if tf32 else "matmul_gflops"
+
+
+@contextlib.contextmanager
+def cudnn_autotune(enabled: bool) -> Iterator[None]:
+    """While inside, cuDNN benchmarks its convolution algorithms for each new input shape (or not)."""
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
 def network_section(folder: Path, device: torch.device, result: dict[str, Any], quick: bool) -> dict[str, Any]:
     """The default model in each of its variants, and the paper's U-Net with random weights: on CUDA in float16
-    at batch 16 as well, the setting of NVIDIA's published figure (REFERENCE_A100)."""
+    at batch 16 as well, the setting of NVIDIA's published figure (REFERENCE_A100), and the float16 model without
+    cuDNN's autotuning, which the service turns on for CUDA."""
     figures: dict[str, Any] = {}
     repeats = 3 if quick else 5
     for name, (predictor, ceiling, batches) in network_variants(folder, device, quick).items():
@@ -357,10 +441,15 @@ def network_section(folder: Path, device: torch.device, result: dict[str, Any], 
         side = predictor.prepare(np.zeros((520, 704), np.float32), Mode.RESIZE).tiles.shape[-1]
         flops = conv_flops(predictor.architecture, (1, 1, side, side))
         figures[name] = network_figures(predictor.run_network, flops, side, batches, repeats, result[ceiling])
+        if name == "network_default_float16":
+            with cudnn_autotune(False):
+                figures[f"{name}_autotune_off"] = network_figures(
+                    predictor.run_network, flops, side, batches, repeats, result[ceiling]
+                )
     paper_flops = conv_flops(UNetConfig.paper(), (1, 1, 572, 572))
     paper = Predictor(UNet(UNetConfig.paper()), PreprocessConfig(), InstanceConfig(), device=device)
     figures["network_paper_572"] = network_figures(
-        paper.run_network, paper_flops, 572, [1] if quick else [1, 2], 2, result["matmul_gflops"]
+        paper.run_network, paper_flops, 572, [1] if quick else [1, 2], 2, result[float32_ceiling(device)]
     )
     if device.type == "cuda":
         paper_fp16 = Predictor(
@@ -414,11 +503,12 @@ def ratios(result: dict[str, Any]) -> dict[str, float]:
     e2e = result["latency"]["json/resize"]
     stages = e2e["stages_ms"]
     on = result["throughput_default"]
-    concurrency = 16 if 16 in on else max(on)
+    levels = sorted({16 if 16 in on else max(on), max(on)})
     return {
         "e2e_p50_over_network_batch1": e2e["p50_ms"] / network["batches"][1]["ms_per_image"],
         "non_network_share_of_e2e": 1 - stages["network"] / e2e["p50_ms"],
-        f"throughput_c{concurrency}_over_best_network": on[concurrency]["images_per_s"] / best["images_per_s"],
+        **{f"throughput_c{c}_over_best_network": on[c]["images_per_s"] / best["images_per_s"] for c in levels},
+        **{f"gpu_busy_share_c{c}": on[c]["gpu_busy_share"] for c in levels if "gpu_busy_share" in on[c]},
         "network_best_of_matmul_ceiling": best["of_matmul_ceiling"],
         "memory_growth_50_to_last": result["memory"]["growth"],
         "errors": sum(v["errors"] for k in ("throughput_default", "throughput_batch_8")
@@ -430,11 +520,11 @@ def table(result: dict[str, Any]) -> str:
     lines = [
         f"model {result['model']}, torch {result['machine']['torch']}, {result['machine']['device']}, "
         f"{result['machine']['threads']} threads, "
-        f"service: {result['service']['backend']} in {result['service']['precision']}"
-        + (", compiled" if result["service"]["compiled"] else ""),
+        f"service: {result['service']['workers']} worker(s), {result['service']['backend']} in "
+        f"{result['service']['precision']}" + (", compiled" if result["service"]["compiled"] else ""),
         f"matmul ceiling                      {result['matmul_gflops']:8.1f} GFLOP/s",
     ]
-    for precision in ("bfloat16", "float16"):
+    for precision in ("tf32", "bfloat16", "float16"):
         if f"matmul_gflops_{precision}" in result:
             lines.append(f"matmul ceiling, {precision:<19} {result[f'matmul_gflops_{precision}']:8.1f} GFLOP/s")
     for name in (n for n in result if n.startswith("network_")):
@@ -461,9 +551,10 @@ def table(result: dict[str, Any]) -> str:
             lines.append("        stages ms: " + ", ".join(f"{k} {v:.1f}" for k, v in row["stages_ms"].items()))
     for name in ("throughput_default", "throughput_batch_8"):
         for concurrency, row in result[name].items():
+            busy = f"  GPU busy {row['gpu_busy_share']:.0%}" if "gpu_busy_share" in row else ""
             lines.append(
                 f"{name:<24} c={concurrency:<3} {row['images_per_s']:6.2f} img/s  p50 {row['p50_ms']:8.1f} ms"
-                f"  errors {row['errors']}"
+                f"  errors {row['errors']}{busy}"
             )
     memory = result["memory"]
     lines.append(
@@ -480,6 +571,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--image", default=str(DEFAULT_IMAGE), help="a real 520x704 image to post")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64], help="levels to measure")
     parser.add_argument("--quick", action="store_true", help="fewer requests and repeats (about 3 minutes)")
+    parser.add_argument("--workers", type=int, default=1, help="server processes (CELLSEG_WORKERS)")
     parser.add_argument("--out", default="bench.json", help="where to write the figures as JSON")
     parser.add_argument("--soak", type=float, metavar="MINUTES", help="only the soak, for this long")
     parser.add_argument("--soak-concurrency", type=int, default=16, help="clients in the soak")

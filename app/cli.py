@@ -10,12 +10,11 @@ from pathlib import Path
 
 from app.config import Settings
 from app.ml.checkpoint import Checkpoint, resolve_model_folder
-from app.ml.options import Backend
 from app.ml.serving.predictor import Predictor
 
 # The inference settings the entrypoints share with the service: one name and one default each, the service's.
 _SETTINGS = Settings.model_fields
-INFERENCE_SETTINGS = ("device", "backend", "half_precision", "compile", "tta", "torch_threads")
+INFERENCE_SETTINGS = ("device", "backend", "half_precision", "compile", "tta", "torch_threads", "steps_on_device")
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,8 +27,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         text = f"{field.description} (CELLSEG_{name.upper()}; default: %(default)s)"
         if field.annotation is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default, help=text)
-        elif name == "backend":
-            parser.add_argument(flag, choices=[b.value for b in Backend], default=field.default.value, help=text)
+        elif name in ("backend", "steps_on_device"):
+            choices = [option.value for option in type(field.default)]
+            parser.add_argument(flag, choices=choices, default=field.default.value, help=text)
         elif name == "tta":
             parser.add_argument(flag, type=int, choices=[1, 4, 8], default=field.default, help=text)
         else:
@@ -83,3 +83,10 @@ def tune_malloc() -> None:
     for variable, (parameter, value) in _MALLOC_SETTINGS.items():
         if variable not in os.environ:
             mallopt(parameter, value)
+
+
+def tune_malloc_of_children() -> None:
+    """The same malloc settings for the processes this one starts (server workers): glibc reads them from the
+    environment at start-up, where one was not already given."""
+    for variable, (_, value) in _MALLOC_SETTINGS.items():
+        os.environ.setdefault(variable, str(value))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -9,7 +10,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.ml.imageio import MAX_PIXELS
-from app.ml.options import Backend
+from app.ml.options import Backend, DeviceSteps
 
 
 class Settings(BaseSettings):
@@ -38,7 +39,22 @@ class Settings(BaseSettings):
         description="test-time augmentation: the mean over 1 (off), 4 (flips) or 8 (flips and turns) views of "
         "each network input, at that many times the network's cost",
     )
-    torch_threads: int = Field(0, ge=0, description="CPU threads for the network (0: torch's default)")
+    steps_on_device: DeviceSteps = Field(
+        DeviceSteps.AUTO,
+        description="the steps around the network in torch on its device: 'none' (the CPU's, the reference), "
+        "'resize' (normalization, resizes, tiles and maps; the instance step on the CPU), 'all' (the instance step "
+        "too: only labels come back) or 'auto' ('all' on CUDA, 'none' on the CPU)",
+    )
+    torch_threads: int = Field(
+        0, ge=0, description="CPU threads for the network (0: torch's default; with several workers, a share each)"
+    )
+    workers: int = Field(
+        1,
+        ge=1,
+        description="server processes, each with its own copy of the model and micro-batcher, taking connections "
+        "from one socket; each is warmed up before it takes any. Limits such as max_active_requests and "
+        "max_pixels_in_flight apply per worker (docs/performance.md: when more than one pays)",
+    )
     warmup: bool = Field(True, description="run a blank image through the model before reporting ready")
 
     max_upload_bytes: int = Field(50 * 1024 * 1024, gt=0, description="largest request body accepted")
@@ -92,11 +108,26 @@ class Settings(BaseSettings):
     host: str = Field("0.0.0.0", description="address `serve` listens on")
     port: int = Field(8000, description="port `serve` listens on")
 
+    @field_validator("tta", mode="before")
+    @classmethod
+    def _number_from_text(cls, value: object) -> object:
+        """An environment variable is text, which a choice of numbers does not parse by itself."""
+        return int(value) if isinstance(value, str) and value.strip().isdigit() else value
+
     @field_validator("model_version", "api_key", mode="before")
     @classmethod
     def _empty_means_unset(cls, value: object) -> object:
         """docker compose passes unset variables as empty strings: treat them as not given."""
         return None if value == "" else value
+
+
+def worker_threads(settings: Settings) -> int:
+    """Torch's CPU threads in each worker (0: torch's default): the setting, else with several workers this
+    process's CPUs shared out over them, so they do not all run a thread per core (the network, and resizes in
+    torch, would fight for them)."""
+    if settings.torch_threads or settings.workers == 1:
+        return settings.torch_threads
+    return max(1, len(os.sched_getaffinity(0)) // settings.workers)
 
 
 def load_settings() -> Settings:

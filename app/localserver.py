@@ -21,13 +21,30 @@ class LocalServer:
     pid: int
 
     def memory_kib(self) -> dict[str, int]:
-        """Resident memory now (VmRSS) and at its peak (VmHWM), from /proc (Linux)."""
-        fields = {}
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                fields[key] = int(value.split()[0])
+        """Resident memory now (VmRSS) and at its peak (VmHWM), from /proc (Linux): of the server and, where it
+        runs several workers, of every process under it together."""
+        fields = {"VmRSS": 0, "VmHWM": 0}
+        for pid in process_tree(self.pid):
+            for line in _status_lines(pid):
+                key, _, value = line.partition(":")
+                if key in fields:
+                    fields[key] += int(value.split()[0])
         return fields
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and every process under it (Linux /proc)."""
+    with contextlib.suppress(FileNotFoundError):  # it ended while being read
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+        children = [int(child) for task in tasks for child in (task / "children").read_text().split()]
+        return [pid, *(descendant for child in children for descendant in process_tree(child))]
+    return []
+
+
+def _status_lines(pid: int) -> list[str]:
+    with contextlib.suppress(FileNotFoundError):
+        return Path(f"/proc/{pid}/status").read_text().splitlines()
+    return []
 
 
 def free_port() -> int:

@@ -23,7 +23,7 @@ from app.api.middleware import (
     RequestContextMiddleware,
 )
 from app.api.routes import ops, page, segment
-from app.config import Settings
+from app.config import Settings, worker_threads
 from app.ml.checkpoint import load_checkpoint, resolve_model_folder
 from app.ml.errors import CheckpointError, InvalidOptionError
 from app.ml.imageio import ImageLimits
@@ -45,8 +45,9 @@ def load_predictor(settings: Settings) -> tuple[Predictor, dict]:
     Blocking, and quick: what can be wrong with a model folder or a setting shows here, before the server
     listens."""
     checkpoint = load_checkpoint(resolve_model_folder(settings.model_store, settings.model_version))
+    options = settings.model_copy(update={"torch_threads": worker_threads(settings)})
     # It compiles while warming up: without a warm-up, compiling is off (and cannot steer the backend's choice).
-    predictor = Predictor.from_options(checkpoint, settings, compile_network=settings.compile and settings.warmup)
+    predictor = Predictor.from_options(checkpoint, options, compile_network=settings.compile and settings.warmup)
     return predictor, checkpoint.card.without_host_paths().to_dict()
 
 
@@ -80,20 +81,27 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         log.critical("cannot load the model: %s", exc)
         raise
     max_batch = settings.max_batch or (8 if predictor.device.type == "cuda" else 1)
-    batcher = MicroBatcher(predictor.run_network, max_batch, settings.max_wait_ms / 1000,
-                           settings.max_queue, observe_batch=service.metrics.observe_batch,
+    batcher = MicroBatcher(predictor.run_network, max_batch, settings.max_wait_ms / 1000, settings.max_queue,
+                           observe_batch=lambda size, seconds: service.metrics.observe_batch(size, seconds,
+                                                                                              batcher.depth),
                            observe_skipped=service.metrics.observe_skipped)  # fmt: skip
     batcher.start()
     limits = ImageLimits(max_pixels=settings.max_pixels)
     service.predictor, service.card, service.batcher = predictor, card, batcher
     budget = PixelBudget(settings.max_request_pixels, settings.max_pixels_in_flight)
     service.pipeline = SegmentationPipeline(predictor, batcher, limits, service.metrics.observe_stage, budget)
-    warming = asyncio.create_task(warm_up(service))
+    warming = None
+    if settings.workers > 1:  # warm before taking connections, so no request meets a cold worker beside warm ones
+        await warm_up(service)
+    else:  # warm while /health already answers
+        warming = asyncio.create_task(warm_up(service))
     try:
         yield
     finally:
         service.ready = False
-        warming.cancel()  # the thread of a warm-up in progress runs to its end; nothing waits for it
+        service.metrics.worker_stopped()
+        if warming is not None:
+            warming.cancel()  # the thread of a warm-up in progress runs to its end; nothing waits for it
         await batcher.stop()
 
 

@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import tempfile
 
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.supervisors import Multiprocess
 
-from app.cli import tune_malloc
+from app.api.metrics import MULTIPROCESS_FOLDER
+from app.cli import tune_malloc, tune_malloc_of_children
 from app.config import load_settings
 from app.main import create_app, load_predictor
 from app.ml.errors import CheckpointError, InvalidOptionError
@@ -39,12 +43,21 @@ def main(argv: list[str] | None = None) -> None:
         loaded = load_predictor(settings)
     except (CheckpointError, InvalidOptionError) as exc:
         raise SystemExit(f"cannot load the model: {exc}") from None
-    # One worker process: the model is loaded once and the micro-batcher sees every request.
-    app = create_app(settings, loaded)
+    # One worker: this process serves the model it loaded. Several: each worker process loads its own (the factory
+    # reads the same CELLSEG_* environment), and this one only supervises them.
+    app = create_app(settings, loaded) if settings.workers == 1 else "app.main:create_app"
     config = uvicorn.Config(app, host=args.host or settings.host, port=args.port or settings.port,
-                            log_config=None, access_log=False, timeout_graceful_shutdown=10,
+                            factory=settings.workers > 1, workers=settings.workers, log_config=None,
+                            access_log=False, timeout_graceful_shutdown=10,
                             timeout_keep_alive=settings.keep_alive_seconds, http=IdleTimeoutProtocol,
                             limit_concurrency=settings.max_connections)  # fmt: skip
+    if settings.workers > 1:
+        del loaded  # checked; the workers load their own
+        tune_malloc_of_children()
+        with tempfile.TemporaryDirectory(prefix="cellseg-metrics-") as folder:
+            os.environ[MULTIPROCESS_FOLDER] = folder  # the workers add their metrics up there (app.api.metrics)
+            Multiprocess(config, sockets=[config.bind_socket()]).run()
+        return
     server = uvicorn.Server(config)
     server.run()
     if not server.started:  # startup failed; the lifespan has logged why (e.g. a missing or corrupt model)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 
 import numpy as np
 import pytest
 
+from app.config import load_settings, worker_threads
 from app.evaluate import main as evaluate
 from app.ml import rle
 from app.predict import main as predict
@@ -114,3 +116,14 @@ def test_the_entrypoints_inference_options_have_the_services_names_and_defaults(
     for name in INFERENCE_SETTINGS:
         assert getattr(args, name) == getattr(service, name), name
     assert parser.parse_args([*required[module], "--no-half-precision", "--no-compile"]).compile is False
+
+
+def test_settings_read_numbers_and_choices_from_environment_text(monkeypatch):
+    """Environment variables are text: CELLSEG_TTA=4 is the choice 4, CELLSEG_WORKERS=2 two workers, each of them
+    sharing out the CPUs this process may use."""
+    monkeypatch.setenv("CELLSEG_TTA", "4")
+    monkeypatch.setenv("CELLSEG_WORKERS", "2")
+    monkeypatch.setenv("CELLSEG_STEPS_ON_DEVICE", "resize")
+    settings = load_settings()
+    assert (settings.tta, settings.workers, settings.steps_on_device) == (4, 2, "resize")
+    assert worker_threads(settings) == max(1, len(os.sched_getaffinity(0)) // 2)

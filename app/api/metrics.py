@@ -1,8 +1,16 @@
-"""Prometheus metrics of one app instance (its own registry, so several apps can live in one process)."""
+"""Prometheus metrics of one app instance (its own registry, so several apps can live in one process).
+
+With several server workers, `serve` points PROMETHEUS_MULTIPROC_DIR at a folder before starting them: each worker
+then writes its values there, and /metrics, whichever worker answers it, adds up every worker's.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
+
+MULTIPROCESS_FOLDER = "PROMETHEUS_MULTIPROC_DIR"
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
@@ -36,15 +44,33 @@ class Metrics:
         self.disconnects = Counter(
             "cellseg_disconnects", "requests abandoned by their client before the answer", registry=self.registry
         )
-        self.queue_depth = Gauge("cellseg_queue_depth", "network inputs waiting", registry=self.registry)
+        self.queue_depth = Gauge(
+            "cellseg_queue_depth", "network inputs waiting", multiprocess_mode="livesum", registry=self.registry
+        )
         self.cells = Histogram(
             "cellseg_cells_per_image", "cells found per image", buckets=(0, 10, 50, 100, 200, 400, 800, 1600),
             registry=self.registry,
         )  # fmt: skip
 
-    def observe_batch(self, size: int, seconds: float) -> None:
+    def observe_batch(self, size: int, seconds: float, depth: int) -> None:
+        """A micro-batch of `size` inputs ran in `seconds`; `depth` inputs wait now."""
         self.batch_size.observe(size)
         self.inference.observe(seconds)
+        self.queue_depth.set(depth)
+
+    def exposition(self) -> bytes:
+        """The metrics in Prometheus' text format: this app's, or every worker's together (see the module's doc)."""
+        if MULTIPROCESS_FOLDER not in os.environ:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry)
+
+    @staticmethod
+    def worker_stopped() -> None:
+        """A worker's live gauges stop counting once it ends (multiprocess mode)."""
+        if MULTIPROCESS_FOLDER in os.environ:
+            multiprocess.mark_process_dead(os.getpid())
 
     def observe_skipped(self, count: int) -> None:
         self.skipped.inc(count)

@@ -11,6 +11,7 @@ classifier was.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -23,6 +24,7 @@ FEATURES = ("log cells per 100k px", "log median area", "foreground fraction", "
 # Classifiers fitted before the contrast became relative: they read the plain standard deviation.
 RETIRED_FEATURES = ("log cells per 100k px", "log median area", "foreground fraction", "image contrast")
 log = logging.getLogger("cellseg.celltypes")
+InstanceStep = Callable[[Any, InstanceConfig], Instances]
 
 
 def image_contrast(image: np.ndarray) -> float:
@@ -108,16 +110,17 @@ class InstanceRules:
             self.min_probability,
         )
 
-    def find(self, maps: np.ndarray, contrast: float) -> Instances:
+    def find(self, maps: Any, contrast: float, step: InstanceStep = maps_to_instances) -> Instances:
         """(2, H, W) foreground and seed maps (postprocess.instance_maps) and the image_contrast of their image ->
-        the cells, with the cell type."""
-        first = maps_to_instances(maps, self.default)
+        the cells, with the cell type. `step` turns maps into cells: the numpy reference, or one that takes the
+        maps where they are (a tensor on the GPU, app.ml.serving.gpu_instances)."""
+        first = step(maps, self.default)
         if self.classifier is None:
             return first
         cell_type, probability = self.classifier.predict(cell_features(first, contrast))
         sure = probability >= self.min_probability
         config = self.per_cell_type.get(cell_type, self.default) if sure else self.default
-        instances = first if config == self.default else maps_to_instances(maps, config)
+        instances = first if config == self.default else step(maps, config)
         return replace(instances, cell_type=cell_type, cell_type_probability=probability)
 
     def for_cell_type(self, cell_type: str, config: InstanceConfig) -> InstanceRules:

@@ -29,6 +29,18 @@ class Mode(StrEnum):
     TILE = "tile"
 
 
+class DeviceSteps(StrEnum):
+    """Which steps around the network run in torch on the network's device. none: all on the CPU (numpy, scipy,
+    scikit-image: the reference). resize: normalization, the resizes, the tiles and the instance step's maps there,
+    then the maps come to the CPU for the instance step. all: the instance step there too (only labels come back).
+    auto: all on CUDA, none on the CPU."""
+
+    AUTO = "auto"
+    NONE = "none"
+    RESIZE = "resize"
+    ALL = "all"
+
+
 def parse_option(kind: type[_Option], value: _Option | str, name: str) -> _Option:
     """`value` as a member of `kind`; InvalidOptionError naming the accepted values otherwise."""
     try:

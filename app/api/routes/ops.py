@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from app.api import schemas
 from app.api.deps import ServiceDep
@@ -41,4 +41,4 @@ def models(service: ServiceDep) -> schemas.Models:
 def metrics(service: ServiceDep) -> Response:
     if service.batcher is not None:
         service.metrics.queue_depth.set(service.batcher.depth)
-    return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(service.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)

@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 from app.ml.errors import CellSegError
 
@@ -184,7 +185,9 @@ class MicroBatcher:
         return self.run(stack(tiles))
 
 
-def stack(arrays: list[np.ndarray]) -> np.ndarray:
-    """np.stack, except that a single array becomes a view with a batch axis instead of a copy (the usual case on
-    the CPU, where micro-batches hold one tile)."""
-    return arrays[0][None] if len(arrays) == 1 else np.stack(arrays)
+def stack(arrays: list[np.ndarray] | list[torch.Tensor]) -> np.ndarray | torch.Tensor:
+    """np.stack (torch.stack for tensors, which stay on their device), except that a single array becomes a view
+    with a batch axis instead of a copy (the usual case on the CPU, where micro-batches hold one tile)."""
+    if len(arrays) == 1:
+        return arrays[0][None]
+    return torch.stack(arrays) if isinstance(arrays[0], torch.Tensor) else np.stack(arrays)

@@ -17,12 +17,24 @@ import torch
 
 from app.ml.celltypes import InstanceRules, image_contrast
 from app.ml.checkpoint import Checkpoint, load_checkpoint
-from app.ml.options import Backend, Mode, parse_option
+from app.ml.options import Backend, DeviceSteps, Mode, parse_option
 from app.ml.postprocess import InstanceConfig, Instances, instance_maps
+from app.ml.serving import torch_steps
+from app.ml.serving.gpu_instances import maps_to_instances_torch
 from app.ml.serving.runner import NetworkRunner, pick_device
 from app.ml.serving.tiler import TileGrid, Tiler
 from app.ml.transforms import PreprocessConfig
 from app.ml.unet import UNet, UNetConfig
+
+
+def resolve_device_steps(steps: DeviceSteps | str, device: torch.device, backend: Backend) -> DeviceSteps:
+    """auto: all on CUDA, none on the CPU; none wherever ONNX Runtime runs the network (it takes numpy arrays)."""
+    steps = parse_option(DeviceSteps, steps, "steps_on_device")
+    if backend is Backend.ONNXRUNTIME:
+        return DeviceSteps.NONE
+    if steps is DeviceSteps.AUTO:
+        return DeviceSteps.ALL if device.type == "cuda" else DeviceSteps.NONE
+    return steps
 
 
 class InferenceOptions(Protocol):
@@ -34,6 +46,10 @@ class InferenceOptions(Protocol):
     compile: bool
     tta: int
     torch_threads: int
+    steps_on_device: DeviceSteps | str
+
+
+Tiles = np.ndarray | torch.Tensor  # network inputs or outputs: a tensor where the steps run on the network's device
 
 
 @dataclass(frozen=True)
@@ -41,7 +57,7 @@ class Prepared:
     """An image made ready for the network: (N, 1, h, w) float32 tiles, how to put them back, and the original
     image's contrast (which the cell-type classifier reads)."""
 
-    tiles: np.ndarray
+    tiles: Tiles
     grid: TileGrid
     original_shape: tuple[int, int]
     contrast: float
@@ -63,9 +79,13 @@ class Predictor:
         backend: Backend | str = Backend.TORCH,
         compile_network: bool = False,
         tta: int = 1,
+        steps_on_device: DeviceSteps | str = DeviceSteps.AUTO,
     ) -> None:
         self.runner = NetworkRunner(model, device, half_precision, backend, compile_network, channels_last, tta)
         self.tiler = Tiler(preprocess, model.config)
+        # On CUDA the steps around the network run there too (torch_steps, gpu_instances): the CPU steps, one after
+        # another, were the service's bottleneck. On the CPU, 'resize' or 'all' run them in torch there (tests).
+        self.steps_on_device = resolve_device_steps(steps_on_device, self.runner.device, self.runner.backend)
         self.preprocess = preprocess
         self.instances = instances if isinstance(instances, InstanceRules) else InstanceRules(instances)
         self.version = version
@@ -85,6 +105,7 @@ class Predictor:
             backend=options.backend,
             compile_network=options.compile if compile_network is None else compile_network,
             tta=options.tta,
+            steps_on_device=options.steps_on_device,
         )
 
     @classmethod
@@ -96,6 +117,7 @@ class Predictor:
         backend: Backend | str = Backend.TORCH,
         compile_network: bool = False,
         tta: int = 1,
+        steps_on_device: DeviceSteps | str = DeviceSteps.AUTO,
     ) -> Predictor:
         """The model of a folder (or a loaded Checkpoint). Reduced precision only where the model card allows it."""
         checkpoint = source if isinstance(source, Checkpoint) else load_checkpoint(source)
@@ -111,6 +133,7 @@ class Predictor:
             backend=backend,
             compile_network=compile_network,
             tta=tta,
+            steps_on_device=steps_on_device,
         )
 
     @property
@@ -136,22 +159,38 @@ class Predictor:
     # ------------------------------------------------------------------ the three steps
 
     def prepare(self, image: np.ndarray, mode: Mode | str = Mode.RESIZE) -> Prepared:
-        """(H, W) float image in [0, 1] -> Prepared tiles for the network."""
-        tiles, grid, mode = self.tiler.cut(image, mode)
+        """(H, W) float image in [0, 1] -> Prepared tiles for the network (a tensor on its device when the steps
+        around it run there)."""
+        if self.steps_on_device is not DeviceSteps.NONE:
+            with torch.inference_mode():
+                tiles, grid, mode = torch_steps.cut(self.tiler, image, mode, self.device)
+        else:
+            tiles, grid, mode = self.tiler.cut(image, mode)
         return Prepared(tiles, grid, (image.shape[0], image.shape[1]), image_contrast(image), mode)
 
-    def run_network(self, tiles: np.ndarray) -> np.ndarray:
-        """(N, 1, h, w) float32 -> (N, C, h', w') float32 probabilities (classes, then the centre map if any)."""
+    def run_network(self, tiles: Tiles) -> Tiles:
+        """(N, 1, h, w) float32 -> (N, C, h', w') float32 probabilities (classes, then the centre map if any); a
+        numpy array for an array, a tensor on the network's device for a tensor."""
         return self.runner(tiles)
 
-    def maps(self, prepared: Prepared, outputs: np.ndarray) -> np.ndarray:
+    def maps(self, prepared: Prepared, outputs: Tiles) -> Tiles:
         """Network outputs of `prepared` -> (2, H, W) foreground and seed maps at the original image size (only the
-        two maps the instance step reads are resized)."""
+        two maps the instance step reads are resized), where the outputs are."""
+        if isinstance(outputs, torch.Tensor):
+            with torch.inference_mode():
+                return torch_steps.maps(outputs, prepared.grid, prepared.original_shape)
         return self.tiler.stitch(instance_maps(outputs), prepared.grid, prepared.original_shape)
 
-    def finish(self, prepared: Prepared, outputs: np.ndarray, rules: InstanceRules | None = None) -> Instances:
-        """Network outputs of `prepared` -> Instances at the original image size."""
-        return (rules or self.instances).find(self.maps(prepared, outputs), prepared.contrast)
+    def finish(self, prepared: Prepared, outputs: Tiles, rules: InstanceRules | None = None) -> Instances:
+        """Network outputs of `prepared` -> Instances at the original image size; from a tensor, the instance step
+        runs where it is and only the labels and per-cell figures come back."""
+        maps = self.maps(prepared, outputs)
+        if isinstance(maps, torch.Tensor) and self.steps_on_device is DeviceSteps.ALL:
+            with torch.inference_mode():
+                return (rules or self.instances).find(maps, prepared.contrast, step=maps_to_instances_torch)
+        if isinstance(maps, torch.Tensor):
+            maps = maps.cpu().numpy()
+        return (rules or self.instances).find(maps, prepared.contrast)
 
     # ------------------------------------------------------------------ conveniences
 
@@ -163,14 +202,16 @@ class Predictor:
         return self.finish(prepared, self.run_tiles(prepared.tiles, max_batch), rules)
 
     def predict_maps(self, image: np.ndarray, mode: Mode | str = Mode.RESIZE, max_batch: int = 8) -> np.ndarray:
-        """(H, W) float image in [0, 1] -> (2, H, W) foreground and seed maps, for choosing thresholds on them."""
+        """(H, W) float image in [0, 1] -> (2, H, W) float32 foreground and seed maps, for choosing thresholds on
+        them (a numpy array wherever they were computed)."""
         prepared = self.prepare(image, mode)
-        return self.maps(prepared, self.run_tiles(prepared.tiles, max_batch))
+        maps = self.maps(prepared, self.run_tiles(prepared.tiles, max_batch))
+        return maps.cpu().numpy() if isinstance(maps, torch.Tensor) else maps
 
-    def run_tiles(self, tiles: np.ndarray, max_batch: int = 8) -> np.ndarray:
+    def run_tiles(self, tiles: Tiles, max_batch: int = 8) -> Tiles:
         """run_network over any number of tiles, max_batch at a time."""
         chunks = [self.run_network(tiles[i : i + max_batch]) for i in range(0, len(tiles), max_batch)]
-        return np.concatenate(chunks)
+        return torch.cat(chunks) if isinstance(tiles, torch.Tensor) else np.concatenate(chunks)
 
     def warm_up(self) -> None:
         """Run a blank image through every step in each mode, so no request pays for lazy initialisation

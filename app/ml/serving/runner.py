@@ -41,15 +41,28 @@ def auto_backend(device: torch.device, half_precision: bool, compile_network: bo
     return Backend.ONNXRUNTIME if onnxruntime_available() else Backend.TORCH
 
 
-def _view(turns: int, flip: bool) -> tuple[Callable[[np.ndarray], np.ndarray], Callable[[np.ndarray], np.ndarray]]:
-    """(forward, inverse) on (..., h, w) arrays: `turns` quarter turns, then a left-right flip if `flip`."""
+Array = np.ndarray | torch.Tensor
 
-    def forward(array: np.ndarray) -> np.ndarray:
-        turned = np.rot90(array, turns, axes=(-2, -1))
-        return turned[..., ::-1] if flip else turned
 
-    def inverse(array: np.ndarray) -> np.ndarray:
-        return np.rot90(array[..., ::-1] if flip else array, -turns, axes=(-2, -1))
+def _turned(array: Array, turns: int) -> Array:
+    if isinstance(array, torch.Tensor):
+        return torch.rot90(array, turns, dims=(-2, -1))
+    return np.rot90(array, turns, axes=(-2, -1))
+
+
+def _flipped(array: Array) -> Array:
+    return torch.flip(array, dims=(-1,)) if isinstance(array, torch.Tensor) else array[..., ::-1]
+
+
+def _view(turns: int, flip: bool) -> tuple[Callable[[Array], Array], Callable[[Array], Array]]:
+    """(forward, inverse) on (..., h, w) arrays or tensors: `turns` quarter turns, then a left-right flip if `flip`."""
+
+    def forward(array: Array) -> Array:
+        turned = _turned(array, turns)
+        return _flipped(turned) if flip else turned
+
+    def inverse(array: Array) -> Array:
+        return _turned(_flipped(array) if flip else array, -turns)
 
     return forward, inverse
 
@@ -80,6 +93,8 @@ class NetworkRunner:
         if tta not in TTA_VIEWS:
             raise InvalidOptionError(f"tta={tta}: test-time augmentation takes {', '.join(map(str, TTA_VIEWS))} views")
         self.tta, self.device, self.config = tta, torch.device(device), model.config
+        if self.device.type == "cuda":  # few input shapes, each seen again and again: cuDNN's autotuning pays
+            torch.backends.cudnn.benchmark = True
         self.backend = parse_option(Backend, backend, "backend")
         if self.backend is Backend.AUTO:
             self.backend = auto_backend(self.device, half_precision, compile_network)
@@ -114,23 +129,31 @@ class NetworkRunner:
         """While inside, each new input shape is compiled (when compiling is on)."""
         return self.compiled.warming() if self.compiled else contextlib.nullcontext()
 
-    def __call__(self, tiles: np.ndarray) -> np.ndarray:
+    def __call__(self, tiles: Array) -> Array:
         """With test-time augmentation, the mean of the probabilities of `tta` flipped or turned views, each turned
-        back: one batch of N x tta inputs through the network."""
+        back: one batch of N x tta inputs through the network. Tiles as a numpy array give a numpy array back; as a
+        tensor, a tensor on the network's device (the steps after it run there too)."""
         if self.tta == 1:
             return self._probabilities(tiles)
         views = TTA_VIEWS[self.tta]
+        if isinstance(tiles, torch.Tensor):
+            batch = torch.cat([forward(tiles).contiguous() for forward, _ in views])
+            outputs = torch.chunk(self._probabilities(batch), len(views))
+            return torch.stack([inverse(out) for (_, inverse), out in zip(views, outputs, strict=True)]).mean(dim=0)
         batch = np.concatenate([np.ascontiguousarray(forward(tiles)) for forward, _ in views])
         outputs = np.split(self._probabilities(batch), len(views))
         return np.mean([inverse(out) for (_, inverse), out in zip(views, outputs, strict=True)], axis=0)
 
     @torch.inference_mode()
-    def _probabilities(self, tiles: np.ndarray) -> np.ndarray:
+    def _probabilities(self, tiles: Array) -> Array:
+        on_device = isinstance(tiles, torch.Tensor)
         if self.onnx is not None:
-            logits = torch.from_numpy(self.onnx(tiles))
+            logits = torch.from_numpy(self.onnx(tiles.cpu().numpy() if on_device else tiles))
         else:
-            batch = torch.from_numpy(tiles).to(self.device, memory_format=self.memory_format, non_blocking=True)
+            batch = tiles if on_device else torch.from_numpy(tiles)
+            batch = batch.to(self.device, memory_format=self.memory_format, non_blocking=True)
             network = self.compiled or self.model
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bfloat16):
                 logits = network(batch.half() if self.half else batch).float()
-        return to_probabilities(logits, self.config.num_classes).cpu().numpy()
+        probabilities = to_probabilities(logits, self.config.num_classes)
+        return probabilities if on_device else probabilities.cpu().numpy()

@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from app.ml.options import Mode, parse_option
 from app.ml.transforms import PreprocessConfig, normalize, resize_image, scaled_size
@@ -42,22 +43,34 @@ class TileGrid:
         return self.counts[0] * self.counts[1]
 
 
-def extract_tiles(image: np.ndarray, grid: TileGrid) -> np.ndarray:
-    """(H, W) -> (N, h_in, w_in) float32 tiles; beyond the border the image is mirrored, as in the paper."""
+Array = np.ndarray | torch.Tensor  # the steps below take either: numpy on the CPU, torch on the network's device
+
+
+def extract_tiles(image: Array, grid: TileGrid) -> Array:
+    """(H, W) -> (N, h_in, w_in) float32 tiles; beyond the border the image is mirrored, as in the paper. The
+    mirror is an index map made by numpy's reflect padding, which (unlike torch's) works for pads of any size."""
     rows, cols = grid.counts
     pad_h = rows * grid.tile_out[0] - image.shape[0] + grid.margin
     pad_w = cols * grid.tile_out[1] - image.shape[1] + grid.margin
-    padded = np.pad(image, ((grid.margin, pad_h), (grid.margin, pad_w)), mode="reflect")
+    row_index = np.pad(np.arange(image.shape[0]), (grid.margin, pad_h), mode="reflect")
+    col_index = np.pad(np.arange(image.shape[1]), (grid.margin, pad_w), mode="reflect")
+    if isinstance(image, torch.Tensor):
+        as_index = lambda index: torch.from_numpy(index).to(image.device)  # noqa: E731
+        padded = image.index_select(0, as_index(row_index)).index_select(1, as_index(col_index))
+    else:
+        padded = image[np.ix_(row_index, col_index)]
     h_in, w_in = grid.tile_in
     tiles = [
         padded[r * grid.tile_out[0] : r * grid.tile_out[0] + h_in, c * grid.tile_out[1] : c * grid.tile_out[1] + w_in]
         for r in range(rows)
         for c in range(cols)
     ]
+    if isinstance(image, torch.Tensor):
+        return torch.stack(tiles).float()
     return np.ascontiguousarray(np.stack(tiles), dtype=np.float32)
 
 
-def stitch_tiles(outputs: np.ndarray, grid: TileGrid) -> np.ndarray:
+def stitch_tiles(outputs: Array, grid: TileGrid) -> Array:
     """(N, C, h, w) network outputs -> (C, H, W): each tile's centre tile_out, placed and cropped to the image."""
     rows, cols = grid.counts
     out_h, out_w = grid.tile_out
@@ -65,9 +78,11 @@ def stitch_tiles(outputs: np.ndarray, grid: TileGrid) -> np.ndarray:
     left = (outputs.shape[-1] - out_w) // 2
     centres = outputs[:, :, top : top + out_h, left : left + out_w]
     channels = outputs.shape[1]
-    mosaic = centres.reshape(rows, cols, channels, out_h, out_w).transpose(2, 0, 3, 1, 4)
-    mosaic = mosaic.reshape(channels, rows * out_h, cols * out_w)
-    return np.ascontiguousarray(mosaic[:, : grid.shape[0], : grid.shape[1]])
+    mosaic = centres.reshape(rows, cols, channels, out_h, out_w)
+    order = (2, 0, 3, 1, 4)
+    mosaic = mosaic.permute(order) if isinstance(mosaic, torch.Tensor) else mosaic.transpose(order)
+    mosaic = mosaic.reshape(channels, rows * out_h, cols * out_w)[:, : grid.shape[0], : grid.shape[1]]
+    return mosaic.contiguous() if isinstance(mosaic, torch.Tensor) else np.ascontiguousarray(mosaic)
 
 
 @dataclass(frozen=True)
