@@ -39,8 +39,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     tune_malloc()
     settings = load_settings()
+    # With several workers this process only checks the model folder and the settings, on the CPU: a GPU context
+    # here would hold GPU memory for nothing while the workers load their own.
+    checked = settings if settings.workers == 1 else settings.model_copy(update={"device": "cpu", "compile": False})
     try:  # quick: reads and checks the model folder; the slow warm-up runs once the server listens
-        loaded = load_predictor(settings)
+        loaded = load_predictor(checked)
     except (CheckpointError, InvalidOptionError) as exc:
         raise SystemExit(f"cannot load the model: {exc}") from None
     # One worker: this process serves the model it loaded. Several: each worker process loads its own (the factory
