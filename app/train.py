@@ -57,6 +57,8 @@ HELP = {
     "torch_threads": "torch CPU threads (0: torch's default), as the service's CELLSEG_TORCH_THREADS",
     "checkpoint_every": "also save the resume state every N steps (it is always saved after each epoch)",
     "set_default": "make this run the store's default model (model_store/DEFAULT)",
+    "oversample": "draw the training images of these cell types more often, e.g. 'astro=3' (each round of an epoch "
+    "draws every astrocyte image 3 times, every other image once)",
     "init": "start from these weights instead of random ones (same architecture): a model folder, or a run's "
     "RUN_FOLDER/last.pt (where its schedule ended); for fine-tuning, or a second schedule after a run",
 }

@@ -261,3 +261,16 @@ def test_bad_data_stops_with_a_message_not_a_traceback(tmp_path):
     done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert "train.csv not found" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_oversampling_draws_a_cell_types_images_that_many_times_per_round():
+    config = TrainConfig(data=[], oversample="astro=3")
+    draws = config.draws(["astro", "cort", "shsy5y", "astro"])
+    counts = np.bincount([item.image for item in trainset.EpochSampler(draws, 800, seed=0).items(0)])
+
+    assert draws == [3, 1, 1, 3]
+    np.testing.assert_array_equal(counts, [300, 100, 100, 300])  # 100 rounds of 8 draws
+    plain = [item.image for item in trainset.EpochSampler(4, 40, seed=0).items(1)]
+    assert plain == [item.image for item in trainset.EpochSampler([1, 1, 1, 1], 40, seed=0).items(1)]
+    with pytest.raises(ValueError, match="TYPE=TIMES"):
+        TrainConfig(data=[], oversample="astro").draws(["astro"])

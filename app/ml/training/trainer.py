@@ -108,6 +108,7 @@ class TrainConfig:
     checkpoint_every: int = 50
     set_default: bool = False
     init: str = ""
+    oversample: str = ""
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
@@ -115,6 +116,17 @@ class TrainConfig:
         if isinstance(values.get("data"), str):  # runs saved before several folders were accepted
             values["data"] = [values["data"]]
         return cls(**values)
+
+    def draws(self, cell_types: list[str]) -> list[int]:
+        """How often each training image (of these cell types) is drawn per round: --oversample 'astro=3,cort=2'
+        draws the images of those types that many times, every other image once."""
+        counts = {}
+        for part in filter(None, self.oversample.split(",")):
+            name, _, times = part.partition("=")
+            if not times.strip().isdigit() or int(times) < 1:
+                raise ValueError(f"--oversample takes TYPE=TIMES[,TYPE=TIMES...] with whole TIMES >= 1, not {part!r}")
+            counts[name.strip()] = int(times)
+        return [counts.get(cell_type, 1) for cell_type in cell_types]
 
     def architecture(self) -> UNetConfig:
         """--paper keeps the paper's unpadded convolutions; batch norm stays on, as it trains faster."""
@@ -234,7 +246,8 @@ class Trainer:
             self.net = DistributedDataParallel(self.model, device_ids=device_ids)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         epoch_size = cfg.epoch_size or len(self.examples)
-        self.sampler = EpochSampler(len(self.examples), epoch_size, cfg.seed, self.dist.rank, self.dist.world)
+        draws = cfg.draws([sample.cell_type for sample in self.train_samples])
+        self.sampler = EpochSampler(draws, epoch_size, cfg.seed, self.dist.rank, self.dist.world)
         self.steps_per_epoch = math.ceil(len(self.sampler.items(0)) / cfg.batch_size)
         total = cfg.epochs * self.steps_per_epoch
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _warmup_cosine(total, cfg.warmup))

@@ -124,13 +124,14 @@ class Item:
 class EpochSampler(Sampler[Item]):
     """Yields this process's Items of one epoch, optionally starting after the first `skip` of them.
 
-    Images are drawn in shuffled rounds (every image once per round) until the epoch has `epoch_size` items;
-    process `rank` of `world` takes every world-th of them.
+    Images are drawn in shuffled rounds (image i `draws[i]` times per round, once by default) until the epoch has
+    `epoch_size` items; process `rank` of `world` takes every world-th of them.
     """
 
-    def __init__(self, num_images: int, epoch_size: int, seed: int, rank: int = 0, world: int = 1) -> None:
+    def __init__(self, draws: int | list[int], epoch_size: int, seed: int, rank: int = 0, world: int = 1) -> None:
         super().__init__()
-        self.num_images, self.epoch_size, self.seed = num_images, epoch_size, seed
+        self.pool = np.arange(draws) if isinstance(draws, int) else np.repeat(np.arange(len(draws)), draws)
+        self.epoch_size, self.seed = epoch_size, seed
         self.rank, self.world = rank, world
         self.epoch, self.skip = 0, 0
 
@@ -139,8 +140,8 @@ class EpochSampler(Sampler[Item]):
 
     def items(self, epoch: int) -> list[Item]:
         rng = np.random.default_rng([self.seed, epoch])
-        rounds = math.ceil(self.epoch_size / self.num_images)
-        order = np.concatenate([rng.permutation(self.num_images) for _ in range(rounds)])[: self.epoch_size]
+        rounds = math.ceil(self.epoch_size / self.pool.size)
+        order = np.concatenate([rng.permutation(self.pool) for _ in range(rounds)])[: self.epoch_size]
         return [Item(epoch, p, int(i)) for p, i in enumerate(order)][self.rank :: self.world]
 
     def __iter__(self) -> Iterator[Item]:
