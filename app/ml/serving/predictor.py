@@ -22,7 +22,7 @@ from app.ml.postprocess import InstanceConfig, Instances, instance_maps
 from app.ml.serving import torch_steps
 from app.ml.serving.gpu_instances import maps_to_instances_torch
 from app.ml.serving.runner import NetworkRunner, pick_device
-from app.ml.serving.tiler import TileGrid, Tiler
+from app.ml.serving.tiler import Array, TileGrid, Tiler
 from app.ml.transforms import PreprocessConfig
 from app.ml.unet import UNet, UNetConfig
 
@@ -49,15 +49,12 @@ class InferenceOptions(Protocol):
     steps_on_device: DeviceSteps | str
 
 
-Tiles = np.ndarray | torch.Tensor  # network inputs or outputs: a tensor where the steps run on the network's device
-
-
 @dataclass(frozen=True)
 class Prepared:
     """An image made ready for the network: (N, 1, h, w) float32 tiles, how to put them back, and the original
     image's contrast (which the cell-type classifier reads)."""
 
-    tiles: Tiles
+    tiles: Array
     grid: TileGrid
     original_shape: tuple[int, int]
     contrast: float
@@ -168,12 +165,12 @@ class Predictor:
             tiles, grid, mode = self.tiler.cut(image, mode)
         return Prepared(tiles, grid, (image.shape[0], image.shape[1]), image_contrast(image), mode)
 
-    def run_network(self, tiles: Tiles) -> Tiles:
+    def run_network(self, tiles: Array) -> Array:
         """(N, 1, h, w) float32 -> (N, C, h', w') float32 probabilities (classes, then the centre map if any); a
         numpy array for an array, a tensor on the network's device for a tensor."""
         return self.runner(tiles)
 
-    def maps(self, prepared: Prepared, outputs: Tiles) -> Tiles:
+    def maps(self, prepared: Prepared, outputs: Array) -> Array:
         """Network outputs of `prepared` -> (2, H, W) foreground and seed maps at the original image size (only the
         two maps the instance step reads are resized), where the outputs are."""
         if isinstance(outputs, torch.Tensor):
@@ -181,7 +178,7 @@ class Predictor:
                 return torch_steps.maps(outputs, prepared.grid, prepared.original_shape)
         return self.tiler.stitch(instance_maps(outputs), prepared.grid, prepared.original_shape)
 
-    def finish(self, prepared: Prepared, outputs: Tiles, rules: InstanceRules | None = None) -> Instances:
+    def finish(self, prepared: Prepared, outputs: Array, rules: InstanceRules | None = None) -> Instances:
         """Network outputs of `prepared` -> Instances at the original image size; from a tensor, the instance step
         runs where it is and only the labels and per-cell figures come back."""
         maps = self.maps(prepared, outputs)
@@ -208,7 +205,7 @@ class Predictor:
         maps = self.maps(prepared, self.run_tiles(prepared.tiles, max_batch))
         return maps.cpu().numpy() if isinstance(maps, torch.Tensor) else maps
 
-    def run_tiles(self, tiles: Tiles, max_batch: int = 8) -> Tiles:
+    def run_tiles(self, tiles: Array, max_batch: int = 8) -> Array:
         """run_network over any number of tiles, max_batch at a time."""
         chunks = [self.run_network(tiles[i : i + max_batch]) for i in range(0, len(tiles), max_batch)]
         return torch.cat(chunks) if isinstance(tiles, torch.Tensor) else np.concatenate(chunks)

@@ -13,6 +13,7 @@ from app.ml.errors import InvalidOptionError
 from app.ml.options import Backend, parse_option
 from app.ml.serving.compiled import CompiledNetwork
 from app.ml.serving.onnx_backend import OnnxRuntimeNetwork, onnxruntime_available
+from app.ml.serving.tiler import Array
 from app.ml.unet import UNet, to_probabilities
 
 
@@ -39,9 +40,6 @@ def auto_backend(device: torch.device, half_precision: bool, compile_network: bo
     if device.type != "cpu" or (half_precision and native_bfloat16()) or compile_network:
         return Backend.TORCH
     return Backend.ONNXRUNTIME if onnxruntime_available() else Backend.TORCH
-
-
-Array = np.ndarray | torch.Tensor
 
 
 def _turned(array: Array, turns: int) -> Array:

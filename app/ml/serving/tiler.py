@@ -43,7 +43,8 @@ class TileGrid:
         return self.counts[0] * self.counts[1]
 
 
-Array = np.ndarray | torch.Tensor  # the steps below take either: numpy on the CPU, torch on the network's device
+# Images, tiles and network outputs: numpy arrays on the CPU path, tensors on the network's device (torch_steps).
+Array = np.ndarray | torch.Tensor
 
 
 def extract_tiles(image: Array, grid: TileGrid) -> Array:
