@@ -203,7 +203,7 @@ def throughput_figures(
 
 
 class GpuBusy:
-    """While inside, samples a CUDA GPU's utilization (the share of time a kernel ran) every 100 ms with
+    """While inside, samples a CUDA GPU's utilization (the share of time a kernel ran) ten times a second with
     nvidia-smi; `share` is their mean afterwards, or None without a GPU index or without nvidia-smi."""
 
     def __init__(self, index: int | None) -> None:
