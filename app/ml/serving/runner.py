@@ -146,7 +146,7 @@ class NetworkRunner:
     def _probabilities(self, tiles: Array) -> Array:
         on_device = isinstance(tiles, torch.Tensor)
         if self.onnx is not None:
-            logits = torch.from_numpy(self.onnx(tiles.cpu().numpy() if on_device else tiles))
+            logits = torch.from_numpy(self.onnx(tiles))  # numpy only: its steps never run on a device
         else:
             batch = tiles if on_device else torch.from_numpy(tiles)
             batch = batch.to(self.device, memory_format=self.memory_format, non_blocking=True)

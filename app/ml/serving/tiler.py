@@ -56,8 +56,8 @@ def extract_tiles(image: Array, grid: TileGrid) -> Array:
     row_index = np.pad(np.arange(image.shape[0]), (grid.margin, pad_h), mode="reflect")
     col_index = np.pad(np.arange(image.shape[1]), (grid.margin, pad_w), mode="reflect")
     if isinstance(image, torch.Tensor):
-        as_index = lambda index: torch.from_numpy(index).to(image.device)  # noqa: E731
-        padded = image.index_select(0, as_index(row_index)).index_select(1, as_index(col_index))
+        rows_at, cols_at = (torch.from_numpy(index).to(image.device) for index in (row_index, col_index))
+        padded = image.index_select(0, rows_at).index_select(1, cols_at)
     else:
         padded = image[np.ix_(row_index, col_index)]
     h_in, w_in = grid.tile_in
