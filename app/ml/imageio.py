@@ -46,17 +46,24 @@ class ImageLimits:
 
 
 @dataclass(frozen=True)
-class ImageStack:
-    """The frames of one image file, each a gray image to segment on its own."""
+class FrameLayout:
+    """How the frames of one image file were laid out in it, which the files written back keep."""
 
-    frames: np.ndarray  # (N, H, W) float32 in [0, 1]
     axes: str  # the file's frame axes in order, e.g. "TZ" (tifffile's letters); "" for a single image
-    frame_shape: tuple[int, ...]  # the size of each frame axis: N = their product
+    frame_shape: tuple[int, ...]  # the size of each frame axis: their product is the number of frames
     channel: str | None  # the channel the frames were taken from, by name where the file names it
 
     @property
     def is_stack(self) -> bool:
         return bool(self.axes)
+
+
+@dataclass(frozen=True)
+class ImageStack:
+    """The frames of one image file, each a gray image to segment on its own."""
+
+    frames: np.ndarray  # (N, H, W) float32 in [0, 1]
+    layout: FrameLayout
 
 
 def decode_stack(data: bytes, limits: ImageLimits = ImageLimits(), channel: str | None = None) -> ImageStack:
@@ -74,7 +81,7 @@ def decode_image(data: bytes, limits: ImageLimits = ImageLimits(), channel: str 
     stack = decode_stack(data, limits, channel)
     if len(stack.frames) > 1:
         raise InvalidImageError(
-            f"the image is a stack of {len(stack.frames)} frames (axes {stack.axes}); send one frame per image "
+            f"the image is a stack of {len(stack.frames)} frames (axes {stack.layout.axes}); send one frame per image "
             f"here (the service segments stacks frame by frame). {ACCEPTED}"
         )
     return stack.frames[0]
@@ -214,10 +221,11 @@ def _frames(pixels: np.ndarray, axes: str, channel: str | None, names: tuple[str
     frame_shape = pixels.shape[: len(frame_axes)]
     pixels = pixels.reshape(-1, *pixels.shape[len(frame_axes) :])  # (frames, Y, X, *rest)
     pixels, taken = _pick_channel(pixels, rest, channel, names)
+    layout = FrameLayout(frame_axes, frame_shape, taken)
     if pixels.ndim == 4:  # RGB(A) samples left: their luminance
         gray = np.tensordot(_scale_to_unit(pixels[..., :3]), _LUMA, axes=([3], [0]))
-        return ImageStack(np.ascontiguousarray(gray, dtype=np.float32), frame_axes, frame_shape, taken)
-    return ImageStack(np.stack([_scale_to_unit(frame) for frame in pixels]), frame_axes, frame_shape, taken)
+        return ImageStack(np.ascontiguousarray(gray, dtype=np.float32), layout)
+    return ImageStack(np.stack([_scale_to_unit(frame) for frame in pixels]), layout)
 
 
 def _pick_channel(

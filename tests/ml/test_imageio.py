@@ -8,7 +8,7 @@ import tifffile
 from PIL import Image
 
 from app.ml.errors import ImageTooLargeError, InvalidImageError
-from app.ml.imageio import ImageLimits, decode_image, decode_stack
+from app.ml.imageio import FrameLayout, ImageLimits, decode_image, decode_stack
 
 
 def encode(array: np.ndarray, fmt: str, **options) -> bytes:
@@ -125,20 +125,20 @@ def test_jpeg_compressed_and_bigtiff_files_are_read():
 
 
 def test_a_gray_image_accepts_channel_0_only_and_rgb_takes_a_colour_by_name():
-    assert decode_stack(tiff(GRAY8), channel="0").channel == "0"
+    assert decode_stack(tiff(GRAY8), channel="0").layout.channel == "0"
     with pytest.raises(InvalidImageError, match=r"channel='1' is not in this image: it has 1 channel, 0\.\.0"):
         decode_stack(tiff(GRAY8), channel="1")
     rgb = np.stack([np.zeros_like(GRAY8), GRAY8, np.zeros_like(GRAY8)], axis=-1)
     for data in (encode(rgb, "PNG"), tiff(rgb)):
         green = decode_stack(data, channel="Green")
-        assert green.channel == "green" and np.allclose(green.frames[0], GRAY8 / 255.0)
+        assert green.layout.channel == "green" and np.allclose(green.frames[0], GRAY8 / 255.0)
 
 
 def test_a_time_lapse_of_two_channels_gives_one_frame_per_time_point_of_the_chosen_channel():
     phase, other = GRAY8.astype(np.uint16) * 257, np.full_like(GRAY8, 7, dtype=np.uint16)
     movie = np.stack([np.stack([phase, other]), np.stack([phase[::-1], other])])  # T=2, C=2
     stack = decode_stack(tiff(movie, imagej=True, metadata={"axes": "TCYX"}), channel="0")
-    assert (stack.axes, stack.frame_shape, stack.channel) == ("T", (2,), "0")
+    assert stack.layout == FrameLayout("T", (2,), "0")
     assert np.allclose(stack.frames[1], GRAY8[::-1] / 255.0, atol=1e-6)
     with pytest.raises(InvalidImageError, match="the image is a stack of 2 frames"):
         decode_image(tiff(movie, imagej=True, metadata={"axes": "TCYX"}), channel="0")

@@ -231,13 +231,14 @@ async def _file_response(
     data = await pipeline.encode_file(result, output)
     headers = {"X-Model-Version": version, "X-Mode": result.mode.value, "X-Cell-Count": str(result.cell_count),
                "Server-Timing": _server_timing(result.frames[0].timings)}  # fmt: skip
-    if result.is_stack:
-        headers |= {"X-Frame-Count": str(len(result.frames)), "X-Frame-Axes": result.axes}
+    layout = result.layout
+    if layout.is_stack:
+        headers |= {"X-Frame-Count": str(len(result.frames)), "X-Frame-Axes": layout.axes}
     elif (instances := result.frames[0].instances).cell_type is not None:
         headers["X-Cell-Type"] = instances.cell_type
         headers["X-Cell-Type-Probability"] = f"{instances.cell_type_probability:.4f}"
-    if result.channel is not None:
-        headers["X-Channel"] = result.channel
+    if layout.channel is not None:
+        headers["X-Channel"] = layout.channel
     return Response(data, media_type=output.media_type, headers=headers)
 
 
@@ -247,11 +248,11 @@ async def _json_body(
     frames = [await _frame_cells(pipeline, frame) for frame in result.frames]
     height, width = result.shape
     facts = {"filename": filename, "width": width, "height": height, "model_version": version,
-             "mode": result.mode.value, "channel": result.channel}  # fmt: skip
-    if not result.is_stack:
+             "mode": result.mode.value, "channel": result.layout.channel}  # fmt: skip
+    if not result.layout.is_stack:
         return schemas.Segmentation(**facts, **frames[0])
     return schemas.StackSegmentation(
-        **facts, axes=result.axes, frame_shape=list(result.frame_shape), frame_count=len(frames),
+        **facts, axes=result.layout.axes, frame_shape=list(result.layout.frame_shape), frame_count=len(frames),
         cell_count=result.cell_count, frames=[schemas.Frame(index=i, **cells) for i, cells in enumerate(frames)],
     )  # fmt: skip
 

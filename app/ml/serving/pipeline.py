@@ -21,7 +21,7 @@ from app.ml import rle
 from app.ml.celltypes import InstanceRules
 from app.ml.errors import InvalidImageError
 from app.ml.exports import coco, geojson, imagej_rois, label_tiff
-from app.ml.imageio import ImageLimits, ImageStack, check_geometry, declared_shape, decode_stack
+from app.ml.imageio import FrameLayout, ImageLimits, ImageStack, check_geometry, declared_shape, decode_stack
 from app.ml.options import Mode
 from app.ml.postprocess import Instances
 from app.ml.render import label_png, mask_png, overlay_png
@@ -89,13 +89,7 @@ class SegmentedFile:
     """Every frame of one uploaded file, segmented; a plain image is one frame with no frame axes."""
 
     frames: list[Segmentation]
-    axes: str  # the file's frame axes, e.g. "Z" or "TZ"; "" for a single image
-    frame_shape: tuple[int, ...]
-    channel: str | None  # the channel segmented, where the file has several
-
-    @property
-    def is_stack(self) -> bool:
-        return bool(self.axes)
+    layout: FrameLayout  # the file's frame axes and the channel segmented
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -207,14 +201,14 @@ class SegmentationPipeline:
         service is overloaded."""
         timings: dict[str, float] = {}
         stack = await asyncio.to_thread(self._decode, data, channel, timings)
-        if stack.is_stack and output not in STACK_FORMATS:
+        if stack.layout.is_stack and output not in STACK_FORMATS:
             raise InvalidImageError(
-                f"the image is a stack of {len(stack.frames)} frames (axes {stack.axes}); format={output.value} "
+                f"the image is a stack of {len(stack.frames)} frames (axes {stack.layout.axes}); format={output.value} "
                 f"answers one image: ask for format=json or format=tiff for every frame"
             )
         work = [self._segment_frame(image, mode, rules, dict(timings), progress) for image in stack.frames]
         frames = await all_or_none(work)
-        return SegmentedFile(frames, stack.axes, stack.frame_shape, stack.channel)
+        return SegmentedFile(frames, stack.layout)
 
     async def _segment_frame(
         self,
@@ -242,7 +236,7 @@ class SegmentationPipeline:
 
     async def encode_file(self, segmented: SegmentedFile, output: OutputFormat) -> bytes:
         """The file of a one-file format: a stack's tiff holds every frame, every other file the one image."""
-        if not segmented.is_stack:
+        if not segmented.layout.is_stack:
             return await self.encode(segmented.frames[0], output)
         started = time.perf_counter()
         result = await asyncio.to_thread(stack_tiff, segmented)
@@ -282,7 +276,7 @@ def encode_output(segmentation: Segmentation, output: OutputFormat) -> list[dict
 def stack_tiff(segmented: SegmentedFile) -> bytes:
     """Every frame's labels in one ImageJ TIFF with the stack's frame axes."""
     labels = np.stack([frame.instances.labels for frame in segmented.frames])
-    return label_tiff(labels, segmented.axes, segmented.frame_shape)
+    return label_tiff(labels, segmented.layout.axes, segmented.layout.frame_shape)
 
 
 _ENCODERS: dict[OutputFormat, Callable[[Segmentation], Any]] = {
