@@ -39,8 +39,10 @@ from torch import nn
 from app.cli import add_model_arguments, model_folder, tune_malloc
 from app.localserver import LocalServer, running_server
 from app.ml import rle
+from app.ml.imageio import read_image
 from app.ml.options import Mode
-from app.ml.postprocess import InstanceConfig
+from app.ml.postprocess import InstanceConfig, Instances
+from app.ml.serving.gpu_instances import maps_to_instances_torch
 from app.ml.serving.onnx_backend import onnxruntime_available
 from app.ml.serving.predictor import Predictor
 from app.ml.serving.runner import native_bfloat16, pick_device
@@ -328,6 +330,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result.update(ceilings(device))
     print("network alone ...", flush=True)
     result.update(network_section(folder, device, result, args.quick))
+    print("instance step ...", flush=True)
+    result["instance_step"] = instance_step_section(folder, device, Path(args.image), 3 if args.quick else 5)
     result["rle"] = rle_figures()
     settings = {"model_store": str(folder.parent), "model_version": folder.name, "log_level": "WARNING",
                 "device": str(device), "backend": args.backend, "half_precision": str(args.half_precision).lower(),
@@ -478,6 +482,43 @@ def resident_images_per_s(predictor: Predictor, batch: int, side: int, repeats: 
         return batch / best_of(lambda: synchronized(runner.device, runner.model(x)), repeats)
 
 
+def instance_step_section(folder: Path, device: torch.device, image: Path, repeats: int) -> dict[str, Any]:
+    """The instance step on the default model's maps of `image`, as the service runs it (the cell type read
+    first, then that type's rules): the reference, numpy and scikit-image on the CPU after the maps are copied
+    there (CELLSEG_STEPS_ON_DEVICE resize, or none), beside the torch step where the maps are (all); and how many
+    tensor operations the torch step dispatches, each of them at least one kernel launch on a GPU."""
+    predictor = Predictor.from_checkpoint(folder, device=str(device), half_precision=False, steps_on_device="all")
+    prepared = predictor.prepare(read_image(image))
+    maps = predictor.maps(prepared, predictor.run_tiles(prepared.tiles))
+    rules = predictor.instances
+
+    def on_cpu() -> Instances:
+        return rules.find(maps.cpu().numpy(), prepared.contrast)
+
+    def on_device() -> Instances:
+        return rules.find(maps, prepared.contrast, step=maps_to_instances_torch)
+
+    with torch.inference_mode():
+        return {
+            "reference_on_cpu_ms": best_of(on_cpu, repeats) * 1000,
+            "torch_on_device_ms": best_of(on_device, repeats) * 1000,
+            "torch_tensor_operations": tensor_operations(on_device),
+            "cells": len(on_cpu().areas),
+        }
+
+
+def tensor_operations(run: Callable[[], object]) -> int:
+    """How many ATen operations `run` dispatches from Python (views included; the operations they call inside
+    not counted again)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+        run()
+    return sum(1 for event in profiler.events() if _is_aten(event) and not _is_aten(event.cpu_parent))
+
+
+def _is_aten(event: Any) -> bool:
+    return event is not None and event.name.startswith("aten::")
+
+
 # NVIDIA's published inference figure for the paper's U-Net at 572x572 (the issue's reference).
 REFERENCE_A100 = {"network": "U-Net 572x572", "gpu": "A100", "precision": "float16", "batch": 16,
                   "images_per_s": 424}  # fmt: skip
@@ -543,6 +584,12 @@ def table(result: dict[str, Any]) -> str:
             "memory; network_paper_572_float16 above with the copies)"
         )
     lines.append(f"rle encode 400 cells                {result['rle']['encode_400_cells_520x704_ms']:8.2f} ms")
+    step = result["instance_step"]
+    lines.append(
+        f"instance step, {step['cells']} cells: reference on the CPU {step['reference_on_cpu_ms']:.1f} ms, torch on "
+        f"{result['machine']['device']} {step['torch_on_device_ms']:.1f} ms ({step['torch_tensor_operations']} "
+        "tensor operations)"
+    )
     for key, row in result["latency"].items():
         lines.append(
             f"e2e c=1 {key:<16} p50 {row['p50_ms']:7.1f}  p95 {row['p95_ms']:7.1f}  p99 {row['p99_ms']:7.1f} ms"

@@ -43,7 +43,7 @@ class Settings(BaseSettings):
         DeviceSteps.AUTO,
         description="the steps around the network in torch on its device: 'none' (the CPU's, the reference), "
         "'resize' (normalization, resizes, tiles and maps; the instance step on the CPU), 'all' (the instance step "
-        "too: only labels come back) or 'auto' ('all' on CUDA, 'none' on the CPU)",
+        "too: only labels come back) or 'auto' ('resize' on CUDA, 'none' on the CPU)",
     )
     torch_threads: int = Field(
         0, ge=0, description="CPU threads for the network (0: torch's default; with several workers, a share each)"

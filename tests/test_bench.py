@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from app.bench import NETWORK_OF_SERVICE, ceilings, conv_flops, network_variants
+from app.bench import NETWORK_OF_SERVICE, ceilings, conv_flops, network_variants, tensor_operations
 from app.ml.checkpoint import resolve_model_folder
 from app.ml.unet import UNetConfig
 from tests.conftest import MODEL_STORE
@@ -35,3 +35,7 @@ def test_conv_flops_counts_a_small_u_net_as_by_hand():
     by_hand = 2 * (first_level + second_level + up_convolution + up_level + output_layer)  # 2 FLOPs each
     assert conv_flops(config, (1, 1, 8, 8)) == by_hand
     assert conv_flops(config, (2, 1, 8, 8)) == by_hand  # per image, whatever the batch
+
+
+def test_tensor_operations_counts_each_dispatched_operation_once():
+    assert tensor_operations(lambda: torch.ones(3) + 1) == 2  # aten::ones (its fill_ inside not again), aten::add

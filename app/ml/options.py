@@ -33,7 +33,7 @@ class DeviceSteps(StrEnum):
     """Which steps around the network run in torch on the network's device. none: all on the CPU (numpy, scipy,
     scikit-image: the reference). resize: normalization, the resizes, the tiles and the instance step's maps there,
     then the maps come to the CPU for the instance step. all: the instance step there too (only labels come back).
-    auto: all on CUDA, none on the CPU."""
+    auto: resize on CUDA, none on the CPU."""
 
     AUTO = "auto"
     NONE = "none"

@@ -10,11 +10,11 @@ from app.ml.celltypes import image_contrast
 from app.ml.checkpoint import resolve_model_folder
 from app.ml.errors import InvalidOptionError
 from app.ml.imageio import read_image
-from app.ml.options import Backend, Mode
+from app.ml.options import Backend, DeviceSteps, Mode
 from app.ml.postprocess import InstanceConfig, instance_maps
 from app.ml.scoring.metric import image_score
 from app.ml.serving.onnx_backend import onnxruntime_available
-from app.ml.serving.predictor import Predictor
+from app.ml.serving.predictor import Predictor, resolve_device_steps
 from app.ml.serving.runner import auto_backend, native_bfloat16
 from app.ml.transforms import PreprocessConfig
 from app.ml.unet import UNet, UNetConfig
@@ -152,7 +152,7 @@ def test_the_compiled_network_gives_the_eager_networks_outputs_and_compiles_only
 COMPILE_WITHOUT_COMPILER = """
 import logging, numpy as np, torch
 from app.ml.postprocess import InstanceConfig, instance_maps
-from app.ml.serving.predictor import Predictor
+from app.ml.serving.predictor import Predictor, resolve_device_steps
 from app.ml.transforms import PreprocessConfig
 from app.ml.unet import UNet, UNetConfig
 logging.basicConfig(level=logging.WARNING)
@@ -182,3 +182,21 @@ def test_auto_backend_is_pytorch_wherever_the_network_is_compiled_else_onnxrunti
     assert auto_backend(cpu, half_precision=True, compile_network=False) is (
         Backend.TORCH if native_bfloat16() else uncompiled
     )
+
+
+@pytest.mark.parametrize(
+    ("asked", "device", "backend", "resolved"),
+    [
+        ("auto", "cuda", Backend.TORCH, DeviceSteps.RESIZE),  # the instance step stays on the CPU's cores
+        ("auto", "cpu", Backend.TORCH, DeviceSteps.NONE),
+        ("all", "cuda", Backend.TORCH, DeviceSteps.ALL),
+        ("all", "cpu", Backend.ONNXRUNTIME, DeviceSteps.NONE),  # ONNX Runtime takes numpy arrays
+    ],
+)
+def test_which_steps_run_on_the_device(asked, device, backend, resolved):
+    assert resolve_device_steps(asked, torch.device(device), backend) is resolved
+
+
+def test_an_unknown_steps_on_device_names_the_accepted_values():
+    with pytest.raises(InvalidOptionError, match="all"):
+        resolve_device_steps("gpu", torch.device("cpu"), Backend.TORCH)

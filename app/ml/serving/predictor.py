@@ -28,12 +28,16 @@ from app.ml.unet import UNet, UNetConfig
 
 
 def resolve_device_steps(steps: DeviceSteps | str, device: torch.device, backend: Backend) -> DeviceSteps:
-    """auto: all on CUDA, none on the CPU; none wherever ONNX Runtime runs the network (it takes numpy arrays)."""
+    """auto: resize on CUDA, none on the CPU; none wherever ONNX Runtime runs the network (it takes numpy arrays).
+
+    Not all on CUDA: the torch instance step dispatches about ten thousand small operations per image, each a
+    kernel launch, where the reference is one scikit-image call, and several workers run it side by side on a GPU
+    host's cores (docs/performance.md has the counts and says what a GPU run must still confirm)."""
     steps = parse_option(DeviceSteps, steps, "steps_on_device")
     if backend is Backend.ONNXRUNTIME:
         return DeviceSteps.NONE
     if steps is DeviceSteps.AUTO:
-        return DeviceSteps.ALL if device.type == "cuda" else DeviceSteps.NONE
+        return DeviceSteps.RESIZE if device.type == "cuda" else DeviceSteps.NONE
     return steps
 
 
