@@ -235,18 +235,35 @@ class GpuBusy:
             self.share = statistics.fmean(self._samples) if self._samples else None
 
 
-def memory_figures(server: LocalServer, image: bytes, total: int) -> dict:
-    """Server resident memory after 50 requests and after `total`, at concurrency 4."""
+def memory_figures(server: LocalServer, image: bytes, total: int, gpu: int | None = None) -> dict:
+    """Server resident memory after 50 requests and after `total`, at concurrency 4; with `gpu` (a CUDA index),
+    the GPU's memory in use as well."""
     asyncio.run(post_many(server.url, image, 50, 4, {}))
-    after_50 = server.memory_kib()
+    after_50, gpu_after_50 = server.memory_kib(), gpu_memory_mib(gpu)
     asyncio.run(post_many(server.url, image, total - 50, 4, {}))
-    after_total = server.memory_kib()
-    return {
+    after_total, gpu_after_total = server.memory_kib(), gpu_memory_mib(gpu)
+    figures = {
         "rss_mib_after_50": after_50["VmRSS"] / 1024,
         f"rss_mib_after_{total}": after_total["VmRSS"] / 1024,
         "peak_rss_mib": after_total["VmHWM"] / 1024,
         "growth": after_total["VmRSS"] / after_50["VmRSS"] - 1,
     }
+    if gpu_after_50 and gpu_after_total:
+        figures |= {"gpu_mib_after_50": gpu_after_50, f"gpu_mib_after_{total}": gpu_after_total,
+                    "gpu_growth": gpu_after_total / gpu_after_50 - 1}  # fmt: skip
+    return figures
+
+
+def gpu_memory_mib(index: int | None) -> float | None:
+    """Memory in use on a CUDA GPU, every process's together, as nvidia-smi reports it; None without a GPU index
+    or without nvidia-smi."""
+    if index is None or not shutil.which("nvidia-smi"):
+        return None
+    query = ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", str(index)]
+    output = subprocess.run(query, capture_output=True, text=True, check=False).stdout
+    with contextlib.suppress(ValueError):
+        return float(output.strip())
+    return None
 
 
 def rle_figures() -> dict:
@@ -351,7 +368,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         asyncio.run(post_many(server.url, image, 20, 1, {}))
         result["latency"] = latency_figures(server, image, 8 if quick else 20)
         result["throughput_default"] = throughput_figures(server, image, args.concurrency, per_level, gpu)
-        result["memory"] = memory_figures(server, image, 150 if quick else 500)
+        result["memory"] = memory_figures(server, image, 150 if quick else 500, gpu)
     with running_server(**settings, max_batch="8") as server:
         result["throughput_batch_8"] = throughput_figures(server, image, args.concurrency, per_level, gpu)
     result["ratios"] = ratios(result)
@@ -545,13 +562,16 @@ def ratios(result: dict[str, Any]) -> dict[str, float]:
     stages = e2e["stages_ms"]
     on = result["throughput_default"]
     levels = sorted({16 if 16 in on else max(on), max(on)})
+    memory = result["memory"]
+    gpu_memory = {"gpu_memory_growth_50_to_last": memory["gpu_growth"]} if "gpu_growth" in memory else {}
     return {
         "e2e_p50_over_network_batch1": e2e["p50_ms"] / network["batches"][1]["ms_per_image"],
         "non_network_share_of_e2e": 1 - stages["network"] / e2e["p50_ms"],
         **{f"throughput_c{c}_over_best_network": on[c]["images_per_s"] / best["images_per_s"] for c in levels},
         **{f"gpu_busy_share_c{c}": on[c]["gpu_busy_share"] for c in levels if "gpu_busy_share" in on[c]},
         "network_best_of_matmul_ceiling": best["of_matmul_ceiling"],
-        "memory_growth_50_to_last": result["memory"]["growth"],
+        "memory_growth_50_to_last": memory["growth"],
+        **gpu_memory,
         "errors": sum(v["errors"] for k in ("throughput_default", "throughput_batch_8")
                       for v in result[k].values()),
     }  # fmt: skip
