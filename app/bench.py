@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from app.cli import add_model_arguments, model_folder, tune_malloc
+from app.loadgen import post_from_processes, post_many
 from app.localserver import LocalServer, running_server
 from app.ml import rle
 from app.ml.imageio import read_image
@@ -133,27 +134,6 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
-async def post_many(url: str, image: bytes, count: int, concurrency: int, params: dict) -> tuple[list[dict], float]:
-    """`count` POST /segment with at most `concurrency` in flight -> per-request records and wall seconds."""
-    limit = asyncio.Semaphore(concurrency)
-    records: list[dict] = []
-
-    async def one(http: httpx.AsyncClient) -> None:
-        async with limit:
-            started = time.perf_counter()
-            response = await http.post("/segment", params=params, files={"file": ("bench.png", image)})
-            record = {"status": response.status_code, "seconds": time.perf_counter() - started}
-            if response.status_code == 200 and params.get("format", "json") == "json":
-                record["timings"] = response.json()["timings"]
-            records.append(record)
-
-    limits = httpx.Limits(max_connections=concurrency + 4)
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
-        started = time.perf_counter()
-        await asyncio.gather(*(one(http) for _ in range(count)))
-        return records, time.perf_counter() - started
-
-
 def latency_figures(server: LocalServer, image: bytes, requests: int) -> dict:
     """p50/p95/p99 at concurrency 1 per format and mode, and the server's stage split (json only)."""
     figures = {}
@@ -191,7 +171,7 @@ def throughput_figures(
     for concurrency in concurrencies:
         count = max(per_level, concurrency)
         with GpuBusy(gpu) as busy:
-            records, wall = asyncio.run(post_many(server.url, image, count, concurrency, {}))
+            records, wall = post_from_processes(server.url, image, count, concurrency, {})
         ok = sum(r["status"] == 200 for r in records)
         figures[concurrency] = {
             "requests": count,

@@ -15,7 +15,8 @@ import json
 import os
 from pathlib import Path
 
-from app.bench import DEFAULT_IMAGE, post_many
+from app.bench import DEFAULT_IMAGE
+from app.loadgen import post_many
 from app.localserver import running_server
 
 REPO = Path(__file__).resolve().parents[1]
