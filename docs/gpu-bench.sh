@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # The GPU serving check: `bench` on the lent GPU machine as the compose file serves (8 workers, the steps around the
-# network on the GPU, the instance step on the CPU in each worker), then two variants in quick runs: a worker per
-# core, and the instance step on the GPU too. Each in its own JSON file.
+# network on the GPU, the instance step on the CPU in each worker); then whether torch.compile pays for the network
+# there; then two variants of the service in quick runs: a worker per core, and the instance step on the GPU too.
+# Each in its own files; the first holds the issue's figures, the later ones can be cut by their time limits.
 #
 # Here, from the project root (the GPU machine's image lacks these of our dependencies too):
 #   DEVICE_WHEELS="$(.venv/bin/python -m pip freeze | grep -iE '^(fastapi-offline|roifile|pycocotools|imagecodecs)==' \
 #     | tr '\n' ' ')" bash ../shared/tools/device-prep
-# There (run with carry [".device"], a timeout of 560 s):
+# There (run with carry [".device"], a timeout of 570 s):
 #   source .device/env.sh && bash docs/gpu-bench.sh
-# Results in $OUT: bench-gpu.json and .log (the issue's figures: concurrency 1 and 64, GPU busy share, memory, and
-# the instance step on the GPU beside the reference), bench-gpu-16-workers.json and .log, bench-gpu-all.json and .log
+# Results in $OUT: bench-gpu.json and .log (concurrency 1 and 64, the GPU's busy share and memory, the instance step
+# on the GPU beside the reference), gpu-compile.json and .log, bench-gpu-16-workers.*, bench-gpu-all.*
 # (CELLSEG_STEPS_ON_DEVICE=all).
 set -uo pipefail
 out=${OUT:-/tmp/bench-out}
@@ -27,6 +28,9 @@ bench() {  # name, seconds, bench's arguments
     tail -n 14 "$out/$name.log"
 }
 
-bench bench-gpu 270 --workers 8 --concurrency 1 16 64
-bench bench-gpu-16-workers 130 --quick --workers 16 --concurrency 1 64
-bench bench-gpu-all 130 --quick --workers 8 --steps-on-device all --concurrency 1 64
+bench bench-gpu 240 --workers 8 --concurrency 1 16 64
+timeout 80 python3 docs/gpu_compile_check.py --out "$out/gpu-compile.json" > "$out/gpu-compile.log" 2>&1
+echo "gpu-compile: exit $?"
+tail -n 4 "$out/gpu-compile.log"
+bench bench-gpu-16-workers 110 --quick --workers 16 --concurrency 1 64
+bench bench-gpu-all 110 --quick --workers 8 --steps-on-device all --concurrency 1 64
