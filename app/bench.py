@@ -3,9 +3,10 @@
 Sections: a large matmul (the ceiling; fp32, and bfloat16 on CPUs with AMX or float16 on CUDA); the network alone
 (the default model with PyTorch in fp32 and, where available, bfloat16, compiled, ONNX Runtime, or float16 on CUDA;
 the paper's 572 U-Net with PyTorch, and on CUDA in float16 at batch 16 beside NVIDIA's published A100 figure) at
-batch 1 and its best batch; the service end to end through a real uvicorn on 127.0.0.1 (latency per format and mode, and
-where the time goes); throughput at several concurrencies, as shipped and with micro-batches of 8 forced; server
-memory after 50 and 500 requests. Prints a table and writes the same figures as JSON.
+batch 1 and its best batch; the instance step, the reference beside the torch step on the device; the service end to
+end through a real uvicorn on 127.0.0.1 (latency per format and mode, and where the time goes); throughput at several
+concurrencies (the load from app.loadgen), as shipped and with micro-batches of 8 forced; server memory (and the GPU's)
+after 50 and 500 requests. Prints a table and writes the same figures as JSON.
 
 A soak (`--soak MINUTES`, alone): the service under mixed good and bad requests at `--soak-concurrency` (16) for
 that long, counting answers by status, sampling its memory, and timing /health beside the load.
@@ -23,6 +24,7 @@ import contextlib
 import functools
 import json
 import shutil
+import signal
 import statistics
 import subprocess
 import threading
@@ -181,6 +183,7 @@ def throughput_figures(
         }
         if busy.share is not None:
             figures[concurrency]["gpu_busy_share"] = busy.share
+        print(f"  concurrency {concurrency}: {figures[concurrency]['images_per_s']:.2f} images/s", flush=True)
     return figures
 
 
@@ -309,20 +312,19 @@ async def soak(url: str, image: bytes, seconds: float, concurrency: int, memory:
 # ---------------------------------------------------------------- the run
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: argparse.Namespace, result: dict[str, Any]) -> None:
+    """Every section in turn, each into `result` as it is measured (so a run stopped early keeps what it had)."""
     torch.set_num_threads(args.torch_threads or torch.get_num_threads())
     device = pick_device(args.device)
     folder = model_folder(args)
     image = Path(args.image).read_bytes()
-    result: dict[str, Any] = {
-        "machine": {
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "device": device_name(device),
-            **cuda_settings(device),
-        },
-        "model": folder.name,  # a model's version is its folder's name
+    result["machine"] = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "device": device_name(device),
+        **cuda_settings(device),
     }
+    result["model"] = folder.name  # a model's version is its folder's name
     print("matmul ceiling ...", flush=True)
     result.update(ceilings(device))
     print("network alone ...", flush=True)
@@ -352,7 +354,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with running_server(**settings, max_batch="8") as server:
         result["throughput_batch_8"] = throughput_figures(server, image, args.concurrency, per_level, gpu)
     result["ratios"] = ratios(result)
-    return result
 
 
 def run_soak(args: argparse.Namespace) -> dict[str, Any]:
@@ -624,14 +625,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--soak-concurrency", type=int, default=16, help="clients in the soak")
     args = parser.parse_args(argv)
     tune_malloc()  # the network alone is measured with the allocator settings the service runs with
-    if args.soak:
-        result = run_soak(args)
-        print(json.dumps({k: v for k, v in result.items() if k != "memory_mib"}, indent=2))
-    else:
-        result = run(args)
-        print(table(result))
-    Path(args.out).write_text(json.dumps(result, indent=2, default=str))
-    print(f"wrote {args.out}")
+    signal.signal(signal.SIGTERM, stop_on_terminate)
+    result: dict[str, Any] = {}
+    try:
+        if args.soak:
+            result.update(run_soak(args))
+            print(json.dumps({k: v for k, v in result.items() if k != "memory_mib"}, indent=2))
+        else:
+            run(args, result)
+            print(table(result))
+    except BaseException:
+        result["stopped_early"] = True
+        raise
+    finally:
+        Path(args.out).write_text(json.dumps(result, indent=2, default=str))
+        stopped = " (stopped early: the sections measured so far)" if result.get("stopped_early") else ""
+        print(f"wrote {args.out}{stopped}")
+
+
+def stop_on_terminate(signum: int, frame: object) -> None:
+    """`timeout` and process managers stop bench with SIGTERM: leave through the finally blocks, so the services
+    it started and its load clients stop with it and the figures so far are written."""
+    raise SystemExit(128 + signum)
 
 
 if __name__ == "__main__":
