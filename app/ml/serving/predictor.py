@@ -30,9 +30,9 @@ from app.ml.unet import UNet, UNetConfig
 def resolve_device_steps(steps: DeviceSteps | str, device: torch.device, backend: Backend) -> DeviceSteps:
     """auto: resize on CUDA, none on the CPU; none wherever ONNX Runtime runs the network (it takes numpy arrays).
 
-    Not all on CUDA: the torch instance step dispatches about ten thousand small operations per image, each a
-    kernel launch, where the reference is one scikit-image call, and several workers run it side by side on a GPU
-    host's cores (docs/performance.md has the counts and says what a GPU run must still confirm)."""
+    Not all on CUDA: the torch instance step is a long series of small whole-image operations, each a kernel launch,
+    and every worker's launches queue on the one GPU, while the reference runs in each worker on a core of its own
+    (docs/performance.md has the counts and says what a GPU run must still confirm)."""
     steps = parse_option(DeviceSteps, steps, "steps_on_device")
     if backend is Backend.ONNXRUNTIME:
         return DeviceSteps.NONE
