@@ -10,6 +10,7 @@ from pathlib import Path
 
 from app.config import Settings
 from app.ml.checkpoint import Checkpoint, resolve_model_folder
+from app.ml.options import TTA_CHOICES
 from app.ml.serving.predictor import Predictor
 
 # The inference settings the entrypoints share with the service: one name and one default each, the service's.
@@ -31,7 +32,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
             choices = [option.value for option in type(field.default)]
             parser.add_argument(flag, choices=choices, default=field.default.value, help=text)
         elif name == "tta":
-            parser.add_argument(flag, type=int, choices=[1, 4, 8], default=field.default, help=text)
+            parser.add_argument(flag, type=int, choices=TTA_CHOICES, default=field.default, help=text)
         else:
             parser.add_argument(flag, type=type(field.default), default=field.default, help=text)
 

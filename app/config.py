@@ -37,7 +37,8 @@ class Settings(BaseSettings):
     tta: Literal[1, 4, 8] = Field(
         1,
         description="test-time augmentation: the mean over 1 (off), 4 (flips) or 8 (flips and turns) views of "
-        "each network input, at that many times the network's cost",
+        "each network input, at that many times the network's cost, with the model card's instance step for that "
+        "many views where it has one",
     )
     steps_on_device: DeviceSteps = Field(
         DeviceSteps.AUTO,

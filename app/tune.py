@@ -2,9 +2,12 @@
 
 The thresholds (default and per cell type) are chosen on the validation images; the cell-type classifier is
 fitted on the training images. `train` does the same at its end; this reruns it for a model already trained.
+With --tta 4 or 8 they are chosen on the maps averaged over that many views and kept beside the others, for the
+service and the CLIs to use when they run with that many views.
 
-Example:
+Examples:
   tune --model model_store/unet-20261127-101500 --data /data/sartorius-reconstructed /data/sartorius
+  tune --model model_store/unet-20261127-101500 --data /data/sartorius-reconstructed /data/sartorius --tta 4
 """
 
 from __future__ import annotations
@@ -15,9 +18,12 @@ import sys
 from dataclasses import replace
 
 from app.cli import add_data_argument, add_model_arguments, model_folder, predictor_from_args, setup_logging
+from app.ml.card import ModelCard
+from app.ml.celltypes import InstanceRules
 from app.ml.checkpoint import load_checkpoint, save_checkpoint
 from app.ml.data.kaggle import KaggleFolders
 from app.ml.errors import CellSegError
+from app.ml.scoring.evaluation import Evaluation
 from app.ml.training.trainer import tune_model
 from app.ml.training.trainset import Split, load_split
 
@@ -44,11 +50,21 @@ def main(argv: list[str] | None = None) -> None:
     except (CellSegError, KeyError) as exc:
         print(f"tune: {exc}", file=sys.stderr)
         raise SystemExit(2) from exc
-    metrics = {**checkpoint.card.metrics, "validation": evaluation.to_dict()}
-    card = replace(checkpoint.card, postprocessing=rules, metrics=metrics)
-    save_checkpoint(checkpoint.path, checkpoint.state_dict, card)
-    print(json.dumps({"version": checkpoint.version, "validation": evaluation.score,
+    save_checkpoint(checkpoint.path, checkpoint.state_dict, with_rules(checkpoint.card, args.tta, rules, evaluation))
+    print(json.dumps({"version": checkpoint.version, "tta": args.tta, "validation": evaluation.score,
                       "per_cell_type": evaluation.per_cell_type}))  # fmt: skip
+
+
+def with_rules(card: ModelCard, tta: int, rules: InstanceRules, evaluation: Evaluation) -> ModelCard:
+    """The card with `rules` as its instance step for `tta` views, and their validation figures: without test-time
+    augmentation its instance step and "validation"; with, postprocessing_by_tta and "validation_tta_<views>"."""
+    if tta == 1:
+        return replace(card, postprocessing=rules, metrics={**card.metrics, "validation": evaluation.to_dict()})
+    return replace(
+        card,
+        postprocessing_by_tta={**card.postprocessing_by_tta, tta: rules},
+        metrics={**card.metrics, f"validation_tta_{tta}": evaluation.to_dict()},
+    )
 
 
 if __name__ == "__main__":

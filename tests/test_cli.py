@@ -95,6 +95,25 @@ def test_tune_chooses_the_instance_step_again_and_evaluate_reproduces_its_score(
     assert f"score {printed['validation']:.4f}" in capsys.readouterr().out
 
 
+def test_tune_with_tta_keeps_its_choice_beside_the_one_without_and_evaluate_with_tta_reproduces_its_score(
+    trained_model, synth_train_data, tmp_path, capsys
+):
+    model = tmp_path / "copy"
+    shutil.copytree(trained_model, model)
+    before = json.loads((model / "model.json").read_text())
+    tune(["--model", str(model), "--data", str(synth_train_data), "--tta", "4", "--no-compile"])
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    card = json.loads((model / "model.json").read_text())
+    assert printed["tta"] == 4
+    assert card["postprocessing"] == before["postprocessing"]  # the choice without TTA is untouched
+    assert card["metrics"]["validation"] == before["metrics"]["validation"]
+    assert set(card["postprocessing_by_tta"]) == {"4"}
+    assert printed["validation"] == pytest.approx(card["metrics"]["validation_tta_4"]["score"])
+    evaluate(["--model", str(model), "--data", str(synth_train_data), "--subset", "validation", "--tta", "4",
+              "--no-compile"])  # fmt: skip
+    assert f"score {printed['validation']:.4f}" in capsys.readouterr().out
+
+
 def test_a_model_that_does_not_exist_is_a_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         evaluate(["--model", str(tmp_path / "nope"), "--data", str(tmp_path)])

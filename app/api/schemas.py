@@ -94,6 +94,7 @@ class Ready(BaseModel):
     backend: str | None = Field(description="what runs the network: torch or onnxruntime")
     precision: str | None = Field(description="what it computes in: float32, float16 (CUDA) or bfloat16 (CPU)")
     compiled: bool | None = Field(description="whether the network runs through torch.compile")
+    tta: int | None = Field(description="test-time augmentation: views averaged per network input (1: off)")
 
 
 class Models(BaseModel):

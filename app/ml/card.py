@@ -6,7 +6,7 @@ model's history (the training command, the data, the scores) is kept as written.
 
 format_version 2 dropped two keys that version 1 wrote and nothing read (preprocessing.normalization, always
 "zscore", and inference.default_mode, always "resize"); version 1 cards are read by dropping them (and by reading
-the first cards' single training.data.path as paths).
+the first cards' single training.data.path as paths). format_version 3 added postprocessing_by_tta (none before).
 """
 
 from __future__ import annotations
@@ -16,11 +16,12 @@ from pathlib import PurePath
 from typing import Any
 
 from app.ml.celltypes import InstanceRules
+from app.ml.options import TTA_CHOICES
 from app.ml.strict import as_object, check_keys, from_fields
 from app.ml.transforms import PreprocessConfig
 from app.ml.unet import UNetConfig
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 _PATH_ARGS = ("data", "out", "init")  # train's options that name paths on the training machine
 _DROPPED_IN_2 = {"preprocessing": ("normalization", "zscore"), "inference": ("default_mode", "resize")}
 
@@ -78,6 +79,9 @@ class ModelCard:
     architecture: UNetConfig
     preprocessing: PreprocessConfig = field(default_factory=PreprocessConfig)
     postprocessing: InstanceRules = field(default_factory=InstanceRules)
+    # The instance step chosen on the maps averaged over that many test-time augmentation views (`tune --tta N`):
+    # averaged maps are smoother, and thresholds chosen without it serve them worse than none.
+    postprocessing_by_tta: dict[int, InstanceRules] = field(default_factory=dict)
     inference: InferenceSettings = field(default_factory=InferenceSettings)
     training: TrainingRecord | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
@@ -95,6 +99,11 @@ class ModelCard:
     def validation_score(self) -> float | None:
         validation = self.metrics.get("validation")
         return validation.get("score") if isinstance(validation, dict) else None
+
+    def rules_for_tta(self, tta: int) -> InstanceRules:
+        """The instance step for maps averaged over `tta` views: chosen for them where the card has it, else the
+        one chosen without test-time augmentation."""
+        return self.postprocessing_by_tta.get(tta, self.postprocessing)
 
     def without_host_paths(self) -> ModelCard:
         """The card as the service shows it: the training record keeps the data folders' names, not the paths of
@@ -118,6 +127,7 @@ class ModelCard:
             "architecture": self.architecture.to_dict(),
             "preprocessing": self.preprocessing.to_dict(),
             "postprocessing": self.postprocessing.to_dict(),
+            "postprocessing_by_tta": {str(tta): rules.to_dict() for tta, rules in self.postprocessing_by_tta.items()},
             "inference": asdict(self.inference),
             "training": asdict(self.training) if self.training else None,
             "metrics": self.metrics,
@@ -135,6 +145,7 @@ class ModelCard:
             architecture=UNetConfig.from_dict(data["architecture"]),
             preprocessing=PreprocessConfig.from_dict(data.get("preprocessing", {})),
             postprocessing=InstanceRules.from_dict(data.get("postprocessing", {})),
+            postprocessing_by_tta=_rules_by_tta(data.get("postprocessing_by_tta", {})),
             inference=from_fields(InferenceSettings, data.get("inference", {}), "inference"),
             training=TrainingRecord.from_dict(data["training"]) if data.get("training") else None,
             metrics=dict(as_object(data.get("metrics", {}), "metrics")),
@@ -143,6 +154,12 @@ class ModelCard:
             weights=from_fields(WeightsFile, data["weights"], "weights") if data.get("weights") else None,
             format_version=FORMAT_VERSION,
         )
+
+
+def _rules_by_tta(data: Any) -> dict[int, InstanceRules]:
+    """postprocessing_by_tta: views ("4", "8") -> rules; ValueError for a key that is no such number of views."""
+    checked = check_keys(data, {str(tta) for tta in TTA_CHOICES if tta > 1}, "postprocessing_by_tta")
+    return {int(views): InstanceRules.from_dict(rules) for views, rules in sorted(checked.items())}
 
 
 def _upgrade(data: dict[str, Any]) -> dict[str, Any]:

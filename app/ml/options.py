@@ -9,6 +9,10 @@ from app.ml.errors import InvalidOptionError
 
 _Option = TypeVar("_Option", bound=StrEnum)
 
+# Test-time augmentation: how many views of each network input may be averaged (1: off; 4: the flips; 8: the flips
+# and quarter turns).
+TTA_CHOICES = (1, 4, 8)
+
 
 class Backend(StrEnum):
     """What runs the network: PyTorch (CPU or CUDA), or ONNX Runtime on the CPU (optional). auto: PyTorch on CUDA,

@@ -31,7 +31,7 @@ def test_health_ready_and_models(client, trained_model):
     # As shipped (backend auto, compile on): PyTorch, compiled, in bfloat16 on CPUs with AMX, else in float32.
     precision = "bfloat16" if native_bfloat16() else "float32"
     ready = {"ready": True, "status": "ready", "model_version": "synth-v1", "device": "cpu", "backend": "torch",
-             "precision": precision, "compiled": True}  # fmt: skip
+             "precision": precision, "compiled": True, "tta": 1}  # fmt: skip
     assert client.get("/ready").json() == ready
     models = client.get("/models").json()
     assert models["available"] == ["synth-v1"] and models["default"] == "synth-v1"

@@ -47,6 +47,29 @@ def test_an_unknown_key_is_refused_with_its_section_and_name(section, where):
         ModelCard.from_dict(card)
 
 
+def test_the_instance_step_for_tta_is_read_back_and_picked_by_view_count():
+    card = bundled_card()
+    chosen_for_4 = {**card["postprocessing"], "foreground_threshold": 0.55}
+    card["postprocessing_by_tta"] = {"4": chosen_for_4}
+    read = ModelCard.from_dict(card)
+    assert read.to_dict() == card
+    assert read.rules_for_tta(4).to_dict() == chosen_for_4
+    assert read.rules_for_tta(8) == read.rules_for_tta(1) == read.postprocessing  # none chosen for 8: the one without
+
+
+def test_a_tta_key_that_is_no_view_count_is_refused():
+    card = {**bundled_card(), "postprocessing_by_tta": {"3": bundled_card()["postprocessing"]}}
+    with pytest.raises(ValueError, match=r"'postprocessing_by_tta' has unknown keys \['3'\]"):
+        ModelCard.from_dict(card)
+
+
+def test_a_version_2_card_has_no_instance_step_for_tta():
+    card = bundled_card()
+    card["format_version"] = 2
+    del card["postprocessing_by_tta"]
+    assert ModelCard.from_dict(card).postprocessing_by_tta == {}
+
+
 def test_a_newer_format_is_refused_with_what_to_do():
     card = {**bundled_card(), "format_version": FORMAT_VERSION + 1}
     with pytest.raises(ValueError, match="written by a newer cellseg; upgrade cellseg"):

@@ -1,13 +1,14 @@
 import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
-from app.ml.celltypes import image_contrast
-from app.ml.checkpoint import resolve_model_folder
+from app.ml.celltypes import InstanceRules, image_contrast
+from app.ml.checkpoint import load_checkpoint, resolve_model_folder
 from app.ml.errors import InvalidOptionError
 from app.ml.imageio import read_image
 from app.ml.options import Backend, DeviceSteps, Mode
@@ -200,3 +201,13 @@ def test_which_steps_run_on_the_device(asked, device, backend, resolved):
 def test_an_unknown_steps_on_device_names_the_accepted_values():
     with pytest.raises(InvalidOptionError, match="all"):
         resolve_device_steps("gpu", torch.device("cpu"), Backend.TORCH)
+
+
+def test_a_predictor_with_tta_takes_the_instance_step_chosen_for_it_or_says_it_has_none(trained_model, caplog):
+    checkpoint = load_checkpoint(trained_model)
+    chosen_for_4 = InstanceRules(InstanceConfig(foreground_threshold=0.55))
+    checkpoint = replace(checkpoint, card=replace(checkpoint.card, postprocessing_by_tta={4: chosen_for_4}))
+    assert Predictor.from_checkpoint(checkpoint, device="cpu", tta=4).instances == chosen_for_4
+    assert not caplog.records
+    assert Predictor.from_checkpoint(checkpoint, device="cpu", tta=8).instances == checkpoint.card.postprocessing
+    assert "no instance step chosen for 8 test-time augmentation views" in caplog.text

@@ -28,7 +28,8 @@ def ready(service: ServiceDep, response: Response) -> schemas.Ready:
                          device=str(predictor.device) if predictor else None,
                          backend=predictor.backend.value if predictor else None,
                          precision=predictor.precision if predictor else None,
-                         compiled=predictor.is_compiled if predictor else None)  # fmt: skip
+                         compiled=predictor.is_compiled if predictor else None,
+                         tta=predictor.runner.tta if predictor else None)  # fmt: skip
 
 
 @router.get("/models", response_model=schemas.Models, summary="The loaded model's model.json and the versions")

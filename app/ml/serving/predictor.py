@@ -8,6 +8,7 @@ tiles) -> `finish` (the two maps the instance step reads, stitched and resized t
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -25,6 +26,8 @@ from app.ml.serving.runner import NetworkRunner, pick_device
 from app.ml.serving.tiler import Array, TileGrid, Tiler
 from app.ml.transforms import PreprocessConfig
 from app.ml.unet import UNet, UNetConfig
+
+log = logging.getLogger("cellseg.predictor")
 
 
 def resolve_device_steps(steps: DeviceSteps | str, device: torch.device, backend: Backend) -> DeviceSteps:
@@ -124,10 +127,13 @@ class Predictor:
         checkpoint = source if isinstance(source, Checkpoint) else load_checkpoint(source)
         if parse_option(Backend, backend, "backend") is Backend.ONNXRUNTIME and device == "auto":
             device = "cpu"
+        if tta > 1 and tta not in checkpoint.card.postprocessing_by_tta:
+            log.warning("%s has no instance step chosen for %d test-time augmentation views: it uses the one chosen "
+                        "without (`tune --tta %d` chooses one)", checkpoint.version, tta, tta)  # fmt: skip
         return cls(
             checkpoint.build_model(),
             checkpoint.preprocess,
-            checkpoint.instances,
+            checkpoint.card.rules_for_tta(tta),
             device=pick_device(device),
             half_precision=half_precision and checkpoint.card.inference.half_precision,
             version=checkpoint.version,
