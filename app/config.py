@@ -34,11 +34,11 @@ class Settings(BaseSettings):
         description="torch.compile the network while warming up, when PyTorch runs it on the CPU (faster: "
         "docs/performance.md); other input shapes, such as batches over 1, run uncompiled",
     )
-    tta: Literal[1, 4, 8] = Field(
+    tta: Literal[1, 2, 4, 8] = Field(
         1,
-        description="test-time augmentation: the mean over 1 (off), 4 (flips) or 8 (flips and turns) views of "
-        "each network input, at that many times the network's cost, with the model card's instance step for that "
-        "many views where it has one",
+        description="test-time augmentation: the mean over 1 (off), 2 (a left-right flip), 4 (flips) or 8 (flips "
+        "and turns) views of each network input, at that many times the network's cost, with the model card's "
+        "instance step for that many views where it has one",
     )
     steps_on_device: DeviceSteps = Field(
         DeviceSteps.AUTO,

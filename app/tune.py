@@ -2,7 +2,7 @@
 
 The thresholds (default and per cell type) are chosen on the validation images; the cell-type classifier is
 fitted on the training images. `train` does the same at its end; this reruns it for a model already trained.
-With --tta 4 or 8 they are chosen on the maps averaged over that many views and kept beside the others, for the
+With --tta 2, 4 or 8 they are chosen on the maps averaged over that many views and kept beside the others, for the
 service and the CLIs to use when they run with that many views.
 
 Examples:

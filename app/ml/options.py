@@ -9,9 +9,9 @@ from app.ml.errors import InvalidOptionError
 
 _Option = TypeVar("_Option", bound=StrEnum)
 
-# Test-time augmentation: how many views of each network input may be averaged (1: off; 4: the flips; 8: the flips
-# and quarter turns).
-TTA_CHOICES = (1, 4, 8)
+# Test-time augmentation: how many views of each network input may be averaged (1: off; 2: and its left-right flip;
+# 4: the flips; 8: the flips and quarter turns).
+TTA_CHOICES = (1, 2, 4, 8)
 
 
 class Backend(StrEnum):

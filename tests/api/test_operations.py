@@ -137,7 +137,7 @@ def test_a_missing_model_or_a_bad_setting_stops_startup_with_one_line(tmp_path):
     typo = serve(CELLSEG_MAX_QUEUE="lots", CELLSEG_TTA="3")
     assert typo.returncode != 0
     assert typo.stderr.strip() == (
-        "bad settings: CELLSEG_TTA=3: Input should be 1, 4 or 8; CELLSEG_MAX_QUEUE="
+        "bad settings: CELLSEG_TTA=3: Input should be 1, 2, 4 or 8; CELLSEG_MAX_QUEUE="
         "'lots': Input should be a valid integer, unable to parse string as an integer"
     )
 

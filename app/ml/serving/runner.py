@@ -65,10 +65,11 @@ def _view(turns: int, flip: bool) -> tuple[Callable[[Array], Array], Callable[[A
     return forward, inverse
 
 
-# Test-time augmentation: 1 view (off), 4 (the flips: none, left-right, up-down, both), or 8 (every symmetry of
-# the square, for square network inputs: resize mode and tiles always are).
+# Test-time augmentation: 1 view (off), 2 (and its left-right flip), 4 (the flips: none, left-right, up-down, both),
+# or 8 (every symmetry of the square, for square network inputs: resize mode and tiles always are).
 TTA_VIEWS = {
     1: [_view(0, False)],
+    2: [_view(0, False), _view(0, True)],
     4: [_view(0, False), _view(0, True), _view(2, True), _view(2, False)],
     8: [_view(turns, flip) for turns in range(4) for flip in (False, True)],
 }
