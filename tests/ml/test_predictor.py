@@ -1,22 +1,24 @@
 import os
 import subprocess
 import sys
+import typing
 from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
+from app.config import Settings
 from app.ml.celltypes import InstanceRules, image_contrast
 from app.ml.checkpoint import load_checkpoint, resolve_model_folder
 from app.ml.errors import InvalidOptionError
 from app.ml.imageio import read_image
-from app.ml.options import Backend, DeviceSteps, Mode
+from app.ml.options import TTA_CHOICES, Backend, DeviceSteps, Mode
 from app.ml.postprocess import InstanceConfig, instance_maps
 from app.ml.scoring.metric import image_score
 from app.ml.serving.onnx_backend import onnxruntime_available
 from app.ml.serving.predictor import Predictor, resolve_device_steps
-from app.ml.serving.runner import auto_backend, native_bfloat16
+from app.ml.serving.runner import TTA_VIEWS, auto_backend, native_bfloat16
 from app.ml.transforms import PreprocessConfig
 from app.ml.unet import UNet, UNetConfig
 from tests.conftest import MODEL_STORE
@@ -215,3 +217,7 @@ def test_a_predictor_with_tta_takes_the_instance_step_chosen_for_it_or_says_it_h
     assert not caplog.records
     assert Predictor.from_checkpoint(checkpoint, device="cpu", tta=8).instances == checkpoint.card.postprocessing
     assert "no instance step chosen for 8 test-time augmentation views" in caplog.text
+
+
+def test_the_settings_the_options_and_the_runner_know_the_same_view_counts():
+    assert tuple(TTA_VIEWS) == TTA_CHOICES == typing.get_args(Settings.model_fields["tta"].annotation)
