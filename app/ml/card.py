@@ -80,7 +80,7 @@ class ModelCard:
     preprocessing: PreprocessConfig = field(default_factory=PreprocessConfig)
     postprocessing: InstanceRules = field(default_factory=InstanceRules)
     # The instance step chosen on the maps averaged over that many test-time augmentation views (`tune --tta N`):
-    # averaged maps are smoother, and thresholds chosen without it serve them worse than none.
+    # averaged maps are smoother, and thresholds chosen on single views serve them worse than single views.
     postprocessing_by_tta: dict[int, InstanceRules] = field(default_factory=dict)
     inference: InferenceSettings = field(default_factory=InferenceSettings)
     training: TrainingRecord | None = None
@@ -157,7 +157,7 @@ class ModelCard:
 
 
 def _rules_by_tta(data: Any) -> dict[int, InstanceRules]:
-    """postprocessing_by_tta: views ("4", "8") -> rules; ValueError for a key that is no such number of views."""
+    """postprocessing_by_tta: views ("2", "4", "8") -> rules; ValueError for a key that is no such number of views."""
     checked = check_keys(data, {str(tta) for tta in TTA_CHOICES if tta > 1}, "postprocessing_by_tta")
     return {int(views): InstanceRules.from_dict(rules) for views, rules in sorted(checked.items())}
 
