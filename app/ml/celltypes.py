@@ -1,11 +1,11 @@
-"""Instance thresholds per cell type, and the classifier that tells an image's cell type from the cells found.
+"""Instance thresholds per cell type, and the classifier that tells an image's cell type from the network's maps.
 
 Astrocytes (large, thin, few), cortical neurons (small, sparse) and SH-SY5Y cells (small, dense) want different
-thresholds. The instance step runs once with the default thresholds; the classifier reads the type from those
-cells (how many per area, how large, how much of the image they cover) and from the image's contrast (astrocyte
-images are faint: a sparse astrocyte image has cells like a cortical one, not its contrast); where that type has
-thresholds of its own, the step runs again with them. The answer says which type was picked and how sure the
-classifier was.
+thresholds. The classifier reads the type from the maps under the default thresholds (how much of the image is
+foreground, how much of the foreground and of the seeds is edge: small cells have more edge for their area, and the
+seeds' share of the foreground) and from the image's contrast (astrocyte images are faint: a sparse astrocyte image
+has cells like a cortical one, not its contrast); then the instance step runs once, with that type's thresholds
+where it has its own. The answer says which type was picked and how sure the classifier was.
 """
 
 from __future__ import annotations
@@ -20,9 +20,19 @@ import numpy as np
 from app.ml.postprocess import InstanceConfig, Instances, maps_to_instances
 from app.ml.strict import check_keys
 
-FEATURES = ("log cells per 100k px", "log median area", "foreground fraction", "relative contrast")
-# Classifiers fitted before the contrast became relative: they read the plain standard deviation.
-RETIRED_FEATURES = ("log cells per 100k px", "log median area", "foreground fraction", "image contrast")
+FEATURES = (
+    "foreground fraction",
+    "log foreground edge share",
+    "log seed edge share",
+    "seed share of foreground",
+    "relative contrast",
+)
+# Classifiers fitted on other features, which this code no longer computes: on the cells of a first instance step
+# (before the maps' features made that step unneeded), and before that with a plain standard deviation as contrast.
+RETIRED_FEATURES = (
+    ("log cells per 100k px", "log median area", "foreground fraction", "relative contrast"),
+    ("log cells per 100k px", "log median area", "foreground fraction", "image contrast"),
+)
 log = logging.getLogger("cellseg.celltypes")
 InstanceStep = Callable[[Any, InstanceConfig], Instances]
 
@@ -33,19 +43,33 @@ def image_contrast(image: np.ndarray) -> float:
     return float(np.std(image)) / max(float(np.mean(image)), 1e-6)
 
 
-def cell_features(instances: Instances, contrast: float) -> np.ndarray:
-    """Instances and image_contrast of their image -> (4,) float64 features that do not depend on the image's size:
-    see FEATURES."""
-    pixels = instances.labels.size
-    median_area = float(np.median(instances.areas)) if instances.count else 0.0
+def map_features(maps: Any, contrast: float, config: InstanceConfig) -> np.ndarray:
+    """(2, H, W) foreground and seed maps (numpy, or a tensor wherever it is), the image_contrast of their image and
+    the default thresholds -> (5,) float64 features that do not depend on the image's size: see FEATURES. A few
+    whole-image passes, no instance step."""
+    foreground = maps[0] > config.foreground_threshold
+    seeds = (maps[1] > config.seed_threshold) & foreground
+    foreground_pixels, seed_pixels = _count(foreground), _count(seeds)
     return np.array(
         [
-            np.log1p(instances.count * 1e5 / pixels),
-            np.log1p(median_area),
-            float(instances.areas.sum()) / pixels,
+            foreground_pixels / (foreground.shape[0] * foreground.shape[1]),
+            np.log(_edge_pixels(foreground) / max(foreground_pixels, 1) + 1e-3),
+            np.log(_edge_pixels(seeds) / max(seed_pixels, 1) + 1e-3),
+            seed_pixels / max(foreground_pixels, 1),
             contrast,
         ]
     )
+
+
+def _count(mask: Any) -> int:
+    return int(mask.sum())
+
+
+def _edge_pixels(mask: Any) -> int:
+    """Pixels of an (H, W) boolean mask (numpy or torch) with a 4-neighbour outside it; the image's border counts as
+    outside."""
+    inner = mask[1:-1, 1:-1] & mask[:-2, 1:-1] & mask[2:, 1:-1] & mask[1:-1, :-2] & mask[1:-1, 2:]
+    return _count(mask) - _count(inner)
 
 
 @dataclass(frozen=True)
@@ -114,14 +138,12 @@ class InstanceRules:
         """(2, H, W) foreground and seed maps (postprocess.instance_maps) and the image_contrast of their image ->
         the cells, with the cell type. `step` turns maps into cells: the numpy reference, or one that takes the
         maps where they are (a tensor on the GPU, app.ml.serving.gpu_instances)."""
-        first = step(maps, self.default)
         if self.classifier is None:
-            return first
-        cell_type, probability = self.classifier.predict(cell_features(first, contrast))
+            return step(maps, self.default)
+        cell_type, probability = self.classifier.predict(map_features(maps, contrast, self.default))
         sure = probability >= self.min_probability
         config = self.per_cell_type.get(cell_type, self.default) if sure else self.default
-        instances = first if config == self.default else step(maps, config)
-        return replace(instances, cell_type=cell_type, cell_type_probability=probability)
+        return replace(step(maps, config), cell_type=cell_type, cell_type_probability=probability)
 
     def for_cell_type(self, cell_type: str, config: InstanceConfig) -> InstanceRules:
         return replace(self, per_cell_type={**self.per_cell_type, cell_type: config})
@@ -139,9 +161,9 @@ class InstanceRules:
         per_type = data.get("per_cell_type", {})
         classifier = dict(data.get("cell_type_classifier") or {})
         min_probability = classifier.pop("min_probability", cls.min_probability)
-        if tuple(classifier.get("features", ())) == RETIRED_FEATURES:
+        if tuple(classifier.get("features", ())) in RETIRED_FEATURES:
             log.warning(
-                "this model's cell-type classifier reads a retired contrast feature: it is not used, and the default "
+                "this model's cell-type classifier reads retired features: it is not used, and the default "
                 "thresholds apply to every image; `tune --model <its folder>` fits it again"
             )
             per_type, classifier = {}, {}

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from app.ml.celltypes import CellTypeClassifier, InstanceRules, cell_features, image_contrast
+from app.ml.celltypes import CellTypeClassifier, InstanceRules, image_contrast, map_features
 from app.ml.data.kaggle import Sample
 from app.ml.options import Mode
 from app.ml.postprocess import InstanceConfig
@@ -107,8 +107,7 @@ def tune_thresholds(scored: list[tuple[Sample, np.ndarray]], base: InstanceConfi
 
 
 def _features(rules: InstanceRules, sample: Sample, maps: np.ndarray) -> np.ndarray:
-    contrast = image_contrast(sample.image)
-    return cell_features(rules.find(maps, contrast), contrast)
+    return map_features(maps, image_contrast(sample.image), rules.default)
 
 
 def _best(scored: list[tuple[Sample, np.ndarray]], configs: list[InstanceConfig]) -> tuple[InstanceConfig, float]:
@@ -123,7 +122,7 @@ def tune_rules(
     """The whole instance step, chosen by measurement:
 
     1. default thresholds: the best on all validation images;
-    2. the cell-type classifier: fitted on the cells that the default thresholds find in the training images;
+    2. the cell-type classifier: fitted on the training images' maps under the default thresholds;
     3. per cell type, thresholds of its own where they beat the default on that type's validation images.
     Returns the rules and their evaluation on validation, cell types picked by the classifier as in serving.
     """
