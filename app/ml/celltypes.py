@@ -74,7 +74,7 @@ def _edge_pixels(mask: Any) -> int:
 
 @dataclass(frozen=True)
 class CellTypeClassifier:
-    """Nearest centroid over standardized cell features; the probability is a softmax of -distance^2 / 2."""
+    """Nearest centroid over standardized features (FEATURES); the probability is a softmax of -distance^2 / 2."""
 
     types: list[str]
     centroids: list[list[float]]
