@@ -21,7 +21,6 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from app.ml.card import ModelCard
-from app.ml.celltypes import InstanceRules
 from app.ml.errors import CheckpointError
 from app.ml.transforms import PreprocessConfig
 from app.ml.unet import UNet, UNetConfig
@@ -47,10 +46,6 @@ class Checkpoint:
     @property
     def preprocess(self) -> PreprocessConfig:
         return self.card.preprocessing
-
-    @property
-    def instances(self) -> InstanceRules:
-        return self.card.postprocessing
 
     @property
     def split(self) -> dict[str, Any] | None:
