@@ -159,7 +159,7 @@ def test_the_compiled_network_gives_the_eager_networks_outputs_and_compiles_only
 COMPILE_WITHOUT_COMPILER = """
 import logging, numpy as np, torch
 from app.ml.postprocess import InstanceConfig, instance_maps
-from app.ml.serving.predictor import Predictor, resolve_device_steps
+from app.ml.serving.predictor import Predictor
 from app.ml.transforms import PreprocessConfig
 from app.ml.unet import UNet, UNetConfig
 logging.basicConfig(level=logging.WARNING)
