@@ -18,15 +18,23 @@ _SETTINGS = Settings.model_fields
 INFERENCE_SETTINGS = ("device", "backend", "half_precision", "compile", "tta", "torch_threads", "steps_on_device")
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """--model, --model-store and the inference settings (each named and defaulted as the service's CELLSEG_*)."""
+def add_model_arguments(parser: argparse.ArgumentParser, scoring: bool = False) -> None:
+    """--model, --model-store and the inference settings (each named and defaulted as the service's CELLSEG_*).
+
+    A scoring entrypoint (`scoring`: evaluate, tune) computes in float32 unless told otherwise, as `train` validates:
+    its scores and choices are then the model's, the same on every machine and equal to those its card records;
+    --half-precision scores the model in the reduced precision a GPU or a CPU with native bfloat16 serves it in.
+    """
     parser.add_argument("--model", help="a model folder such as model_store/<version> (default: the store's default)")
     parser.add_argument("--model-store", default="model_store", help="store to pick the default model from")
     for name in INFERENCE_SETTINGS:
         field = _SETTINGS[name]
         flag = "--" + name.replace("_", "-")
         text = f"{field.description} (CELLSEG_{name.upper()}; default: %(default)s)"
-        if field.annotation is bool:
+        if name == "half_precision" and scoring:
+            text = f"{field.description} (default here: %(default)s, float32 as train validates; the service's: true)"
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=False, help=text)
+        elif field.annotation is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default, help=text)
         elif name in ("backend", "steps_on_device"):
             choices = [option.value for option in type(field.default)]

@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    add_model_arguments(parser)
+    add_model_arguments(parser, scoring=True)
     add_data_argument(parser, "Kaggle-layout folders: train.csv and train/<id>.png")
     parser.add_argument(
         "--subset",

@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    add_model_arguments(parser)
+    add_model_arguments(parser, scoring=True)
     add_data_argument(parser, "the Kaggle-layout folders the model was trained on")
     return parser
 

@@ -122,7 +122,7 @@ def test_a_model_that_does_not_exist_is_a_clear_error(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("module", ["app.evaluate", "app.tune", "app.predict"])
-def test_the_entrypoints_inference_options_have_the_services_names_and_defaults(module):
+def test_the_entrypoints_inference_options_have_the_services_names_and_defaults_scoring_in_float32(module):
     from importlib import import_module  # noqa: PLC0415 - one parser per parametrized entrypoint
 
     from app.cli import INFERENCE_SETTINGS  # noqa: PLC0415
@@ -132,8 +132,11 @@ def test_the_entrypoints_inference_options_have_the_services_names_and_defaults(
     required = {"app.evaluate": ["--data", "x"], "app.tune": ["--data", "x"], "app.predict": ["--images", "x"]}
     args = parser.parse_args(required[module])
     service = Settings()
+    scoring = module != "app.predict"  # evaluate and tune compute in float32, as train validates
     for name in INFERENCE_SETTINGS:
-        assert getattr(args, name) == getattr(service, name), name
+        expected = False if scoring and name == "half_precision" else getattr(service, name)
+        assert getattr(args, name) == expected, name
+    assert parser.parse_args([*required[module], "--half-precision"]).half_precision is True
     assert parser.parse_args([*required[module], "--no-half-precision", "--no-compile"]).compile is False
 
 
