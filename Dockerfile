@@ -13,8 +13,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 ARG TORCH_VERSION=2.13.0
 RUN pip install "torch==${TORCH_VERSION}"
 
-# A C++ compiler for torch.compile, which builds the network's CPU kernels at start-up (CELLSEG_COMPILE): 1.9x
-# faster in bfloat16 on CPUs with AMX. Without it the service still runs, uncompiled. Debian's current g++.
+# A C++ compiler for torch.compile, which builds the network's CPU kernels at start-up (CELLSEG_COMPILE): faster
+# in bfloat16 and float32 (docs/performance.md). Without it the service still runs, uncompiled. Debian's current g++.
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install --yes --no-install-recommends g++ \
@@ -23,7 +23,7 @@ RUN apt-get update \
 WORKDIR /app
 
 # Dependencies first, from pyproject.toml alone, so editing the code does not reinstall them. The onnx extra lets
-# CELLSEG_BACKEND=auto run the network on ONNX Runtime on CPUs without AMX (bfloat16) when CELLSEG_COMPILE=false;
+# CELLSEG_BACKEND=auto run the network on ONNX Runtime on CPUs without native bfloat16 when CELLSEG_COMPILE=false;
 # otherwise compiled PyTorch is faster there (README, "Performance").
 COPY pyproject.toml README.md ./
 RUN mkdir app && touch app/__init__.py \

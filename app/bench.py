@@ -1,9 +1,9 @@
 """`bench`: measure the network and the service on this machine, each figure beside its reference from the same run.
 
-Sections: a large matmul (the ceiling; fp32, and bfloat16 on CPUs with AMX or float16 on CUDA); the network alone
-(the default model with PyTorch in fp32 and, where available, bfloat16, compiled, ONNX Runtime, or float16 on CUDA;
-the paper's 572 U-Net with PyTorch, and on CUDA in float16 at batch 16 beside NVIDIA's published A100 figure) at
-batch 1 and its best batch; the instance step, the reference beside the torch step on the device; the service end to
+Sections: a large matmul (the ceiling; fp32, and bfloat16 on CPUs that compute it natively or float16 on CUDA); the
+network alone (the default model with PyTorch in fp32 and, where available, bfloat16, compiled, ONNX Runtime, or float16
+on CUDA; the paper's 572 U-Net with PyTorch, and on CUDA in float16 at batch 16 beside NVIDIA's published A100 figure)
+at batch 1 and its best batch; the instance step, the reference beside the torch step on the device; the service end to
 end through a real uvicorn on 127.0.0.1 (latency per format and mode, and where the time goes); throughput at several
 concurrencies (the load from app.loadgen), as shipped and with micro-batches of 8 forced; server memory (and the GPU's)
 after 50 and 500 requests. Prints a table and writes the same figures as JSON.

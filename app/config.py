@@ -27,7 +27,9 @@ class Settings(BaseSettings):
         "Runtime when installed, else PyTorch), 'torch' or 'onnxruntime' (CPU, float32)",
     )
     half_precision: bool = Field(
-        True, description="when the model allows it: float16 on CUDA, bfloat16 on CPUs with AMX (PyTorch backend)"
+        True,
+        description="when the model allows it: float16 on CUDA, bfloat16 on CPUs that compute it natively (Intel "
+        "AMX, AVX-512 BF16 as on AMD Zen 4; PyTorch backend)",
     )
     compile: bool = Field(
         True,

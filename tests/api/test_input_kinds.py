@@ -27,6 +27,7 @@ pytestmark = pytest.mark.slow
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "input-formats.md"
 GRAY = to_uint8(generate_image(np.random.default_rng(3), 256, 256, "shsy5y").image)  # 256x256, as trained
 BLANK = np.zeros_like(GRAY)
+REDUCED_PRECISION_FRAMES = 0.95
 
 
 def tiff(array: np.ndarray, **options) -> bytes:
@@ -126,6 +127,15 @@ def markdown_table() -> str:
 
 
 @pytest.fixture(scope="module")
+def frame_bar(server: str) -> float:
+    """The score a stack's frame must reach against the lone PNG's cells. In float32, 1.0: the same cells. In reduced
+    precision (bfloat16 on a CPU that computes it natively), the frames run together in one micro-batch (this server
+    takes up to 8), whose arithmetic rounds differently from the PNG's batch of one, so a few pixels move."""
+    precision = httpx.get(f"{server}/ready", timeout=60).json()["precision"]
+    return 1.0 if precision == "float32" else REDUCED_PRECISION_FRAMES
+
+
+@pytest.fixture(scope="module")
 def reference(server: str) -> np.ndarray:
     body = httpx.post(f"{server}/segment", files={"file": ("a.png", png(GRAY))}, timeout=60).json()
     assert body["cell_count"] > 3, "the reference image must have cells to compare"
@@ -137,7 +147,7 @@ def post(client: httpx.Client, kind: Kind) -> httpx.Response:
 
 
 @pytest.mark.parametrize("name", list(KINDS))
-def test_each_input_kind_gets_what_the_table_says(client, reference, name):
+def test_each_input_kind_gets_what_the_table_says(client, reference, frame_bar, name):
     kind = KINDS[name]
     response = post(client, kind)
     assert response.status_code == kind.status, response.text
@@ -147,14 +157,14 @@ def test_each_input_kind_gets_what_the_table_says(client, reference, name):
         with tifffile.TiffFile(io.BytesIO(response.content)) as labels:
             assert labels.series[0].axes == "ZYX" and labels.pages.first.dtype == np.uint16
             planes = labels.asarray()
-        assert image_score(planes[0], reference) == 1.0 and planes[1].max() == 0
+        assert image_score(planes[0], reference) >= frame_bar and planes[1].max() == 0
         assert response.headers["x-frame-count"] == "3"
     elif kind.frames is not None:
         body = response.json()
         assert body["frame_count"] == len(kind.frames) == len(body["frames"])
         for frame, image in zip(body["frames"], kind.frames, strict=True):
             found = decode_cells({**frame, "height": body["height"], "width": body["width"]})
-            assert image_score(found, reference) == 1.0 if image is not None else frame["cell_count"] == 0
+            assert image_score(found, reference) >= frame_bar if image is not None else frame["cell_count"] == 0
     elif kind.same_cells is not None:
         assert image_score(decode_cells(response.json()), reference) >= kind.same_cells
 

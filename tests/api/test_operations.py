@@ -28,7 +28,8 @@ def metric(text: str, name: str) -> float:
 
 def test_health_ready_and_models(client, trained_model):
     assert client.get("/health").json() == {"status": "ok"}
-    # As shipped (backend auto, compile on): PyTorch, compiled, in bfloat16 on CPUs with AMX, else in float32.
+    # As shipped (backend auto, compile on): PyTorch, compiled, in bfloat16 on CPUs that compute it natively, else
+    # in float32.
     precision = "bfloat16" if native_bfloat16() else "float32"
     ready = {"ready": True, "status": "ready", "model_version": "synth-v1", "device": "cpu", "backend": "torch",
              "precision": precision, "compiled": True, "tta": 1}  # fmt: skip

@@ -51,7 +51,7 @@ def test_one_export_per_input_size_serves_every_batch_size(pytorch, onnxruntime)
 
 def test_auto_picks_onnxruntime_on_the_cpu_unless_it_computes_bfloat16_natively():
     auto = Predictor.from_checkpoint(BUNDLED, device="cpu", backend="auto")
-    if native_bfloat16():  # Intel AMX: PyTorch in bfloat16 is faster still
+    if native_bfloat16():  # AMX or AVX-512 BF16: PyTorch in bfloat16 is faster still
         assert (auto.backend, auto.precision) == (Backend.TORCH, "bfloat16")
     else:
         assert (auto.backend, auto.precision) == (Backend.ONNXRUNTIME, "float32")

@@ -104,7 +104,7 @@ def test_test_time_augmentation_takes_one_two_four_or_eight_views():
         predictor(tta=3)
 
 
-def test_reduced_precision_on_the_cpu_is_bfloat16_where_amx_computes_it_and_finds_the_same_cells(sartorius):
+def test_reduced_precision_on_the_cpu_is_bfloat16_where_the_cpu_computes_it_and_finds_the_same_cells(sartorius):
     folder = resolve_model_folder(MODEL_STORE)
     fast = Predictor.from_checkpoint(folder, device="cpu", backend="torch")  # the model card allows it
     exact = Predictor.from_checkpoint(folder, device="cpu", backend="torch", half_precision=False)

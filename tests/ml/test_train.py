@@ -59,7 +59,8 @@ def test_a_few_minutes_of_training_is_far_above_an_untrained_network(trained_mod
     assert trained_score > 0.25, card["metrics"]
     assert trained_score > untrained_score + 0.2
     # The service's own predictor loads the checkpoint and reproduces the recorded score in float32, and comes
-    # close to it in the reduced precision it serves in where the hardware has one (bfloat16 on AMX CPUs).
+    # close to it in the reduced precision it serves in where the hardware has one (bfloat16 on CPUs that compute
+    # it natively).
     exact = Predictor.from_checkpoint(trained_model, device="cpu", half_precision=False)
     assert evaluate(exact, val_samples).score == pytest.approx(trained_score)
     reduced = Predictor.from_checkpoint(trained_model, device="cpu", backend="torch")
