@@ -104,6 +104,21 @@ def test_test_time_augmentation_takes_one_two_four_or_eight_views():
         predictor(tta=3)
 
 
+@pytest.mark.parametrize(
+    ("amx", "avx512_bf16", "native"),
+    [(True, False, True), (False, True, True), (False, False, False), (None, None, False)],
+)
+def test_native_bfloat16_means_amx_or_avx512_bf16(monkeypatch, amx, avx512_bf16, native):
+    """Intel AMX (Sapphire Rapids on) and AVX-512 BF16 (AMD Zen 4 on, Intel Cooper Lake) both compute bfloat16 in
+    hardware; a torch without the (private) checks counts as neither."""
+    for name, present in (("_is_amx_tile_supported", amx), ("_is_avx512_bf16_supported", avx512_bf16)):
+        if present is None:
+            monkeypatch.delattr(torch.cpu, name, raising=False)
+        else:
+            monkeypatch.setattr(torch.cpu, name, lambda present=present: present)
+    assert native_bfloat16() is native
+
+
 def test_reduced_precision_on_the_cpu_is_bfloat16_where_the_cpu_computes_it_and_finds_the_same_cells(sartorius):
     folder = resolve_model_folder(MODEL_STORE)
     fast = Predictor.from_checkpoint(folder, device="cpu", backend="torch")  # the model card allows it

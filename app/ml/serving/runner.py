@@ -26,10 +26,11 @@ def pick_device(requested: str = "auto") -> torch.device:
 
 def native_bfloat16() -> bool:
     """Whether this CPU multiplies bfloat16 in hardware: Intel AMX tiles, or the AVX-512 BF16 instructions (AMD
-    Zen 4 and later, Intel Cooper Lake). There the network runs several times faster under bfloat16 autocast than
-    in float32, with the same validation score (docs/performance.md); elsewhere bfloat16 is emulated."""
-    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")  # private, hence the guard
-    return any(bool(check()) for check in (getattr(torch.cpu, name, None) for name in checks) if check)
+    Zen 4 and later, Intel Cooper Lake). There the network runs much faster under bfloat16 autocast than in float32
+    and scores about the same (docs/performance.md); elsewhere bfloat16 is emulated."""
+    names = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")  # private functions, hence the guard
+    checks = [getattr(torch.cpu, name, None) for name in names]
+    return any(check is not None and bool(check()) for check in checks)
 
 
 def auto_backend(device: torch.device, half_precision: bool, compile_network: bool = False) -> Backend:
