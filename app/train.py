@@ -52,7 +52,7 @@ HELP = {
     "val_every": "validate every N epochs (and after the last)",
     "tune_thresholds": "after training, choose the instance thresholds that score best on validation",
     "device": "'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'",
-    "amp": "mixed precision: 'auto' (on for CUDA), 'on' or 'off'",
+    "amp": "mixed precision: 'auto' (on for CUDA and for CPUs that compute bfloat16 natively), 'on' or 'off'",
     "workers": "DataLoader worker processes",
     "torch_threads": "torch CPU threads (0: torch's default), as the service's CELLSEG_TORCH_THREADS",
     "checkpoint_every": "also save the resume state every N steps (it is always saved after each epoch)",

@@ -20,6 +20,7 @@ from app.ml.errors import CheckpointError
 from app.ml.postprocess import InstanceConfig
 from app.ml.scoring.evaluation import evaluate
 from app.ml.serving.predictor import Predictor
+from app.ml.serving.runner import native_bfloat16
 from app.ml.training import trainset
 from app.ml.training.augment import AugmentConfig, Example, augment
 from app.ml.training.trainer import STATE_FILE, TrainConfig, Trainer, load_resume_state
@@ -74,6 +75,8 @@ def test_the_run_folder_has_everything_a_person_and_the_service_need(trained_mod
     assert card["architecture"]["base_width"] == 8
     assert set(card["postprocessing"]) >= set(InstanceConfig().to_dict()) | {"cell_type_classifier"}
     assert card["training"]["args"]["epochs"] == 24
+    # --amp auto: bfloat16 autocast where this CPU computes it natively (about twice as fast), else float32.
+    assert card["training"]["summary"]["amp"] == ("bfloat16" if native_bfloat16() else "off")
     assert len(card["training"]["data"]["fingerprint"]) == 64
     assert set(card["metrics"]["validation"]["per_cell_type"]) <= {"shsy5y", "astro", "cort"}
     assert "validation_default_thresholds" in card["metrics"]
