@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from app.bench import NETWORK_OF_SERVICE, ceilings, conv_flops, network_variants, tensor_operations
+from app.bench import NETWORK_OF_SERVICE, ceilings, conv_flops, gemm_as_convolution, network_variants, tensor_operations
 from app.ml.checkpoint import resolve_model_folder
 from app.ml.unet import UNetConfig
 from tests.conftest import MODEL_STORE
@@ -39,3 +39,10 @@ def test_conv_flops_counts_a_small_u_net_as_by_hand():
 
 def test_tensor_operations_counts_each_dispatched_operation_once():
     assert tensor_operations(lambda: torch.ones(3) + 1) == 2  # aten::ones (its fill_ inside not again), aten::add
+
+
+def test_the_cpu_ceiling_s_convolution_computes_the_matmul_it_stands_for():
+    a, b = torch.randn(64, 32), torch.randn(32, 48)
+    product = gemm_as_convolution(a, b)()
+    assert product.shape == (1, 48, 1, 64)
+    torch.testing.assert_close(product[0, :, 0, :].t(), a @ b, rtol=1e-4, atol=1e-4)
