@@ -31,11 +31,11 @@ def add_model_arguments(parser: argparse.ArgumentParser, scoring: bool = False) 
         field = _SETTINGS[name]
         flag = "--" + name.replace("_", "-")
         text = f"{field.description} (CELLSEG_{name.upper()}; default: %(default)s)"
-        if name == "half_precision" and scoring:
-            text = f"{field.description} (default here: %(default)s, float32 as train validates; the service's: true)"
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=False, help=text)
-        elif field.annotation is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default, help=text)
+        if field.annotation is bool:
+            default = field.default
+            if name == "half_precision" and scoring:
+                default, text = False, f"{field.description} (default here: float32, as train validates)"
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
         elif name in ("backend", "steps_on_device"):
             choices = [option.value for option in type(field.default)]
             parser.add_argument(flag, choices=choices, default=field.default.value, help=text)
