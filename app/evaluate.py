@@ -17,9 +17,10 @@ from tqdm import tqdm
 from app.cli import add_data_argument, add_model_arguments, model_folder, predictor_from_args, setup_logging
 from app.ml.checkpoint import load_checkpoint
 from app.ml.data.kaggle import KaggleFolders, Sample
+from app.ml.data.split import Split, cross_validated, load_split
 from app.ml.errors import CellSegError
 from app.ml.scoring.evaluation import Evaluation, instance_step_maps, score_maps
-from app.ml.training.trainset import Split, load_split
+from app.ml.scoring.folds import out_of_fold_maps
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--subset",
         choices=["all", "validation"],
         default="all",
-        help="'all' images, or the 'validation' part recorded in the model's model.json (default: all)",
+        help="'all' images, or the 'validation' part recorded in the model's model.json: its held-out images, or for "
+        "a cross-validated model every image through the fold model that held it out (default: all)",
     )
     parser.add_argument("--json", metavar="FILE", help="also write the full result (per image too) as JSON")
     return parser
@@ -57,7 +59,11 @@ def report(evaluation: Evaluation) -> str:
         f"score {evaluation.score:.4f} on {evaluation.images} image(s), {evaluation.cells} cells "
         f"({evaluation.predicted_cells} predicted)"
     ]
-    lines += [f"  {cell_type:<10} {score:.4f}" for cell_type, score in evaluation.per_cell_type.items()]
+    lines += [
+        f"  {cell_type:<10} {score:.4f}  SEG {evaluation.seg_per_cell_type[cell_type]:.4f}"
+        for cell_type, score in evaluation.per_cell_type.items()
+    ]
+    lines.append(f"  SEG (Cell Tracking Challenge, mean Jaccard over labelled cells) {evaluation.seg:.4f}")
     lines.append("  per IoU threshold: " + " ".join(f"{t}:{v:.3f}" for t, v in evaluation.per_threshold.items()))
     return "\n".join(lines)
 
@@ -68,8 +74,13 @@ def main(argv: list[str] | None = None) -> None:
     try:
         checkpoint = load_checkpoint(model_folder(args))
         predictor = predictor_from_args(args, checkpoint)
-        samples = select_samples(KaggleFolders(args.data), checkpoint.split, args.subset)
-        scored = [(s, instance_step_maps(predictor, s.image)) for s in tqdm(samples, desc="evaluate", unit="img")]
+        dataset = KaggleFolders(args.data)
+        if args.subset == "validation" and cross_validated(checkpoint.split):
+            # Its validation figure is out of fold: each image through the fold model that never trained on it.
+            scored = out_of_fold_maps(checkpoint.path, dataset, lambda fold: predictor_from_args(args, fold))
+        else:
+            samples = select_samples(dataset, checkpoint.split, args.subset)
+            scored = [(s, instance_step_maps(predictor, s.image)) for s in tqdm(samples, desc="evaluate", unit="img")]
         evaluation = score_maps(scored, predictor.instances)
     except CellSegError as exc:
         print(f"evaluate: {exc}", file=sys.stderr)

@@ -1,10 +1,14 @@
-"""`train`: turn a Kaggle-layout folder (train.csv + train/<id>.png) into a served checkpoint in model_store/.
+"""`train`: turn labelled images into a served checkpoint in model_store/.
 
 Examples:
   train --data /data/sartorius --epochs 60                      # one GPU, or the CPU
   train --data /data/plate1 /data/plate2                         # several folders, one dataset
   torchrun --nproc_per_node 4 -m app.train --data /data/sartorius  # data-parallel on 4 GPUs
   train --resume model_store/unet-20261127-101500                  # continue a killed run
+  train --init model_store/sartorius-w16-v3 --data my-cells --version my-cells-v1   # teach it a lab's cells
+
+With --init, the options a fine-tuning run needs (working scale, schedule, cross-validation) default to what suits
+a lab's few labelled images; docs/finetune.md explains them.
 """
 
 from __future__ import annotations
@@ -15,8 +19,14 @@ import sys
 from dataclasses import fields
 
 from app.cli import setup_logging
+from app.ml.card import ModelCard
+from app.ml.data.kaggle import KaggleFolders
 from app.ml.errors import CellSegError
-from app.ml.training.trainer import TrainConfig, Trainer, load_resume_state
+from app.ml.training.config import SCALES, TrainConfig
+from app.ml.training.finetune import plan_for
+from app.ml.training.folds import cross_validate
+from app.ml.training.run_files import load_resume_state
+from app.ml.training.trainer import Trainer
 
 HELP = {
     "data": "one or more Kaggle-layout folders: train.csv (one row per cell) and train/<id>.png",
@@ -34,7 +44,16 @@ HELP = {
     "paper": "use the paper's unpadded convolutions (572 in -> 388 out; overlap-tile always)",
     "input_size": "side that resize mode scales every image to (the paper: 572)",
     "scale": "'resize': train at the pixel scale the service's resize mode gives images of --reference-size; "
-    "'native': train at the images' own pixels (for tile mode)",
+    "'native': train at the images' own pixels (for tile mode); 'cells': rescale the images so that the labelled "
+    "cells' median diameter becomes --cell-diameter (the default with --init)",
+    "cell_diameter": "with --scale cells: the median cell diameter to train at, in pixels at the network's scale "
+    "(default with --init: the one the --init model was trained at, from its model.json)",
+    "unlabelled_edges": "labels may leave out the cells cut by the image's edge: background within half a cell of "
+    "the edge is not taught (the default with --init)",
+    "folds": "k-fold cross-validation: K fold models each score the images the others train on, the instance step "
+    "is chosen on those out-of-fold maps, then one model trains on every image (0: a held-out split; default with "
+    "--init and up to 20 images: leave-one-out up to 5 images, else 5 folds)",
+    "cell_type": "the cell type of the images of folders that do not name one per cell (default: the folder's name)",
     "reference_size": "HEIGHTxWIDTH of the images the service will resize (default: the first image's size); "
     "e.g. 520x704 when training on crops of competition images",
     "tile_size": "network input side in tile mode",
@@ -64,28 +83,46 @@ HELP = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(given_only: bool = False) -> argparse.ArgumentParser:
+    """train's options; `given_only`: none has a default, so the parsed arguments are those the command gave."""
     parser = argparse.ArgumentParser(
         prog="train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     defaults = TrainConfig(data=[])
     for item in fields(TrainConfig):
         flag = "--" + item.name.replace("_", "-")
-        default = getattr(defaults, item.name)
+        default = argparse.SUPPRESS if given_only else getattr(defaults, item.name)
         if item.name == "data":
-            parser.add_argument(flag, nargs="+", default=[], metavar="FOLDER", help=HELP[item.name])
+            parser.add_argument(flag, nargs="+", default=default, metavar="FOLDER", help=HELP[item.name])
             continue
-        if isinstance(default, bool):
+        kind = type(getattr(defaults, item.name))
+        if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=HELP[item.name])
             continue
-        choices = {"scale": ["resize", "native"], "amp": ["auto", "on", "off"]}.get(item.name)
+        choices = {"scale": list(SCALES), "amp": ["auto", "on", "off"]}.get(item.name)
         parser.add_argument(
-            flag, type=type(default), default=default, choices=choices, help=f"{HELP[item.name]} (default: {default!r})"
+            flag, type=kind, default=default, choices=choices, help=f"{HELP[item.name]} (default: %(default)r)"
         )
     parser.add_argument(
         "--resume", metavar="RUN_FOLDER", help="continue a killed run from RUN_FOLDER/last.pt with its saved options"
     )
+    parser.add_argument(
+        "--finetune-defaults",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="with --init, default the options that suit fine-tuning on a few images (docs/finetune.md)",
+    )
     return parser
+
+
+def run(config: TrainConfig, given: set[str], finetune_defaults: bool) -> ModelCard | None:
+    """A run as the options say: fine-tuning defaults where asked for, then cross-validation or one run."""
+    if config.init and finetune_defaults:
+        dataset = KaggleFolders(config.data)
+        config = plan_for(config, given, [sample.labels for sample in dataset])
+    if config.folds:
+        return cross_validate(config, KaggleFolders(config.data).records)
+    return Trainer(config).fit()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -97,17 +134,21 @@ def main(argv: list[str] | None = None) -> None:
             card = Trainer(config, resume_state=saved).fit()
         else:
             if not args.data:
-                raise SystemExit("train: --data is required (a folder with train.csv and train/<id>.png)")
+                raise SystemExit("train: --data is required (one or more folders of labelled images)")
+            given = set(vars(build_parser(given_only=True).parse_args(argv)))
             values = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
-            card = Trainer(TrainConfig(**values)).fit()
+            card = run(TrainConfig(**values), given, args.finetune_defaults)
     except (CellSegError, FileNotFoundError, ValueError) as exc:
         print(f"train: {exc}", file=sys.stderr)
         raise SystemExit(2) from exc
     if card is not None:
+        validation = card.metrics["validation"]
         summary = {
             "version": card.version,
             "validation": card.validation_score,
-            "per_cell_type": card.metrics["validation"]["per_cell_type"],
+            "validation_kind": validation.get("kind", "held-out"),
+            "seg": validation.get("seg"),
+            "per_cell_type": validation["per_cell_type"],
         }
         print(json.dumps(summary))
 

@@ -1,7 +1,8 @@
 """`tune`: choose a trained model's instance step again on its own split, and write it into its model.json.
 
 The thresholds (default and per cell type) are chosen on the validation images; the cell-type classifier is
-fitted on the training images. `train` does the same at its end; this reruns it for a model already trained.
+fitted on the training images. For a cross-validated model (`train --folds K`), both are chosen on its fold models'
+out-of-fold maps, as train chose them. `train` does the same at its end; this reruns it for a model already trained.
 With --tta 2, 4 or 8 they are chosen on the maps averaged over that many views and kept beside the others, for the
 service and the CLIs to use when they run with that many views.
 
@@ -22,10 +23,12 @@ from app.ml.card import ModelCard
 from app.ml.celltypes import InstanceRules
 from app.ml.checkpoint import load_checkpoint, save_checkpoint
 from app.ml.data.kaggle import KaggleFolders
+from app.ml.data.split import Split, cross_validated, load_split
 from app.ml.errors import CellSegError
+from app.ml.postprocess import InstanceConfig
 from app.ml.scoring.evaluation import Evaluation
-from app.ml.training.trainer import tune_model
-from app.ml.training.trainset import Split, load_split
+from app.ml.scoring.folds import out_of_fold_maps
+from app.ml.scoring.tuning import tune_model, tune_rules
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,9 +47,13 @@ def main(argv: list[str] | None = None) -> None:
         checkpoint = load_checkpoint(model_folder(args))
         if checkpoint.split is None:
             raise CellSegError(f"{checkpoint.path}: model.json records no split to tune on")
-        train, validation = load_split(KaggleFolders(args.data), Split.from_dict(checkpoint.split))
-        predictor = predictor_from_args(args, checkpoint)
-        rules, evaluation, _ = tune_model(predictor, train, validation)
+        dataset = KaggleFolders(args.data)
+        if cross_validated(checkpoint.split):  # chosen again on the folds' out-of-fold maps, as train chose it
+            scored = out_of_fold_maps(checkpoint.path, dataset, lambda fold: predictor_from_args(args, fold))
+            rules, evaluation = tune_rules(scored, scored, InstanceConfig())
+        else:
+            train, validation = load_split(dataset, Split.from_dict(checkpoint.split))
+            rules, evaluation, _ = tune_model(predictor_from_args(args, checkpoint), train, validation)
     except (CellSegError, KeyError) as exc:
         print(f"tune: {exc}", file=sys.stderr)
         raise SystemExit(2) from exc

@@ -15,10 +15,11 @@ import numpy as np
 
 from app.ml.checkpoint import load_checkpoint
 from app.ml.data.kaggle import KaggleFolders
+from app.ml.data.split import Split, load_split
 from app.ml.postprocess import InstanceConfig
-from app.ml.scoring.evaluation import instance_step_maps, tune_rules
+from app.ml.scoring.evaluation import instance_step_maps
+from app.ml.scoring.tuning import tune_rules
 from app.ml.serving.predictor import Predictor
-from app.ml.training.trainset import Split, load_split
 
 
 def main() -> None:

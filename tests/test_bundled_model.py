@@ -19,8 +19,8 @@ from app.localserver import running_server
 from app.ml import rle
 from app.ml.checkpoint import default_version, load_checkpoint, resolve_model_folder
 from app.ml.data.kaggle import KaggleFolders
+from app.ml.data.split import Split, load_split
 from app.ml.scoring.metric import score_per_threshold
-from app.ml.training.trainset import Split, load_split
 from tests.conftest import MODEL_STORE as STORE
 from tests.conftest import REPO
 

@@ -44,30 +44,36 @@ class WeightsFile:
 
 @dataclass(frozen=True)
 class TrainingData:
-    """Which data trained the model: folders, a fingerprint of their contents, and the train/validation split."""
+    """Which data trained the model: folders, a fingerprint of their contents, the train/validation split, and the
+    median diameter of the training cells as the network saw them (pixels at its scale; 0 where not recorded), which
+    fine-tuning rescales a lab's cells to."""
 
     paths: list[str] = field(default_factory=list)
     fingerprint: str = ""
     images: int = 0
     train_cells: int = 0
     split: dict[str, Any] | None = None
+    cell_diameter: float = 0.0
 
 
 @dataclass(frozen=True)
 class TrainingRecord:
-    """How the model was trained: `train`'s options (args), its data, and a summary of the run."""
+    """How the model was trained: `train`'s options (args), its data, a summary of the run, and the model it
+    started from (version and weights' sha256) when it was fine-tuned from one."""
 
     args: dict[str, Any] = field(default_factory=dict)
     data: TrainingData = field(default_factory=TrainingData)
     summary: dict[str, Any] = field(default_factory=dict)
+    started_from: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainingRecord:
-        check_keys(data, {"args", "data", "summary"}, "training")
+        check_keys(data, {"args", "data", "summary", "started_from"}, "training")
         return cls(
             dict(data.get("args", {})),
             from_fields(TrainingData, data.get("data", {}), "training.data"),
             dict(data.get("summary", {})),
+            dict(data.get("started_from", {})),
         )
 
 

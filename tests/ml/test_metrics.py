@@ -1,7 +1,14 @@
 import numpy as np
 import pytest
 
-from app.ml.scoring.metric import THRESHOLDS, dataset_score, image_score, iou_matrix, score_per_threshold
+from app.ml.scoring.metric import (
+    THRESHOLDS,
+    dataset_score,
+    image_score,
+    iou_matrix,
+    score_per_threshold,
+    seg_jaccards,
+)
 from tests.conftest import disk
 
 SHAPE = (64, 64)
@@ -79,3 +86,23 @@ def test_dataset_score_averages_images():
     truth = labels_of(disk(SHAPE, (20, 20), 8))
     empty = np.zeros(SHAPE, dtype=np.int32)
     assert dataset_score([(truth, truth), (truth, empty)]) == 0.5
+
+
+def test_seg_scores_each_labelled_cell_by_the_predicted_cell_covering_more_than_half_of_it():
+    left, right = strip(slice(0, 10), slice(0, 10)), strip(slice(20, 30), slice(20, 30))
+    truth = labels_of(left, right)
+    # Covers 80 of left's 100 pixels exactly; covers exactly half of right (50 pixels), which is not more than half.
+    pred = labels_of(strip(slice(0, 8), slice(0, 10)), strip(slice(20, 25), slice(20, 30)))
+    assert seg_jaccards(truth, pred) == pytest.approx([0.8, 0.0])
+    # A larger cell over left: J = 100 / 120.
+    assert seg_jaccards(truth, labels_of(strip(slice(0, 12), slice(0, 10))))[0] == pytest.approx(100 / 120)
+
+
+def test_seg_costs_nothing_for_unlabelled_cells_unlike_the_competition_metric():
+    cell = disk(SHAPE, (20, 20), 8)
+    truth = labels_of(cell)
+    with_an_unlabelled_cell = labels_of(cell, disk(SHAPE, (45, 45), 8))
+    assert seg_jaccards(truth, with_an_unlabelled_cell) == pytest.approx([1.0])
+    assert image_score(truth, with_an_unlabelled_cell) == pytest.approx(0.5)
+    assert seg_jaccards(truth, np.zeros(SHAPE, dtype=np.int32)) == pytest.approx([0.0])
+    assert seg_jaccards(np.zeros(SHAPE, dtype=np.int32), truth).size == 0

@@ -9,8 +9,8 @@ from app.ml.data.synth import generate_image
 from app.ml.errors import InvalidOptionError
 from app.ml.imageio import read_image
 from app.ml.postprocess import InstanceConfig, grow_seeds, maps_to_instances, probabilities_to_instances
-from app.ml.scoring.evaluation import tune_thresholds
 from app.ml.scoring.metric import image_score, iou_matrix
+from app.ml.scoring.tuning import tune_thresholds
 from app.ml.serving.predictor import Predictor
 from app.ml.training.targets import label_to_classes
 from app.ml.unet import BORDER, INTERIOR

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from app.ml.checkpoint import list_versions, load_checkpoint
 from app.ml.data.kaggle import KaggleDataset
+from app.ml.data.split import Split, load_split, split_by_rows, split_by_sample, split_rows
 from app.ml.data.synth import write_dataset
 from app.ml.errors import CheckpointError
 from app.ml.postprocess import InstanceConfig
@@ -23,8 +24,9 @@ from app.ml.serving.predictor import Predictor
 from app.ml.serving.runner import native_bfloat16
 from app.ml.training import trainset
 from app.ml.training.augment import AugmentConfig, Example, augment
-from app.ml.training.trainer import STATE_FILE, TrainConfig, Trainer, load_resume_state
-from app.ml.training.trainset import Split, split_by_rows, split_by_sample, split_rows
+from app.ml.training.config import TrainConfig
+from app.ml.training.run_files import STATE_FILE, load_resume_state
+from app.ml.training.trainer import Trainer
 from app.train import build_parser
 
 pytestmark = pytest.mark.slow
@@ -50,7 +52,7 @@ def test_a_few_minutes_of_training_is_far_above_an_untrained_network(trained_mod
     card = json.loads((trained_model / "model.json").read_text())
     split = Split.from_dict(card["training"]["data"]["split"])
     dataset = KaggleDataset(synth_train_data)
-    _, val_samples = trainset.load_split(dataset, split)
+    _, val_samples = load_split(dataset, split)
     checkpoint = load_checkpoint(trained_model)
     torch.manual_seed(0)
     untrained = Predictor(type(checkpoint.build_model())(checkpoint.architecture), checkpoint.preprocess,

@@ -5,24 +5,23 @@ Used by validation during training and by the `evaluate` entrypoint, so both rep
 
 from __future__ import annotations
 
-import itertools
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from app.ml.celltypes import CellTypeClassifier, InstanceRules, image_contrast, map_features
+from app.ml.celltypes import InstanceRules, image_contrast
 from app.ml.data.kaggle import Sample
 from app.ml.options import Mode
-from app.ml.postprocess import InstanceConfig
-from app.ml.scoring.metric import THRESHOLDS, score_per_threshold
+from app.ml.scoring.metric import THRESHOLDS, score_per_threshold, seg_jaccards
 from app.ml.serving.predictor import Predictor
 
 
 @dataclass
 class Evaluation:
-    """The competition score of a set of images, with its parts."""
+    """The competition score of a set of images, with its parts, and the Cell Tracking Challenge's SEG measure
+    (the mean over labelled cells of their Jaccard index with the predicted cell covering most of them)."""
 
     score: float
     per_cell_type: dict[str, float]
@@ -30,6 +29,8 @@ class Evaluation:
     images: int
     cells: int
     predicted_cells: int
+    seg: float = 0.0
+    seg_per_cell_type: dict[str, float] = field(default_factory=dict)
     per_image: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -51,12 +52,14 @@ def evaluate(predictor: Predictor, samples: Iterable[Sample], rules: InstanceRul
 
 def score_maps(scored: list[tuple[Sample, np.ndarray]], rules: InstanceRules) -> Evaluation:
     """(sample, instance step maps) pairs -> Evaluation with the given instance step."""
-    rows, by_type = [], defaultdict(list)
+    rows, by_type, seg_by_type = [], defaultdict(list), defaultdict(list)
     for sample, maps in scored:
         instances = rules.find(maps, image_contrast(sample.image))
         per_threshold = score_per_threshold(sample.labels, instances.labels)
-        rows.append((sample, per_threshold, instances))
+        jaccards = seg_jaccards(sample.labels, instances.labels)
+        rows.append((sample, per_threshold, jaccards, instances))
         by_type[sample.cell_type].append(per_threshold.mean())
+        seg_by_type[sample.cell_type].append(jaccards)
     if not rows:
         raise ValueError("nothing to evaluate: the set of images is empty")
     table = np.stack([r[1] for r in rows])
@@ -65,78 +68,26 @@ def score_maps(scored: list[tuple[Sample, np.ndarray]], rules: InstanceRules) ->
         per_cell_type={k: float(np.mean(v)) for k, v in sorted(by_type.items())},
         per_threshold={f"{t:.2f}": float(v) for t, v in zip(THRESHOLDS, table.mean(axis=0), strict=True)},
         images=len(rows),
-        cells=int(sum(int(s.labels.max()) for s, _, _ in rows)),
-        predicted_cells=int(sum(found.count for _, _, found in rows)),
+        cells=int(sum(int(s.labels.max()) for s, *_ in rows)),
+        predicted_cells=int(sum(found.count for *_, found in rows)),
+        seg=_mean_over_cells([r[2] for r in rows]),
+        seg_per_cell_type={k: _mean_over_cells(v) for k, v in sorted(seg_by_type.items())},
         per_image=[
             {
                 "id": s.image_id,
                 "cell_type": s.cell_type,
                 "score": float(t.mean()),
+                "seg": _mean_over_cells([j]),
                 "cells": int(s.labels.max()),
                 "predicted": found.count,
                 "predicted_cell_type": found.cell_type,
             }
-            for s, t, found in rows
+            for s, t, j, found in rows
         ],
     )
 
 
-# Searched in rounds: the two probability thresholds together, then the smallest cell at the best pair, then the
-# smallest seed (a larger one merges the fragments a thin cell's interior breaks into).
-THRESHOLD_GRID = {
-    "foreground_threshold": (0.3, 0.4, 0.5, 0.6, 0.7, 0.8),
-    "seed_threshold": (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
-}
-ONE_AT_A_TIME = {
-    "min_cell_area": (24, 64, 128, 256, 512, 1024, 2048),
-    "min_seed_area": (2, 4, 8, 12, 16, 24, 32, 48, 64),
-}
-
-
-def tune_thresholds(scored: list[tuple[Sample, np.ndarray]], base: InstanceConfig) -> tuple[InstanceConfig, float]:
-    """Search THRESHOLD_GRID, then each of ONE_AT_A_TIME in turn, on already computed instance step maps; the best
-    config and its score (the config a round starts from wins ties)."""
-    candidates = [
-        base.with_overrides(foreground_threshold=foreground, seed_threshold=seed)
-        for foreground, seed in itertools.product(*THRESHOLD_GRID.values())
-    ]
-    best = _best(scored, [base, *candidates])
-    for name, values in ONE_AT_A_TIME.items():
-        best = _best(scored, [best[0], *(best[0].with_overrides(**{name: value}) for value in values)])
-    return best
-
-
-def _features(rules: InstanceRules, sample: Sample, maps: np.ndarray) -> np.ndarray:
-    return map_features(maps, image_contrast(sample.image), rules.default)
-
-
-def _best(scored: list[tuple[Sample, np.ndarray]], configs: list[InstanceConfig]) -> tuple[InstanceConfig, float]:
-    scores = [score_maps(scored, InstanceRules(config)).score for config in configs]
-    index = int(np.argmax(scores))  # the first of equal scores
-    return configs[index], scores[index]
-
-
-def tune_rules(
-    train: list[tuple[Sample, np.ndarray]], validation: list[tuple[Sample, np.ndarray]], base: InstanceConfig
-) -> tuple[InstanceRules, Evaluation]:
-    """The whole instance step, chosen by measurement:
-
-    1. default thresholds: the best on all validation images;
-    2. the cell-type classifier: fitted on the training images' maps under the default thresholds;
-    3. per cell type, thresholds of its own where they beat the default on that type's validation images.
-    Returns the rules and their evaluation on validation, cell types picked by the classifier as in serving.
-    """
-    default, _ = tune_thresholds(validation, base)
-    rules = InstanceRules(default)
-    types = sorted({sample.cell_type for sample, _ in train + validation})
-    if len(types) > 1:
-        features = np.stack([_features(rules, sample, maps) for sample, maps in train])
-        rules = InstanceRules(default, {}, CellTypeClassifier.fit(features, [s.cell_type for s, _ in train]))
-        for cell_type in types:
-            of_type = [(s, p) for s, p in validation if s.cell_type == cell_type]
-            if not of_type:
-                continue
-            config, _ = tune_thresholds(of_type, default)
-            if config != default:  # the default wins ties, so another config scored strictly higher
-                rules = rules.for_cell_type(cell_type, config)
-    return rules, score_maps(validation, rules)
+def _mean_over_cells(jaccards: list[np.ndarray]) -> float:
+    """SEG of a set of images: every labelled cell counts once (0 where none is labelled)."""
+    joined = np.concatenate(jaccards) if jaccards else np.zeros(0)
+    return float(joined.mean()) if joined.size else 0.0

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from app.ml.data.kaggle import KaggleDataset, KaggleFolders, Sample
+from app.ml.data.kaggle import Sample
 from app.ml.training.augment import AugmentConfig, Example, augment, random_crop
 from app.ml.training.targets import centre_map, label_to_classes, weight_map
 from app.ml.transforms import normalize, resize_image, resize_labels, scaled_size
@@ -27,89 +27,36 @@ class TargetConfig:
     sigma: float = 5.0
 
 
-@dataclass(frozen=True)
-class Split:
-    """Which images train and which validate. kind 'sample': whole images by sample_id. kind 'rows': every
-    image's bottom `holdout_rows` fraction validates and the rest trains (for one-image datasets)."""
+def prepare_example(
+    sample: Sample, pixel_scale: tuple[float, float], targets: TargetConfig, unknown_edge: int = 0
+) -> Example:
+    """A sample at the model's pixel scale with its classes and weight map: computed once, then cropped often.
 
-    kind: str
-    train_ids: list[str]
-    val_ids: list[str]
-    holdout_rows: float = 0.0
-
-    def to_dict(self) -> dict:
-        return {"kind": self.kind, "holdout_rows": self.holdout_rows, "train": self.train_ids, "val": self.val_ids}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> Split:
-        return cls(data["kind"], list(data["train"]), list(data["val"]), float(data.get("holdout_rows", 0.0)))
-
-
-def split_by_sample(dataset: KaggleDataset | KaggleFolders, val_fraction: float, seed: int) -> Split:
-    """Put whole sample_ids in validation, about val_fraction of each cell type's samples (at least one of every
-    type that has two or more), so no sample is in both sets and every type is validated. Same seed, same split."""
-    types_of = {r.sample_id: r.cell_type for r in dataset.records}
-    if len(types_of) < 2:
-        raise ValueError(
-            f"the data has {len(types_of)} sample_id; a split by sample needs at least 2. "
-            "Use --holdout-rows to validate on the bottom part of every image instead"
-        )
-    rng = np.random.default_rng(seed)
-    val_samples: set[str] = set()
-    for cell_type in sorted(set(types_of.values())):
-        samples = sorted(s for s, t in types_of.items() if t == cell_type)
-        n_val = min(max(1, round(val_fraction * len(samples))), len(samples) - 1)
-        val_samples.update(samples[i] for i in rng.permutation(len(samples))[:n_val])
-    if not val_samples:  # every type has a single sample: validate on one of them
-        val_samples.add(sorted(types_of)[int(rng.integers(len(types_of)))])
-    train = [r.image_id for r in dataset.records if r.sample_id not in val_samples]
-    val = [r.image_id for r in dataset.records if r.sample_id in val_samples]
-    return Split("sample", train, val)
-
-
-def split_by_rows(dataset: KaggleDataset | KaggleFolders, holdout_rows: float) -> Split:
-    if not 0.0 < holdout_rows < 1.0:
-        raise ValueError(f"--holdout-rows must be between 0 and 1, got {holdout_rows}")
-    ids = dataset.image_ids
-    return Split("rows", ids, ids, holdout_rows)
-
-
-def split_rows(sample: Sample, holdout_rows: float) -> tuple[Sample, Sample]:
-    """(top part for training, bottom `holdout_rows` fraction for validation) of one image.
-
-    Cells are cut at the line and renumbered in each part; cells the line leaves with no pixels disappear.
-    """
-    cut = sample.image.shape[0] - max(1, round(sample.image.shape[0] * holdout_rows))
-    return _rows(sample, slice(0, cut)), _rows(sample, slice(cut, None))
-
-
-def _rows(sample: Sample, rows: slice) -> Sample:
-    labels = sample.labels[rows]
-    present = np.unique(labels[labels > 0])
-    renumber = np.zeros(int(sample.labels.max()) + 1, dtype=np.int32)
-    renumber[present] = np.arange(1, present.size + 1)
-    types = [sample.cell_types[i - 1] for i in present] if sample.cell_types else []
-    return Sample(sample.image_id, sample.image[rows], renumber[labels], types, dict(sample.metadata))
-
-
-def load_split(dataset: KaggleDataset | KaggleFolders, split: Split) -> tuple[list[Sample], list[Sample]]:
-    """Load the (train, validation) Samples a split names."""
-    index = {image_id: i for i, image_id in enumerate(dataset.image_ids)}
-    if split.kind == "rows":
-        parts = [split_rows(dataset.load(index[i]), split.holdout_rows) for i in split.train_ids]
-        return [p[0] for p in parts], [p[1] for p in parts]
-    return [dataset.load(index[i]) for i in split.train_ids], [dataset.load(index[i]) for i in split.val_ids]
-
-
-def prepare_example(sample: Sample, pixel_scale: tuple[float, float], targets: TargetConfig) -> Example:
-    """A sample at the model's pixel scale with its classes and weight map: computed once, then cropped often."""
+    `unknown_edge`: background within this many pixels (at the model's scale) of the image's edge is not taught
+    (weight 0), for labels that leave out the cells the edge cuts."""
     size = scaled_size(sample.image.shape, pixel_scale)
     labels = resize_labels(sample.labels, size)
     classes = label_to_classes(labels, targets.border_width)
     weights = weight_map(labels, classes, targets.w0, targets.sigma)
+    if unknown_edge > 0:
+        weights[(labels == 0) & ~_inner_region(labels.shape, unknown_edge)] = 0.0
     # float16 halves the cache; weights and centres are only ever compared with outputs in a loss.
     image = normalize(resize_image(sample.image, size))
     return Example(image, classes, weights.astype(np.float16), centre_map(labels).astype(np.float16))
+
+
+def _inner_region(shape: tuple[int, int], margin: int) -> np.ndarray:
+    """(H, W) bool: True farther than `margin` pixels from every edge."""
+    inner = np.zeros(shape, dtype=bool)
+    inner[margin : shape[0] - margin, margin : shape[1] - margin] = True
+    return inner
+
+
+def median_cell_diameter(label_images: list[np.ndarray]) -> float:
+    """The median over every labelled cell of its equivalent diameter (that of a disk of its area), in pixels."""
+    areas = np.concatenate([np.bincount(labels.ravel())[1:] for labels in label_images] or [np.zeros(0)])
+    areas = areas[areas > 0]
+    return float(2.0 * np.sqrt(np.median(areas) / np.pi)) if areas.size else 0.0
 
 
 @dataclass(frozen=True)
