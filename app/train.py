@@ -1,10 +1,12 @@
-"""`train`: turn a Kaggle-layout folder (train.csv + train/<id>.png) into a served checkpoint in model_store/.
+"""`train`: turn labelled folders (Kaggle's train.csv, label images, CTC, COCO, GeoJSON, ROI sets) into a served
+checkpoint in model_store/.
 
 Examples:
   train --data /data/sartorius --epochs 60                      # one GPU, or the CPU
   train --data /data/plate1 /data/plate2                         # several folders, one dataset
   torchrun --nproc_per_node 4 -m app.train --data /data/sartorius  # data-parallel on 4 GPUs
   train --resume model_store/unet-20261127-101500                  # continue a killed run
+  train --data /data/lab-u373 --cell-type u373 --init model_store/sartorius-w16-v3  # a lab's cells, fine-tuned
 """
 
 from __future__ import annotations
@@ -14,12 +16,12 @@ import json
 import sys
 from dataclasses import fields
 
-from app.cli import setup_logging
+from app.cli import CELL_TYPE_HELP, DATA_HELP, setup_logging
 from app.ml.errors import CellSegError
 from app.ml.training.trainer import TrainConfig, Trainer, load_resume_state
 
 HELP = {
-    "data": "one or more Kaggle-layout folders: train.csv (one row per cell) and train/<id>.png",
+    "data": f"one or more {DATA_HELP}",
     "out": "model store to write the run folder <out>/<version>/ into",
     "version": "name of the run folder (default: unet-<UTC timestamp>)",
     "seed": "seed of the split, the initial weights, and every crop and augmentation",
@@ -61,6 +63,7 @@ HELP = {
     "draws every astrocyte image 3 times, every other image once)",
     "init": "start from these weights instead of random ones (same architecture): a model folder, or a run's "
     "RUN_FOLDER/last.pt (where its schedule ended); for fine-tuning, or a second schedule after a run",
+    "cell_type": CELL_TYPE_HELP,
 }
 
 
@@ -97,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
             card = Trainer(config, resume_state=saved).fit()
         else:
             if not args.data:
-                raise SystemExit("train: --data is required (a folder with train.csv and train/<id>.png)")
+                raise SystemExit("train: --data is required (labelled folders: train --help says which layouts)")
             values = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
             card = Trainer(TrainConfig(**values)).fit()
     except (CellSegError, FileNotFoundError, ValueError) as exc:

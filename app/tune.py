@@ -3,7 +3,8 @@
 The thresholds (default and per cell type) are chosen on the validation images; the cell-type classifier is
 fitted on the training images. `train` does the same at its end; this reruns it for a model already trained.
 With --tta 2, 4 or 8 they are chosen on the maps averaged over that many views and kept beside the others, for the
-service and the CLIs to use when they run with that many views.
+service and the CLIs to use when they run with that many views. Without --cell-type, the folders' cells are of
+the cell type the model was trained with (`train --cell-type`, else each folder's name).
 
 Examples:
   tune --model model_store/unet-20261127-101500 --data /data/sartorius-reconstructed /data/sartorius
@@ -17,11 +18,11 @@ import json
 import sys
 from dataclasses import replace
 
-from app.cli import add_data_argument, add_model_arguments, model_folder, predictor_from_args, setup_logging
+from app.cli import DATA_HELP, add_data_argument, add_model_arguments, model_folder, predictor_from_args, setup_logging
 from app.ml.card import ModelCard
 from app.ml.celltypes import InstanceRules
 from app.ml.checkpoint import load_checkpoint, save_checkpoint
-from app.ml.data.kaggle import KaggleFolders
+from app.ml.data.labelled import open_labelled
 from app.ml.errors import CellSegError
 from app.ml.scoring.evaluation import Evaluation
 from app.ml.training.trainer import tune_model
@@ -33,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_model_arguments(parser, scoring=True)
-    add_data_argument(parser, "the Kaggle-layout folders the model was trained on")
+    add_data_argument(parser, f"the folders the model was trained on: {DATA_HELP}")
     return parser
 
 
@@ -44,7 +45,10 @@ def main(argv: list[str] | None = None) -> None:
         checkpoint = load_checkpoint(model_folder(args))
         if checkpoint.split is None:
             raise CellSegError(f"{checkpoint.path}: model.json records no split to tune on")
-        train, validation = load_split(KaggleFolders(args.data), Split.from_dict(checkpoint.split))
+        # The cell type the model was trained with, unless given: its thresholds and classifier are per type.
+        trained_as = checkpoint.card.training.args.get("cell_type") if checkpoint.card.training else None
+        dataset = open_labelled(args.data, args.cell_type or trained_as)
+        train, validation = load_split(dataset, Split.from_dict(checkpoint.split))
         predictor = predictor_from_args(args, checkpoint)
         rules, evaluation, _ = tune_model(predictor, train, validation)
     except (CellSegError, KeyError) as exc:

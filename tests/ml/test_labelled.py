@@ -10,6 +10,7 @@ import tifffile
 from PIL import Image
 from pycocotools import mask as coco_mask
 
+from app.evaluate import main as evaluate
 from app.ml import exports
 from app.ml.data.kaggle import KaggleFolders
 from app.ml.data.labelled import LAYOUTS, open_labelled
@@ -18,7 +19,7 @@ from app.ml.imageio import read_image
 from app.ml.postprocess import Instances
 from app.ml.render import label_png
 from app.ml.serving.pipeline import describe_cells
-from tests.conftest import LAB_HELA, LAB_U373, disk, shared_lab_folder
+from tests.conftest import LAB_HELA, LAB_U373, MODEL_STORE, disk, shared_lab_folder
 
 SHAPE = (96, 128)
 
@@ -490,3 +491,23 @@ def test_the_real_hela_folder_is_cellpose_pairs_of_10_to_14_cells(lab_hela):
         # 16-bit images of values about 30..255: divided by 65535, as the service decodes the same upload
         assert sample.image.max() < 256 / 65535 and sample.image.shape == (512, 512)
         assert sample.cell_types == ["hela"] * int(sample.labels.max())
+
+
+def test_evaluate_scores_the_shipped_model_on_the_u373_folder(lab_u373, capsys):
+    evaluate(
+        [
+            "--model",
+            str(MODEL_STORE / "sartorius-w16-v3"),
+            "--data",
+            str(lab_u373),
+            "--cell-type",
+            "u373",
+            "--no-compile",
+            "--backend",
+            "torch",
+            "--torch-threads",
+            "2",
+        ]
+    )
+    printed = capsys.readouterr().out
+    assert "on 5 image(s), 28 cells" in printed and "u373" in printed

@@ -40,7 +40,8 @@ from app.ml.checkpoint import (
     save_checkpoint,
     set_default_version,
 )
-from app.ml.data.kaggle import KaggleFolders, Sample
+from app.ml.data.kaggle import Sample
+from app.ml.data.labelled import open_labelled
 from app.ml.errors import CheckpointError
 from app.ml.postprocess import InstanceConfig
 from app.ml.scoring.evaluation import Evaluation, instance_step_maps, score_maps, tune_rules
@@ -109,6 +110,7 @@ class TrainConfig:
     set_default: bool = False
     init: str = ""
     oversample: str = ""
+    cell_type: str = ""
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
@@ -216,7 +218,7 @@ class Trainer:
 
     def _load_data(self, resume_state: dict[str, Any] | None) -> None:
         cfg = self.config
-        self.dataset = KaggleFolders(cfg.data)
+        self.dataset = open_labelled(cfg.data, cfg.cell_type or None)
         if resume_state is not None:
             self.split = Split.from_dict(resume_state["split"])
         elif cfg.holdout_rows:

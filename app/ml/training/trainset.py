@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from app.ml.data.kaggle import KaggleDataset, KaggleFolders, Sample
+from app.ml.data.labelled import LabelledFolders
 from app.ml.training.augment import AugmentConfig, Example, augment, random_crop
 from app.ml.training.targets import centre_map, label_to_classes, weight_map
 from app.ml.transforms import normalize, resize_image, resize_labels, scaled_size
@@ -45,7 +46,7 @@ class Split:
         return cls(data["kind"], list(data["train"]), list(data["val"]), float(data.get("holdout_rows", 0.0)))
 
 
-def split_by_sample(dataset: KaggleDataset | KaggleFolders, val_fraction: float, seed: int) -> Split:
+def split_by_sample(dataset: KaggleDataset | KaggleFolders | LabelledFolders, val_fraction: float, seed: int) -> Split:
     """Put whole sample_ids in validation, about val_fraction of each cell type's samples (at least one of every
     type that has two or more), so no sample is in both sets and every type is validated. Same seed, same split."""
     types_of = {r.sample_id: r.cell_type for r in dataset.records}
@@ -67,7 +68,7 @@ def split_by_sample(dataset: KaggleDataset | KaggleFolders, val_fraction: float,
     return Split("sample", train, val)
 
 
-def split_by_rows(dataset: KaggleDataset | KaggleFolders, holdout_rows: float) -> Split:
+def split_by_rows(dataset: KaggleDataset | KaggleFolders | LabelledFolders, holdout_rows: float) -> Split:
     if not 0.0 < holdout_rows < 1.0:
         raise ValueError(f"--holdout-rows must be between 0 and 1, got {holdout_rows}")
     ids = dataset.image_ids
@@ -92,7 +93,9 @@ def _rows(sample: Sample, rows: slice) -> Sample:
     return Sample(sample.image_id, sample.image[rows], renumber[labels], types, dict(sample.metadata))
 
 
-def load_split(dataset: KaggleDataset | KaggleFolders, split: Split) -> tuple[list[Sample], list[Sample]]:
+def load_split(
+    dataset: KaggleDataset | KaggleFolders | LabelledFolders, split: Split
+) -> tuple[list[Sample], list[Sample]]:
     """Load the (train, validation) Samples a split names."""
     index = {image_id: i for i, image_id in enumerate(dataset.image_ids)}
     if split.kind == "rows":
