@@ -53,8 +53,21 @@ def predictor_from_args(args: argparse.Namespace, source: Checkpoint | Path | No
     return predictor
 
 
+DATA_HELP = (
+    "labelled folders, each in its layout: Kaggle (train.csv + train/<id>.png), label image pairs (NAME.tif + "
+    "NAME_masks.tif; images/ + masks/), Cell Tracking Challenge (01/ + 01_GT/SEG/), COCO JSON, QuPath GeoJSON or a "
+    "Fiji ROI set per image (NAME.geojson, NAME.zip), or the service's own output files"
+)
+CELL_TYPE_HELP = (
+    "the cell type of every cell in the --data folders (default: each folder's name); Kaggle folders keep their "
+    "train.csv's cell_type column"
+)
+
+
 def add_data_argument(parser: argparse.ArgumentParser, help_text: str) -> None:
+    """--data FOLDER ... and --cell-type NAME (the cell type of the folders' cells; Kaggle folders name their own)."""
     parser.add_argument("--data", nargs="+", required=True, metavar="FOLDER", help=help_text)
+    parser.add_argument("--cell-type", metavar="NAME", help=CELL_TYPE_HELP)
 
 
 def model_folder(args: argparse.Namespace) -> Path:

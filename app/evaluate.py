@@ -1,8 +1,9 @@
-"""`evaluate`: score a checkpoint on a labelled Kaggle-layout folder with the competition metric, per cell type.
+"""`evaluate`: score a checkpoint on labelled folders with the competition metric, per cell type.
 
 Examples:
   evaluate --model model_store/default-v1 --data /data/sartorius                      # every image
   evaluate --model model_store/default-v1 --data /data/sartorius --subset validation  # its own validation split
+  evaluate --model model_store/default-v1 --data /data/lab-u373 --cell-type u373      # a lab's CTC folder
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from app.cli import add_data_argument, add_model_arguments, model_folder, predictor_from_args, setup_logging
+from app.cli import DATA_HELP, add_data_argument, add_model_arguments, model_folder, predictor_from_args, setup_logging
 from app.ml.checkpoint import load_checkpoint
-from app.ml.data.kaggle import KaggleFolders, Sample
+from app.ml.data.kaggle import Sample
+from app.ml.data.labelled import LabelledFolders, open_labelled
 from app.ml.data.split import Split, cross_validated, load_split
 from app.ml.errors import CellSegError
 from app.ml.scoring.evaluation import Evaluation, instance_step_maps, score_maps
@@ -28,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_model_arguments(parser, scoring=True)
-    add_data_argument(parser, "Kaggle-layout folders: train.csv and train/<id>.png")
+    add_data_argument(parser, DATA_HELP)
     parser.add_argument(
         "--subset",
         choices=["all", "validation"],
@@ -40,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def select_samples(dataset: KaggleFolders, split: dict | None, subset: str) -> list[Sample]:
+def select_samples(dataset: LabelledFolders, split: dict | None, subset: str) -> list[Sample]:
     """All samples, or the model's validation part of them (whole images, or held-out bottom rows)."""
     if subset == "all":
         return list(tqdm(dataset, total=len(dataset), desc="load", unit="img", leave=False))
@@ -74,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         checkpoint = load_checkpoint(model_folder(args))
         predictor = predictor_from_args(args, checkpoint)
-        dataset = KaggleFolders(args.data)
+        dataset = open_labelled(args.data, args.cell_type)
         if args.subset == "validation" and cross_validated(checkpoint.split):
             # Its validation figure is out of fold: each image through the fold model that never trained on it.
             scored = out_of_fold_maps(checkpoint.path, dataset, lambda fold: predictor_from_args(args, fold))

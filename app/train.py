@@ -1,4 +1,5 @@
-"""`train`: turn labelled images into a served checkpoint in model_store/.
+"""`train`: turn labelled folders (Kaggle's train.csv, label images, CTC, COCO, GeoJSON, ROI sets) into a served
+checkpoint in model_store/.
 
 Examples:
   train --data /data/sartorius --epochs 60                      # one GPU, or the CPU
@@ -18,9 +19,9 @@ import json
 import sys
 from dataclasses import fields
 
-from app.cli import setup_logging
+from app.cli import CELL_TYPE_HELP, DATA_HELP, setup_logging
 from app.ml.card import ModelCard
-from app.ml.data.kaggle import KaggleFolders
+from app.ml.data.labelled import open_labelled
 from app.ml.errors import CellSegError
 from app.ml.training.config import SCALES, TrainConfig
 from app.ml.training.finetune import plan_for
@@ -29,7 +30,7 @@ from app.ml.training.run_files import load_resume_state
 from app.ml.training.trainer import Trainer
 
 HELP = {
-    "data": "one or more Kaggle-layout folders: train.csv (one row per cell) and train/<id>.png",
+    "data": f"one or more {DATA_HELP}",
     "out": "model store to write the run folder <out>/<version>/ into",
     "version": "name of the run folder (default: unet-<UTC timestamp>)",
     "seed": "seed of the split, the initial weights, and every crop and augmentation",
@@ -53,7 +54,6 @@ HELP = {
     "folds": "k-fold cross-validation: K fold models each score the images the others train on, the instance step "
     "is chosen on those out-of-fold maps, then one model trains on every image (0: a held-out split; default with "
     "--init and up to 20 images: leave-one-out up to 5 images, else 5 folds)",
-    "cell_type": "the cell type of the images of folders that do not name one per cell (default: the folder's name)",
     "reference_size": "HEIGHTxWIDTH of the images the service will resize (default: the first image's size); "
     "e.g. 520x704 when training on crops of competition images",
     "tile_size": "network input side in tile mode",
@@ -80,6 +80,7 @@ HELP = {
     "draws every astrocyte image 3 times, every other image once)",
     "init": "start from these weights instead of random ones (same architecture): a model folder, or a run's "
     "RUN_FOLDER/last.pt (where its schedule ended); for fine-tuning, or a second schedule after a run",
+    "cell_type": CELL_TYPE_HELP,
 }
 
 
@@ -118,10 +119,10 @@ def build_parser(given_only: bool = False) -> argparse.ArgumentParser:
 def run(config: TrainConfig, given: set[str], finetune_defaults: bool) -> ModelCard | None:
     """A run as the options say: fine-tuning defaults where asked for, then cross-validation or one run."""
     if config.init and finetune_defaults:
-        dataset = KaggleFolders(config.data)
+        dataset = open_labelled(config.data, config.cell_type or None)
         config = plan_for(config, given, [sample.labels for sample in dataset])
     if config.folds:
-        return cross_validate(config, KaggleFolders(config.data).records)
+        return cross_validate(config, open_labelled(config.data, config.cell_type or None).records)
     return Trainer(config).fit()
 
 

@@ -4,7 +4,8 @@ The thresholds (default and per cell type) are chosen on the validation images; 
 fitted on the training images. For a cross-validated model (`train --folds K`), both are chosen on its fold models'
 out-of-fold maps, as train chose them. `train` does the same at its end; this reruns it for a model already trained.
 With --tta 2, 4 or 8 they are chosen on the maps averaged over that many views and kept beside the others, for the
-service and the CLIs to use when they run with that many views.
+service and the CLIs to use when they run with that many views. Without --cell-type, the folders' cells are of
+the cell type the model was trained with (`train --cell-type`, else each folder's name).
 
 Examples:
   tune --model model_store/unet-20261127-101500 --data /data/sartorius-reconstructed /data/sartorius
@@ -18,11 +19,11 @@ import json
 import sys
 from dataclasses import replace
 
-from app.cli import add_data_argument, add_model_arguments, model_folder, predictor_from_args, setup_logging
+from app.cli import DATA_HELP, add_data_argument, add_model_arguments, model_folder, predictor_from_args, setup_logging
 from app.ml.card import ModelCard
 from app.ml.celltypes import InstanceRules
 from app.ml.checkpoint import load_checkpoint, save_checkpoint
-from app.ml.data.kaggle import KaggleFolders
+from app.ml.data.labelled import open_labelled
 from app.ml.data.split import Split, cross_validated, load_split
 from app.ml.errors import CellSegError
 from app.ml.postprocess import InstanceConfig
@@ -36,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_model_arguments(parser, scoring=True)
-    add_data_argument(parser, "the Kaggle-layout folders the model was trained on")
+    add_data_argument(parser, f"the folders the model was trained on: {DATA_HELP}")
     return parser
 
 
@@ -47,7 +48,9 @@ def main(argv: list[str] | None = None) -> None:
         checkpoint = load_checkpoint(model_folder(args))
         if checkpoint.split is None:
             raise CellSegError(f"{checkpoint.path}: model.json records no split to tune on")
-        dataset = KaggleFolders(args.data)
+        # The cell type the model was trained with, unless given: its thresholds and classifier are per type.
+        trained_as = checkpoint.card.training.args.get("cell_type") if checkpoint.card.training else None
+        dataset = open_labelled(args.data, args.cell_type or trained_as)
         if cross_validated(checkpoint.split):  # chosen again on the folds' out-of-fold maps, as train chose it
             scored = out_of_fold_maps(checkpoint.path, dataset, lambda fold: predictor_from_args(args, fold))
             rules, evaluation = tune_rules(scored, scored, InstanceConfig())
@@ -65,12 +68,13 @@ def main(argv: list[str] | None = None) -> None:
 def with_rules(card: ModelCard, tta: int, rules: InstanceRules, evaluation: Evaluation) -> ModelCard:
     """The card with `rules` as its instance step for `tta` views, and their validation figures: without test-time
     augmentation its instance step and "validation"; with, postprocessing_by_tta and "validation_tta_<views>"."""
+    figures = {"kind": "out-of-fold" if cross_validated(card.split) else "held-out", **evaluation.to_dict()}
     if tta == 1:
-        return replace(card, postprocessing=rules, metrics={**card.metrics, "validation": evaluation.to_dict()})
+        return replace(card, postprocessing=rules, metrics={**card.metrics, "validation": figures})
     return replace(
         card,
         postprocessing_by_tta={**card.postprocessing_by_tta, tta: rules},
-        metrics={**card.metrics, f"validation_tta_{tta}": evaluation.to_dict()},
+        metrics={**card.metrics, f"validation_tta_{tta}": figures},
     )
 
 

@@ -15,20 +15,27 @@ MODEL_STORE = REPO / "model_store"  # its DEFAULT names the shipped model
 SHARED_DATA = Path(os.environ.get("CELLSEG_SHARED_DATA", REPO.parent / "shared" / "data"))
 SARTORIUS = SHARED_DATA / "sartorius"
 RECONSTRUCTED = SHARED_DATA / "sartorius-reconstructed"
+LAB_U373 = SHARED_DATA / "lab-u373"  # Cell Tracking Challenge layout
+LAB_HELA = SHARED_DATA / "lab-hela"  # Cellpose's NAME.tif + NAME_masks.tif
 
 
-def shared_folder(folder: Path) -> Path:
-    """A folder of the real competition data beside the project. Without it the test is skipped, saying how to
-    get it, except in CI (CI=true), which has it and must run every test."""
-    if not (folder / "train.csv").is_file():
+def shared_folder(folder: Path, marker: str = "train.csv") -> Path:
+    """A folder of the real data beside the project, found by a file it holds (`marker`). Without it the test is
+    skipped, saying how to get it, except in CI (CI=true), which has it and must run every test."""
+    if not (folder / marker).is_file():
         message = (
-            f"real competition data not found at {folder}: put the project's shared/data folder beside the "
+            f"real data not found at {folder}: put the project's shared/data folder beside the "
             "checkout (../shared/data) or point CELLSEG_SHARED_DATA at a copy of it"
         )
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
     return folder
+
+
+def shared_lab_folder(folder: Path) -> Path:
+    """A lab's labelled folder in ../shared/data (no train.csv: found by its README.md), as shared_folder."""
+    return shared_folder(folder, "README.md")
 
 
 @pytest.fixture(scope="session")

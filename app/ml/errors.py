@@ -22,7 +22,7 @@ class InvalidRLEError(CellSegError, ValueError):
 
 
 class DatasetError(CellSegError):
-    """A Kaggle-layout folder has problems; the message lists every one with its line number."""
+    """A labelled folder has problems; the message lists every one with its file (and line, in a CSV)."""
 
 
 class CheckpointError(CellSegError):

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from app.ml.card import ModelCard, TrainingData, TrainingRecord
 from app.ml.celltypes import InstanceRules, image_contrast
 from app.ml.checkpoint import load_checkpoint, read_card
-from app.ml.data.kaggle import KaggleFolders
+from app.ml.data.labelled import LabelledFolders, open_labelled
 from app.ml.data.split import Split, load_split, split_by_rows, split_by_sample
 from app.ml.scoring.evaluation import Evaluation, instance_step_maps, score_maps
 from app.ml.scoring.tuning import Scored, tune_model
@@ -113,7 +113,7 @@ class Trainer:
         if self.device.type == "cpu":
             torch.use_deterministic_algorithms(True, warn_only=True)
         # The data
-        self.dataset = KaggleFolders(config.data)
+        self.dataset = open_labelled(config.data, config.cell_type or None)
         self.split = _choose_split(self.dataset, config, resume_state, split)
         self.train_samples, self.val_samples = load_split(self.dataset, self.split)
         if not self.val_samples and chosen is None:
@@ -404,7 +404,7 @@ def _figures(evaluation: Evaluation) -> dict[str, Any]:
 
 
 def _choose_split(
-    dataset: KaggleFolders, config: TrainConfig, resume_state: dict[str, Any] | None, split: Split | None
+    dataset: LabelledFolders, config: TrainConfig, resume_state: dict[str, Any] | None, split: Split | None
 ) -> Split:
     if split is not None:
         return split
