@@ -44,9 +44,9 @@ class WeightsFile:
 
 @dataclass(frozen=True)
 class TrainingData:
-    """Which data trained the model: folders, a fingerprint of their contents, the train/validation split, and the
-    median diameter of the training cells as the network saw them (pixels at its scale; 0 where not recorded), which
-    fine-tuning rescales a lab's cells to."""
+    """Which data trained the model: folders (and the layout of each), a fingerprint of their contents, the
+    train/validation split, and the median diameter of the training cells as the network saw them (pixels at its
+    scale; 0 where not recorded), which fine-tuning rescales a lab's cells to."""
 
     paths: list[str] = field(default_factory=list)
     fingerprint: str = ""
@@ -54,6 +54,7 @@ class TrainingData:
     train_cells: int = 0
     split: dict[str, Any] | None = None
     cell_diameter: float = 0.0
+    layouts: dict[str, str] = field(default_factory=dict)  # folder -> the layout its labels were read in
 
 
 @dataclass(frozen=True)
@@ -116,9 +117,14 @@ class ModelCard:
         the machine that trained the model (nor its output and starting-point paths)."""
         if self.training is None:
             return self
-        names = [PurePath(path).name for path in self.training.data.paths]
+        data = self.training.data
+        names = [PurePath(path).name for path in data.paths]
+        layouts = {PurePath(path).name: layout for path, layout in data.layouts.items()}
         args = {key: value for key, value in self.training.args.items() if key not in _PATH_ARGS}
-        training = replace(self.training, args=args, data=replace(self.training.data, paths=names))
+        started_from = {key: value for key, value in self.training.started_from.items() if key != "path"}
+        training = replace(
+            self.training, args=args, data=replace(data, paths=names, layouts=layouts), started_from=started_from
+        )
         return replace(self, training=training)
 
     def with_weights(self, file: str, sha256: str) -> ModelCard:

@@ -345,6 +345,7 @@ class Trainer:
             train_cells=sum(int(s.labels.max()) for s in self.train_samples),
             split=self.split.to_dict(),
             cell_diameter=round(self.cell_diameter * scale, 2),
+            layouts=dict(self.dataset.layouts),
         )
         return ModelCard(
             version=self.config.version,
