@@ -70,6 +70,13 @@ def test_leave_one_out_for_five_images_and_steps_from_the_cells_within_bounds():
     assert finetune_plan(16.0, LabelledSet(images=1, cells=9, cell_diameter=20.0), batch_size=8)["folds"] == 0
 
 
+def test_crops_are_a_few_cells_wide_but_never_larger_than_the_images_at_the_working_scale():
+    small_cells = finetune_plan(16.0, LabelledSet(images=5, cells=300, cell_diameter=16.0, shortest_side=520), 8)
+    assert small_cells["crop"] == 128
+    large_cells = finetune_plan(16.0, LabelledSet(images=5, cells=60, cell_diameter=112.0, shortest_side=512), 8)
+    assert large_cells["crop"] == 80  # 512 px at 16 / 112 are 73 px: a larger crop would be padding
+
+
 def test_the_plan_reads_the_models_cell_size_from_its_card_and_keeps_every_option_the_command_gave():
     config = TrainConfig(data=[], init=str(DEFAULT_MODEL), epochs=7, lr=1e-3)
     labels = [cells_of(30, [(50, 50), (140, 140)]) for _ in range(4)]

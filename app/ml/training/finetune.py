@@ -49,16 +49,19 @@ PLANNED = (
 
 @dataclass(frozen=True)
 class LabelledSet:
-    """What the plan reads of the data: how many images and cells, and the cells' median diameter in pixels."""
+    """What the plan reads of the data: how many images and cells, the cells' median diameter and the images'
+    shortest side, in pixels."""
 
     images: int
     cells: int
     cell_diameter: float
+    shortest_side: int = 0
 
     @classmethod
     def of(cls, label_images: list[Any]) -> LabelledSet:
         cells = sum(int(labels.max()) for labels in label_images)
-        return cls(len(label_images), cells, median_cell_diameter(label_images))
+        shortest = min((min(labels.shape) for labels in label_images), default=0)
+        return cls(len(label_images), cells, median_cell_diameter(label_images), shortest)
 
 
 def finetune_plan(base_diameter: float, data: LabelledSet, batch_size: int) -> dict[str, Any]:
@@ -66,8 +69,11 @@ def finetune_plan(base_diameter: float, data: LabelledSet, batch_size: int) -> d
     `base_diameter` pixels (at its scale)."""
     steps = min(max(STEPS_PER_CELL * data.cells, MIN_STEPS), MAX_STEPS)
     epochs = math.ceil(steps * batch_size / CROPS_PER_EPOCH)
-    # A few cells across, and a multiple of 16 the network's poolings divide.
-    crop = min(256, max(128, 16 * math.ceil(6 * base_diameter / 16)))
+    # A few cells across, no larger than the images at the working scale (a crop beyond them is padding), and a
+    # multiple of 16 the network's poolings divide.
+    crop = min(256, max(128, _multiple_of_16(6 * base_diameter)))
+    if data.shortest_side and data.cell_diameter:
+        crop = min(crop, _multiple_of_16(data.shortest_side * base_diameter / data.cell_diameter))
     folds = min(data.images, MAX_FOLDS) if 2 <= data.images <= FOLDS_UP_TO_IMAGES else 0
     return {
         "scale": "cells",
@@ -81,6 +87,10 @@ def finetune_plan(base_diameter: float, data: LabelledSet, batch_size: int) -> d
         "val_every": epochs,  # a fold validates once, at its end: its held-out images choose nothing
         "unlabelled_edges": True,
     }
+
+
+def _multiple_of_16(pixels: float) -> int:
+    return 16 * math.ceil(pixels / 16)
 
 
 def plan_for(config: TrainConfig, given: set[str], label_images: list[Any]) -> TrainConfig:
