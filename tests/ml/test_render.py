@@ -8,7 +8,7 @@ from PIL import Image
 from skimage.segmentation import find_boundaries
 
 from app.ml.imageio import to_uint8
-from app.ml.render import cell_colors, label_png, outlines, overlay
+from app.ml.render import cell_colors, for_display, label_png, outlines, overlay
 
 
 @settings(max_examples=200, deadline=None)
@@ -23,7 +23,7 @@ def test_overlay_keeps_the_background_outlines_each_cell_in_its_colour_and_tints
     labels[5:20, 5:25] = 1
     labels[10:30, 25:45] = 2
     picture = overlay(image, labels, fill=0.25)
-    gray, colors = to_uint8(image), cell_colors(2)
+    gray, colors = to_uint8(for_display(image)), cell_colors(2)
     assert picture.shape == (40, 50, 3) and picture.dtype == np.uint8
     background = labels == 0
     assert np.array_equal(picture[background], np.repeat(gray[background][:, None], 3, axis=1))
@@ -32,6 +32,15 @@ def test_overlay_keeps_the_background_outlines_each_cell_in_its_colour_and_tints
     inside = (labels > 0) & ~edges
     expected = 0.75 * gray[inside][:, None] + 0.25 * colors[labels[inside]].astype(np.float32)
     assert np.abs(picture[inside] - expected).max() <= 0.5
+
+
+def test_a_faint_sixteen_bit_image_is_shown_across_the_whole_range():
+    # A DIC image in a 16-bit file with values 30..250, as read: 0.0005..0.004.
+    image = np.random.default_rng(1).integers(30, 251, (40, 50)).astype(np.float32) / 65535
+    picture = overlay(image, np.zeros((40, 50), dtype=np.int32))
+    assert picture.min() == 0 and picture.max() == 255
+    flat = overlay(np.full((8, 8), 0.5, dtype=np.float32), np.zeros((8, 8), dtype=np.int32))
+    assert np.all(flat == 128)  # nothing to stretch: shown as it is
 
 
 def test_label_png_round_trips_the_labels():
