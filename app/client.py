@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Self, TypedDict, Unpack, get_args, overload
+from urllib.parse import quote
 
 import httpx
 import numpy as np
@@ -41,8 +42,10 @@ FORMAT_OF_SUFFIX: dict[str, Format] = {
 
 
 class Options(TypedDict, total=False):
-    """The query options of POST /segment besides `format`; unset ones are the model's own."""
+    """The query options of POST /segment besides `format`; unset ones are the model's own. `model` names the
+    model version to run, one the service has loaded (`models()`, `load_model()`); unset, its default model."""
 
+    model: str
     mode: Literal["auto", "resize", "tile"]
     channel: str | int
     foreground_threshold: float
@@ -66,6 +69,7 @@ class Segmentation:
 
     width: int
     height: int
+    model_version: str  # the model that ran
     mode: str
     cell_type: str | None
     cell_count: int
@@ -77,7 +81,8 @@ class Segmentation:
     def from_json(cls, body: dict[str, Any]) -> Segmentation:
         frames = [frame["cells"] for frame in body["frames"]] if "frames" in body else [body["cells"]]
         return cls(
-            width=body["width"], height=body["height"], mode=body["mode"], cell_type=body.get("cell_type"),
+            width=body["width"], height=body["height"], model_version=body["model_version"], mode=body["mode"],
+            cell_type=body.get("cell_type"),
             cell_count=body["cell_count"], cells=[cell for frame in frames for cell in frame], frames=frames,
             raw=body,
         )  # fmt: skip
@@ -149,6 +154,10 @@ def _segment_request(image: ImageInput, output: Format, options: Options) -> dic
     """The keyword arguments of httpx's `request` for one POST /segment."""
     params = {"format": output, **{name: str(value) for name, value in options.items() if value is not None}}
     return {"params": params, "files": {"file": _upload(image)}}
+
+
+def _model_url(version: str, action: Literal["load", "unload"]) -> str:
+    return f"/models/{quote(version, safe='')}/{action}"
 
 
 def _checked(response: httpx.Response, also_ok: tuple[int, ...] = ()) -> httpx.Response:
@@ -288,8 +297,18 @@ class CellsegClient(_Client):
         return self._get("/ready", _Retry(math.inf, timeout))
 
     def models(self) -> dict[str, Any]:
-        """The served model's model.json (`loaded`) and the versions in the store."""
+        """The versions loaded (`loaded`: each with its state and a summary of its model.json), the `default` one,
+        and those in the store (`available`)."""
         return self._get("/models", self._retry())
+
+    def load_model(self, version: str) -> dict[str, Any]:
+        """Have the service load `version` from its store and serve it (a no-op if it is loaded): what it did, and
+        which version it unloaded to make room (`evicted`). CellsegError with the reason if it cannot."""
+        return _checked(self._send("POST", _model_url(version, "load"), self._retry())).json()
+
+    def unload_model(self, version: str) -> dict[str, Any]:
+        """Have the service stop serving `version` and free its memory (never the default model)."""
+        return _checked(self._send("POST", _model_url(version, "unload"), self._retry())).json()
 
     def _post(self, image: ImageInput, output: Format, options: Options) -> httpx.Response:
         return _checked(self._send("POST", "/segment", self._retry(), **_segment_request(image, output, options)))
@@ -358,6 +377,12 @@ class AsyncCellsegClient(_Client):
 
     async def models(self) -> dict[str, Any]:
         return await self._get("/models", self._retry())
+
+    async def load_model(self, version: str) -> dict[str, Any]:
+        return _checked(await self._send("POST", _model_url(version, "load"), self._retry())).json()
+
+    async def unload_model(self, version: str) -> dict[str, Any]:
+        return _checked(await self._send("POST", _model_url(version, "unload"), self._retry())).json()
 
     async def _post(self, image: ImageInput, output: Format, options: Options) -> httpx.Response:
         request = _segment_request(image, output, options)

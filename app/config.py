@@ -19,7 +19,11 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CELLSEG_", env_file=None, protected_namespaces=())
 
     model_store: Path = Field(Path("model_store"), description="folder holding <version>/model.json folders")
-    model_version: str | None = Field(None, description="version to serve (default: model_store/DEFAULT)")
+    model_version: str | None = Field(
+        None,
+        description="the default model: loaded at start, it answers requests without model= and is never unloaded "
+        "(default: the version model_store/DEFAULT names at start-up)",
+    )
     device: str = Field("auto", description="'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'")
     backend: Backend = Field(
         Backend.AUTO,
@@ -59,6 +63,12 @@ class Settings(BaseSettings):
         "max_pixels_in_flight apply per worker (docs/performance.md: when more than one pays)",
     )
     warmup: bool = Field(True, description="run a blank image through the model before reporting ready")
+    max_models: int = Field(
+        3,
+        ge=1,
+        description="most model versions loaded at once, the default included (POST /models/<version>/load); "
+        "loading one more unloads the least recently used one; the default is never unloaded",
+    )
 
     max_upload_bytes: int = Field(50 * 1024 * 1024, gt=0, description="largest request body accepted")
     max_pixels: int = Field(MAX_PIXELS, gt=0, description="largest image (width x height x frames) accepted")

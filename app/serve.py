@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import os
 import tempfile
+from pathlib import Path
 
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -17,7 +18,7 @@ from uvicorn.supervisors import Multiprocess
 from app.api.metrics import MULTIPROCESS_FOLDER
 from app.cli import tune_malloc, tune_malloc_of_children
 from app.config import load_settings
-from app.main import create_app, load_predictor
+from app.main import SHARED_MODELS_VARIABLE, create_app, load_predictor
 from app.ml.errors import CheckpointError, InvalidOptionError
 
 
@@ -57,8 +58,10 @@ def main(argv: list[str] | None = None) -> None:
     if settings.workers > 1:
         del loaded  # checked; the workers load their own
         tune_malloc_of_children()
-        with tempfile.TemporaryDirectory(prefix="cellseg-metrics-") as folder:
+        with tempfile.TemporaryDirectory(prefix="cellseg-workers-") as folder:
             os.environ[MULTIPROCESS_FOLDER] = folder  # the workers add their metrics up there (app.api.metrics)
+            # and keep the versions loaded beside the default there, so a load answered by one reaches them all
+            os.environ[SHARED_MODELS_VARIABLE] = str(Path(folder) / "loaded-models.json")
             Multiprocess(config, sockets=[config.bind_socket()]).run()
         return
     server = uvicorn.Server(config)

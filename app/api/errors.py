@@ -10,12 +10,14 @@ from fastapi.responses import JSONResponse
 
 from app.ml.errors import (
     CellSegError,
+    CheckpointError,
     ImageTooLargeError,
     InvalidImageError,
     InvalidOptionError,
     UnsupportedImageError,
 )
 from app.ml.serving.batcher import QueueFullError
+from app.ml.serving.registry import ModelNotFoundError, ModelNotLoadedError, ModelNotReadyError, PinnedModelError
 
 log = logging.getLogger("cellseg.api")
 
@@ -26,7 +28,13 @@ STATUS_OF: list[tuple[type[CellSegError], int]] = [
     (InvalidImageError, 422),
     (InvalidOptionError, 422),
     (QueueFullError, 503),
+    (ModelNotFoundError, 404),
+    (ModelNotLoadedError, 409),
+    (PinnedModelError, 409),
+    (CheckpointError, 422),  # a model folder that cannot be loaded: the reason says which file and what
+    (ModelNotReadyError, 503),
 ]
+RETRY_AFTER = {QueueFullError: "1", ModelNotReadyError: "2"}  # seconds
 
 
 def status_of(exc: CellSegError) -> int:
@@ -35,8 +43,9 @@ def status_of(exc: CellSegError) -> int:
 
 async def handle_cellseg_error(request: Request, exc: CellSegError) -> JSONResponse:
     status = status_of(exc)
-    headers = {"Retry-After": "1"} if isinstance(exc, QueueFullError) else None
-    if status >= 500 and not isinstance(exc, QueueFullError):
+    retry_after = next((seconds for cls, seconds in RETRY_AFTER.items() if isinstance(exc, cls)), None)
+    headers = {"Retry-After": retry_after} if retry_after else None
+    if status >= 500 and not retry_after:
         log.error("unexpected error: %s", exc, exc_info=exc)
     return JSONResponse({"detail": str(exc)}, status_code=status, headers=headers)
 

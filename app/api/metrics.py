@@ -32,11 +32,15 @@ class Metrics:
             registry=self.registry,
         )  # fmt: skip
         self.batch_size = Histogram(
-            "cellseg_batch_size", "network inputs per micro-batch", buckets=BATCH_BUCKETS, registry=self.registry
+            "cellseg_batch_size",
+            "network inputs per micro-batch, by model version",
+            ["model"],
+            buckets=BATCH_BUCKETS,
+            registry=self.registry,
         )
         self.inference = Histogram(
-            "cellseg_inference_seconds", "network time per micro-batch", buckets=LATENCY_BUCKETS,
-            registry=self.registry,
+            "cellseg_inference_seconds", "network time per micro-batch, by model version", ["model"],
+            buckets=LATENCY_BUCKETS, registry=self.registry,
         )  # fmt: skip
         self.skipped = Counter(
             "cellseg_skipped_inputs", "network inputs dropped because their client went away", registry=self.registry
@@ -52,10 +56,11 @@ class Metrics:
             registry=self.registry,
         )  # fmt: skip
 
-    def observe_batch(self, size: int, seconds: float, depth: int) -> None:
-        """A micro-batch of `size` inputs ran in `seconds`; `depth` inputs wait now."""
-        self.batch_size.observe(size)
-        self.inference.observe(seconds)
+    def observe_batch(self, model: str, size: int, seconds: float, depth: int) -> None:
+        """A micro-batch of `size` inputs ran through model version `model` in `seconds`; `depth` inputs wait now
+        (for every model)."""
+        self.batch_size.labels(model).observe(size)
+        self.inference.labels(model).observe(seconds)
         self.queue_depth.set(depth)
 
     def exposition(self) -> bytes:

@@ -11,6 +11,7 @@ import re
 import time
 import uuid
 from collections.abc import Callable
+from urllib.parse import parse_qs
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -59,17 +60,18 @@ class ApiKeyMiddleware:
 class AdmissionMiddleware:
     """Refuses a POST /segment the service cannot take now before reading a byte of its body: when `max_active`
     such requests are already in progress (uploading or being worked on), or the work in flight fills the service
-    (`is_full`), it gets 503 with Retry-After at once. A crowd of clients then costs each refused one a header's
-    worth of work, and the admitted ones keep their pace."""
+    or the queue of the model the request names (`is_full(model)`, None for the default), it gets 503 with
+    Retry-After at once. A crowd of clients then costs each refused one a header's worth of work, and the admitted
+    ones keep their pace."""
 
-    def __init__(self, app: ASGIApp, max_active: int, is_full: Callable[[], bool]) -> None:
+    def __init__(self, app: ASGIApp, max_active: int, is_full: Callable[[str | None], bool]) -> None:
         self.app, self.max_active, self.is_full, self.active = app, max_active, is_full, 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] != "/segment" or scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
-        if self.active >= self.max_active or self.is_full():
+        if self.active >= self.max_active or self.is_full(_query_value(scope, "model")):
             await send_json(send, 503, f"the service is busy ({self.active} requests in progress, its limit "
                                        f"{self.max_active}); retry after Retry-After seconds",
                             [(b"retry-after", b"1")])  # fmt: skip
@@ -79,6 +81,11 @@ class AdmissionMiddleware:
             await self.app(scope, receive, send)
         finally:
             self.active -= 1
+
+
+def _query_value(scope: Scope, name: str) -> str | None:
+    values = parse_qs(scope.get("query_string", b"").decode("latin-1")).get(name)
+    return values[-1] if values else None
 
 
 class RequestContextMiddleware:

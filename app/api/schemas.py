@@ -95,17 +95,62 @@ class Ready(BaseModel):
     precision: str | None = Field(description="what it computes in: float32, float16 (CUDA) or bfloat16 (CPU)")
     compiled: bool | None = Field(description="whether the network runs through torch.compile")
     tta: int | None = Field(description="test-time augmentation: views averaged per network input (1: off)")
+    loaded: list[str] = Field(description="the model versions loaded, the default first (GET /models says more)")
+
+
+class CardSummary(BaseModel):
+    """What model.json says of a model in short; GET /models/{version} gives all of it."""
+
+    created_at: str
+    code_version: str
+    architecture: dict[str, Any]
+    validation_score: float | None = Field(description="the competition score on its validation images")
+    weights_sha256: str | None
+
+
+class ModelState(BaseModel):
+    """A loaded model version and how it is being used."""
+
+    version: str
+    default: bool = Field(description="the default model: answers requests without model=, never unloaded")
+    ready: bool = Field(description="warmed up and taking requests")
+    status: str = Field(description="ready, warming up, or what went wrong")
+    device: str
+    backend: str
+    precision: str
+    compiled: bool
+    tta: int
+    loaded_at: str = Field(description="when it was loaded (ISO 8601, UTC)")
+    last_used_at: str | None = Field(description="when a request last used it (ISO 8601, UTC)")
+    in_flight: int = Field(description="requests using it now")
+    card: CardSummary
 
 
 class Models(BaseModel):
-    loaded: dict[str, Any] | None = Field(description="model.json of the model being served")
-    available: list[str] = Field(description="versions in the model store")
-    default: str | None = Field(description="the store's default version")
+    default: str = Field(description="the default model: the one requests without model= get")
+    max_models: int = Field(description="most versions loaded at once (CELLSEG_MAX_MODELS), the default included")
+    loaded: list[ModelState] = Field(description="the versions loaded, the default first")
+    loading: str | None = Field(description="a version being loaded now")
+    available: list[str] = Field(description="the versions in the model store, loaded or not")
+    worker: int = Field(description="the process id of the server process (worker) that answered")
+
+
+class ModelChange(BaseModel):
+    """What POST /models/{version}/load or /unload did."""
+
+    version: str
+    status: str = Field(description="loaded, already loaded, or unloaded")
+    evicted: str | None = Field(description="the least recently used version a load unloaded to make room")
+    drained: int = Field(description="requests an unload let finish on the model before freeing it")
+    seconds: float
+    loaded: list[str] = Field(description="the versions loaded now, the default first")
 
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"model": Error, "description": "no file, or options that do not go together"},
     401: {"model": Error, "description": "API key missing or wrong (only when one is configured)"},
+    404: {"model": Error, "description": "the model version asked for is not in the model store"},
+    409: {"model": Error, "description": "the model version asked for is not loaded (POST /models/{version}/load)"},
     413: {"model": Error, "description": "upload or image dimensions over the limit"},
     415: {"model": Error, "description": "not an image, or an unsupported format"},
     422: {"model": Error, "description": "a truncated or too small image, a channel to choose, or an invalid option"},

@@ -135,12 +135,14 @@ def test_auth_comes_first_on_every_route_but_health_the_docs_included(trained_mo
 
 
 def test_models_shows_no_paths_of_the_machine_that_trained_the_model(server, trained_model):
-    answer = httpx.get(f"{server}/models")
-    card = answer.json()["loaded"]
+    answer = httpx.get(f"{server}/models/synth-v1")
+    card = answer.json()
     data = card["training"]["data"]
     assert data["paths"] and all("/" not in p for p in data["paths"])
     assert not {"data", "out", "init"} & set(card["training"]["args"])
-    assert str(trained_model.parent.parent) not in answer.text
+    for path in ("/models/synth-v1", "/models", "/models/nope", "/segment?model=nope"):
+        method = httpx.post if path.startswith("/segment") else httpx.get
+        assert str(trained_model.parent.parent) not in method(f"{server}{path}").text, path
 
 
 def test_a_full_service_answers_503_before_reading_the_body(trained_model):

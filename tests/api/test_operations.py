@@ -32,11 +32,15 @@ def test_health_ready_and_models(client, trained_model):
     # in float32.
     precision = "bfloat16" if native_bfloat16() else "float32"
     ready = {"ready": True, "status": "ready", "model_version": "synth-v1", "device": "cpu", "backend": "torch",
-             "precision": precision, "compiled": True, "tta": 1}  # fmt: skip
+             "precision": precision, "compiled": True, "tta": 1, "loaded": ["synth-v1"]}  # fmt: skip
     assert client.get("/ready").json() == ready
     models = client.get("/models").json()
     assert models["available"] == ["synth-v1"] and models["default"] == "synth-v1"
-    assert models["loaded"]["weights"]["sha256"] and models["loaded"]["architecture"]["base_width"] == 8
+    [loaded] = models["loaded"]
+    assert loaded["version"] == "synth-v1" and loaded["default"] and loaded["ready"] and loaded["compiled"]
+    assert loaded["card"]["weights_sha256"] and loaded["card"]["architecture"]["base_width"] == 8
+    card = client.get("/models/synth-v1").json()
+    assert card["weights"]["sha256"] == loaded["card"]["weights_sha256"]
 
 
 def test_docs_and_openapi_with_examples(client):

@@ -101,6 +101,30 @@ def test_a_file_that_is_no_image_shows_the_service_s_reason(browser_page, tmp_pa
 
 
 @requires_chromium
+def test_the_model_chooser_offers_the_loaded_versions_and_the_page_names_the_one_that_ran(tmp_path):
+    from tests.api.conftest import running_server  # noqa: PLC0415 - a second server, only here
+    from tests.conftest import MODEL_STORE  # noqa: PLC0415
+
+    default, other = "sartorius-w16-v3", "sartorius-w16-v1"
+    for version in (default, other):
+        shutil.copytree(MODEL_STORE / version, tmp_path / "store" / version)
+    (tmp_path / "store" / "DEFAULT").write_text(default)
+    (tmp_path / "cells.png").write_bytes(IMAGE)
+    with running_server(tmp_path / "store", compile="false") as url, offline_page(url) as (page, refused):
+        assert httpx.post(f"{url}/models/{other}/load", timeout=120).status_code == 200
+        page.goto("/")
+        page.wait_for_selector(f"#model-version option[value='{other}']", state="attached")
+        names = page.eval_on_selector_all("#model-version option", "options => options.map(o => o.textContent)")
+        assert names == [f"{default} (default)", other]
+        assert page.input_value("#model-version") == default
+        page.select_option("#model-version", other)
+        page.set_input_files("#file", str(tmp_path / "cells.png"))
+        page.wait_for_selector("#result:not([hidden])", timeout=60_000)
+        assert page.inner_text("#model-ran") == other
+        assert refused == []
+
+
+@requires_chromium
 def test_the_api_docs_render_without_internet(browser_page):
     page, refused = browser_page
     page.goto("/docs")

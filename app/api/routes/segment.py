@@ -13,8 +13,9 @@ from fastapi import APIRouter, File, HTTPException, Query, Request, UploadFile
 from fastapi.responses import Response, StreamingResponse
 
 from app.api import schemas
-from app.api.deps import PipelineDep, Service, ServiceDep
+from app.api.deps import MetricsDep, ModelDep, SettingsDep
 from app.api.errors import status_of
+from app.api.metrics import Metrics
 from app.ml.celltypes import InstanceRules
 from app.ml.errors import CellSegError
 from app.ml.options import Mode
@@ -60,8 +61,9 @@ def threshold(name: str) -> object:
 )
 async def segment(
     request: Request,
-    service: ServiceDep,
-    pipeline: PipelineDep,
+    settings: SettingsDep,
+    metrics: MetricsDep,
+    model: ModelDep,
     file: Annotated[UploadFile | None, File(description="one image: PNG, JPEG or TIFF")] = None,
     files: Annotated[list[UploadFile] | None, File(description="several images (JSON output only)")] = None,
     output: Annotated[OutputFormat, Query(alias="format", description=" | ".join(OutputFormat))] = OutputFormat.JSON,
@@ -94,8 +96,11 @@ async def segment(
     With `Accept: text/event-stream` (JSON only) the answer is a stream of server-sent events: `progress` events
     ({"tiles_done", "tiles_total"}) as the network works through a large image, then one `result` event holding the
     JSON answer, or an `error` event ({"status", "detail"}).
+
+    `model` names the model version to run, one of those loaded (`GET /models`); the answer names the one that ran.
     """
-    uploads = _uploads(file, files, output, service.settings.max_files)
+    pipeline = model.pipeline
+    uploads = _uploads(file, files, output, settings.max_files)
     rules = pipeline.rules(
         foreground_threshold=foreground_threshold, seed_threshold=seed_threshold, min_cell_area=min_cell_area
     )
@@ -105,17 +110,18 @@ async def segment(
     images = [await _read(upload) for upload in uploads]
     with contextlib.ExitStack() as held:
         held.enter_context(pipeline.admit(images, mode))  # 413 or 503 before any image is decoded
-        if stream:  # the stream holds the admission from here on
+        if stream:  # the stream holds the admission and the model from here on
+            held.enter_context(model.in_use())
             how = (mode, rules, channel)
-            return _event_stream(service, pipeline, uploads, images, held.pop_all(), how, single=file is not None)
+            return _event_stream(metrics, pipeline, uploads, images, held.pop_all(), how, single=file is not None)
         # Several images go through the pipeline together, so their network inputs can share micro-batches.
         work = all_or_none([pipeline.segment(data, mode, rules, channel, output) for data in images])
-        results = await _cancel_on_disconnect(request, work)
-        return await _answer(service, pipeline, uploads, results, output, single=file is not None)
+        results = await _cancel_on_disconnect(request, metrics, work)
+        return await _answer(metrics, pipeline, uploads, results, output, single=file is not None)
 
 
 def _event_stream(
-    service: Service,
+    metrics: Metrics,
     pipeline: SegmentationPipeline,
     uploads: list[UploadFile],
     images: list[bytes],
@@ -134,7 +140,7 @@ def _event_stream(
         try:
             progress = TileProgress(report)
             results = await all_or_none([pipeline.segment(data, *how, OutputFormat.JSON, progress) for data in images])
-            answer = await _answer(service, pipeline, uploads, results, OutputFormat.JSON, single)
+            answer = await _answer(metrics, pipeline, uploads, results, OutputFormat.JSON, single)
             events.put_nowait(("result", json.loads(answer.body)))
         except CellSegError as exc:
             events.put_nowait(("error", {"status": status_of(exc), "detail": str(exc)}))
@@ -157,7 +163,7 @@ def _event_stream(
 
 
 async def _answer(
-    service: Service,
+    metrics: Metrics,
     pipeline: SegmentationPipeline,
     uploads: list[UploadFile],
     results: list[SegmentedFile],
@@ -166,8 +172,8 @@ async def _answer(
 ) -> Response:
     for result in results:
         for frame in result.frames:
-            service.metrics.cells.observe(frame.instances.count)
-    version = pipeline.model_version
+            metrics.cells.observe(frame.instances.count)
+    version = pipeline.model_version  # the model that ran
     if output is not OutputFormat.JSON:
         return await _file_response(pipeline, results[0], output, version)
     bodies = [
@@ -202,7 +208,9 @@ async def _read(upload: UploadFile) -> bytes:
     return data
 
 
-async def _cancel_on_disconnect(request: Request, work: Awaitable[list[SegmentedFile]]) -> list[SegmentedFile]:
+async def _cancel_on_disconnect(
+    request: Request, metrics: Metrics, work: Awaitable[list[SegmentedFile]]
+) -> list[SegmentedFile]:
     """Run `work`, but cancel it (and its queued network inputs) if the client goes away meanwhile."""
     task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(_wait_for_disconnect(request))
@@ -215,7 +223,7 @@ async def _cancel_on_disconnect(request: Request, work: Awaitable[list[Segmented
         watcher.cancel()
     if not task.done():
         task.cancel()
-        request.app.state.service.metrics.disconnects.inc()
+        metrics.disconnects.inc()
         raise HTTPException(499, "client closed the request")
     return task.result()
 

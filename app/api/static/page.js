@@ -12,6 +12,7 @@ function apiHeaders() {
 
 async function post(file, format) {
   const params = new URLSearchParams({ format, mode: $("mode").value });
+  if ($("model-version").value) params.set("model", $("model-version").value);
   if ($("channel").value.trim()) params.set("channel", $("channel").value.trim());
   const form = new FormData();
   form.append("file", file, file.name);
@@ -51,12 +52,14 @@ async function segment(file) {
     $("cell-type").textContent = response.headers.get("X-Cell-Type")
       ? `${response.headers.get("X-Cell-Type")} (${Math.round(probability * 100)} %)` : "–";
     $("mode-ran").textContent = response.headers.get("X-Mode");
+    $("model-ran").textContent = response.headers.get("X-Model-Version");
     $("took").textContent = `${((performance.now() - started) / 1000).toFixed(1)} s`;
     $("result").hidden = false;
     $("status").textContent = frames ? `${file.name}: a stack of ${frames} frames` : file.name;
   } catch (error) {
     $("status").textContent = "";
     showError(error);
+    listModels(); // a 409: the model chosen was unloaded meanwhile
   } finally {
     clearInterval(ticker);
   }
@@ -90,6 +93,26 @@ async function describeModel() {
   }
 }
 
+// The model chooser: the versions loaded (GET /models), ready ones only, the default first; keeps the choice while
+// it stays loaded.
+async function listModels() {
+  const chooser = $("model-version");
+  try {
+    const response = await fetch("/models", { headers: apiHeaders() });
+    if (!response.ok) return;
+    const models = await response.json();
+    const chosen = chooser.value;
+    const ready = models.loaded.filter((model) => model.ready);
+    chooser.replaceChildren(...ready.map((model) => {
+      const option = document.createElement("option");
+      option.value = model.version;
+      option.textContent = model.default ? `${model.version} (default)` : model.version;
+      return option;
+    }));
+    chooser.value = ready.some((model) => model.version === chosen) ? chosen : models.default;
+  } catch { /* the service does not answer: describeModel says so */ }
+}
+
 function wire() {
   const drop = $("drop");
   $("file").addEventListener("change", () => $("file").files[0] && segment($("file").files[0]));
@@ -103,12 +126,15 @@ function wire() {
   $("key").addEventListener("change", () => {
     sessionStorage.setItem("cellseg-api-key", $("key").value);
     describeModel();
+    listModels();
     if (current) segment(current);
   });
+  $("model-version").addEventListener("focus", listModels);
   for (const button of document.querySelectorAll(".downloads button")) {
     button.addEventListener("click", () => download(button));
   }
   describeModel();
+  listModels();
 }
 
 wire();
