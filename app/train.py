@@ -118,12 +118,12 @@ def build_parser(given_only: bool = False) -> argparse.ArgumentParser:
 
 def run(config: TrainConfig, given: set[str], finetune_defaults: bool) -> ModelCard | None:
     """A run as the options say: fine-tuning defaults where asked for, then cross-validation or one run."""
+    dataset = open_labelled(config.data, config.cell_type or None)
     if config.init and finetune_defaults:
-        dataset = open_labelled(config.data, config.cell_type or None)
         config = plan_for(config, given, [sample.labels for sample in dataset])
     if config.folds:
-        return cross_validate(config, open_labelled(config.data, config.cell_type or None).records)
-    return Trainer(config).fit()
+        return cross_validate(config, dataset)
+    return Trainer(config, dataset=dataset).fit()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -17,6 +17,7 @@ from typing import Protocol
 import numpy as np
 
 from app.ml.card import ModelCard
+from app.ml.data.labelled import LabelledFolders
 from app.ml.data.split import Split
 from app.ml.postprocess import InstanceConfig
 from app.ml.scoring.tuning import Scored, tune_rules
@@ -52,9 +53,10 @@ def fold_splits(records: Sequence[Record], folds: int, seed: int) -> list[Split]
     ]
 
 
-def cross_validate(config: TrainConfig, records: Sequence[Record]) -> ModelCard:
+def cross_validate(config: TrainConfig, dataset: LabelledFolders) -> ModelCard:
     """Train config.folds fold models, choose the instance step on their out-of-fold maps, then train the model
     kept on every image; returns its card."""
+    records = dataset.records
     splits = fold_splits(records, config.folds, config.seed)
     run = f"{config.out}/{config.version}"
     scored: Scored = []
@@ -70,7 +72,7 @@ def cross_validate(config: TrainConfig, records: Sequence[Record]) -> ModelCard:
             val_every=config.epochs,
         )
         _log_time_left(number, len(splits) + 1, started)
-        trainer = Trainer(fold, split=split, progress_label=f"fold {number}/{len(splits)}")
+        trainer = Trainer(fold, split=split, progress_label=f"fold {number}/{len(splits)}", dataset=dataset)
         trainer.fit()
         scored += trainer.last_scored
     rules, evaluation = tune_rules(scored, scored, InstanceConfig())
@@ -89,6 +91,7 @@ def cross_validate(config: TrainConfig, records: Sequence[Record]) -> ModelCard:
         split=every_image,
         chosen=ChosenStep(rules, evaluation, scored),
         progress_label=f"{config.version} (every image)",
+        dataset=dataset,
     )
     card = trainer.fit()
     assert card is not None  # one process: cross-validation does not run under torchrun

@@ -91,7 +91,8 @@ class Trainer:
     """Owns one run: its data, model, optimizer and loop; RunFiles writes its folder.
 
     `split` overrides the split the options describe (cross-validation's folds, or every image with none held out);
-    a run without validation images records `chosen`, the instance step chosen for it elsewhere.
+    a run without validation images records `chosen`, the instance step chosen for it elsewhere. `dataset` is the
+    options' data, already opened.
     """
 
     def __init__(
@@ -101,6 +102,7 @@ class Trainer:
         split: Split | None = None,
         chosen: ChosenStep | None = None,
         progress_label: str = "",
+        dataset: LabelledFolders | None = None,
     ) -> None:
         self.dist = init_distributed()
         self.config, self.chosen, self.progress_label = config, chosen, progress_label
@@ -113,7 +115,7 @@ class Trainer:
         if self.device.type == "cpu":
             torch.use_deterministic_algorithms(True, warn_only=True)
         # The data
-        self.dataset = open_labelled(config.data, config.cell_type or None)
+        self.dataset = dataset or open_labelled(config.data, config.cell_type or None)
         self.split = _choose_split(self.dataset, config, resume_state, split)
         self.train_samples, self.val_samples = load_split(self.dataset, self.split)
         if not self.val_samples and chosen is None:
