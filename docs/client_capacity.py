@@ -1,8 +1,8 @@
 """How many requests a second bench's load can offer, against a server that answers at once: the check behind
-app/loadgen.py's client processes (docs/performance.md). The server is a trivial Starlette app (`app` below) in its
-own uvicorn process on 127.0.0.1 that reads the upload and answers a canned JSON body the size of the real service's
-answer for the same image; the load is the real 520x704 PNG, posted as bench posts it, by one client process and then
-from one process per app.loadgen.PER_PROCESS requests in flight. The CPU figure is the clients' alone.
+app/bench/loadgen.py's client processes (docs/performance.md). The server is a trivial Starlette app (`app` below) in
+its own uvicorn process on 127.0.0.1 that reads the upload and answers a canned JSON body the size of the real
+service's answer for the same image; the load is the real 520x704 PNG, posted as bench posts it, by one client process
+and then from one process per app.bench.loadgen.PER_PROCESS requests in flight. The CPU figure is the clients' alone.
 
     python docs/client_capacity.py
 """
@@ -24,9 +24,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from app.bench import DEFAULT_IMAGE
-from app.loadgen import post_from_processes, post_many
-from app.localserver import free_port
+from app.bench.cli import DEFAULT_IMAGE
+from app.bench.loadgen import post_from_processes, post_many
+from app.bench.localserver import free_port
 
 # About the size of the service's JSON answer for DEFAULT_IMAGE (180 cells).
 ANSWER = json.dumps({"cells": [{"rle": "1 2 " * 60, "id": i} for i in range(180)], "timings": {}}).encode()

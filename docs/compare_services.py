@@ -15,9 +15,9 @@ import json
 import os
 from pathlib import Path
 
-from app.bench import DEFAULT_IMAGE
-from app.loadgen import post_many
-from app.localserver import running_server
+from app.bench.cli import DEFAULT_IMAGE
+from app.bench.loadgen import post_many
+from app.bench.localserver import running_server
 
 REPO = Path(__file__).resolve().parents[1]
 

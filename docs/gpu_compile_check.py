@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from app.bench import best_of, synchronized
+from app.bench.timing import best_of, synchronized
 from app.ml.options import Mode
 from app.ml.serving.predictor import Predictor
 

@@ -18,7 +18,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from app.localserver import free_port, running_server
+from app.bench.localserver import free_port, running_server
 
 REAL = Path("../shared/data/sartorius/test/7ae19de7bc2a.png").read_bytes()
 

@@ -20,8 +20,8 @@ import pytest
 import tifffile
 from PIL import Image
 
+from app.bench.localserver import free_port
 from app.client import AsyncCellsegClient, CellsegClient, CellsegError, Segmentation
-from app.localserver import free_port
 from app.ml.data.synth import generate_image
 from app.ml.imageio import to_uint8
 from tests.api.conftest import png

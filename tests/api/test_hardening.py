@@ -15,7 +15,7 @@ import time
 import httpx
 import numpy as np
 
-from app.localserver import free_port
+from app.bench.localserver import free_port
 from tests.api.conftest import png, running_server
 from tests.api.test_operations import metric
 
@@ -186,7 +186,7 @@ def test_a_small_request_is_served_in_turn_beside_a_large_one_not_after_it(train
 
 
 def test_an_upload_still_coming_in_at_shutdown_gets_a_503_not_a_500(trained_model):
-    from app.localserver import running_server as start_server  # noqa: PLC0415 - its pid, to signal it
+    from app.bench.localserver import running_server as start_server  # noqa: PLC0415 - its pid, to signal it
 
     with start_server(model_store=str(trained_model.parent), warmup="false") as server:
         port = int(server.url.rsplit(":", 1)[1])

@@ -12,7 +12,7 @@ import httpx
 import numpy as np
 import pytest
 
-from app.localserver import running_server as start_server
+from app.bench.localserver import running_server as start_server
 from app.ml.serving.runner import native_bfloat16
 from tests.api.conftest import png, running_server
 

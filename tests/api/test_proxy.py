@@ -24,8 +24,8 @@ import numpy as np
 import pytest
 import yaml
 
+from app.bench.localserver import free_port
 from app.config import Settings
-from app.localserver import free_port
 from app.ml.data.synth import generate_image
 from app.ml.imageio import to_uint8
 from tests.api.conftest import png
