@@ -4,8 +4,8 @@ and compiled with CUDA graphs (mode "reduce-overhead"), at batch 1 (concurrency 
 micro-batch), each with the seconds its compilation took. The service compiles only on the CPU
 (app/ml/serving/runner.py); this is the figure that would change that.
 
-    source .device/env.sh && python3 docs/gpu_compile_check.py --out $OUT/gpu-compile.json   (from docs/gpu-bench.sh)
-    python docs/gpu_compile_check.py --device cpu            (runs anywhere; the CPU service already compiles)
+    source .device/env.sh && python3 scripts/gpu_compile_check.py --out $OUT/gpu-compile.json  (scripts/gpu-bench.sh)
+    python scripts/gpu_compile_check.py --device cpu          (runs anywhere; the CPU service already compiles)
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ from its checkout, the same model store), warms it with 15 requests, then times 
 at 16 with bench's own client.
 
     git worktree add /tmp/before <commit>
-    python docs/compare_services.py --before /tmp/before --rounds 3
+    python scripts/compare_services.py --before /tmp/before --rounds 3
 """
 
 from __future__ import annotations

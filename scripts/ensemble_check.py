@@ -2,7 +2,7 @@
 then the whole instance step chosen on them as `tune` does. A measurement for docs/training.md, not a feature: the
 service serves one model.
 
-    python docs/ensemble_check.py --data ../shared/data/sartorius-reconstructed ../shared/data/sartorius \
+    python scripts/ensemble_check.py --data ../shared/data/sartorius-reconstructed ../shared/data/sartorius \
         --models model_store/sartorius-w16-v3 OTHER_MODEL_FOLDER
 """
 

@@ -4,7 +4,7 @@ its own uvicorn process on 127.0.0.1 that reads the upload and answers a canned 
 service's answer for the same image; the load is the real 520x704 PNG, posted as bench posts it, by one client process
 and then from one process per app.bench.loadgen.PER_PROCESS requests in flight. The CPU figure is the clients' alone.
 
-    python docs/client_capacity.py
+    python scripts/client_capacity.py
 """
 
 from __future__ import annotations

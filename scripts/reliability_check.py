@@ -1,6 +1,6 @@
 """The cases of docs/reliability.md against the real service with the bundled model and default settings.
 
-Run from the project root with ../shared beside it: python docs/reliability_check.py (about 2 minutes).
+Run from the project root with ../shared beside it: python scripts/reliability_check.py (about 2 minutes).
 """
 
 from __future__ import annotations
