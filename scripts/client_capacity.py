@@ -48,21 +48,26 @@ def clients_cpu_seconds() -> float:
 
 def main() -> None:
     port = free_port()
-    command = [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(__file__).parent), "client_capacity:app",
-               "--port", str(port), "--log-level", "warning"]  # fmt: skip
+    app_dir = str(Path(__file__).parent)
+    command = [sys.executable, "-m", "uvicorn", "--app-dir", app_dir, "client_capacity:app", "--port", str(port)]
+    command += ["--log-level", "warning"]
     server = subprocess.Popen(command)
     url, image = f"http://127.0.0.1:{port}", DEFAULT_IMAGE.read_bytes()
     try:
         wait_until_answering(url)
-        loads = {"one process": lambda c: asyncio.run(post_many(url, image, 600, c, {})),
-                 "processes": lambda c: post_from_processes(url, image, 600, c, {})}  # fmt: skip
+        loads = {
+            "one process": lambda c: asyncio.run(post_many(url, image, 600, c, {})),
+            "processes": lambda c: post_from_processes(url, image, 600, c, {}),
+        }
         for name, load in loads.items():
             for concurrency in (1, 16, 64):
                 before = clients_cpu_seconds()
                 records, wall = load(concurrency)
                 cpu_ms = (clients_cpu_seconds() - before) / len(records) * 1000
-                print(f"{name:<12} concurrency {concurrency:>2}: {len(records) / wall:6.0f} requests/s, "
-                      f"clients' CPU {cpu_ms:.2f} ms per request")  # fmt: skip
+                print(
+                    f"{name:<12} concurrency {concurrency:>2}: {len(records) / wall:6.0f} requests/s, "
+                    f"clients' CPU {cpu_ms:.2f} ms per request"
+                )
     finally:
         server.terminate()
         server.wait()

@@ -36,8 +36,8 @@ def main() -> None:
         return [(s, np.mean([instance_step_maps(p, s.image) for p in predictors], axis=0)) for s in samples]
 
     _, evaluation = tune_rules(averaged(train), averaged(validation), InstanceConfig())
-    print(json.dumps({"models": [c.version for c in checkpoints], "validation": evaluation.score,
-                      "per_cell_type": evaluation.per_cell_type}))  # fmt: skip
+    models = [c.version for c in checkpoints]
+    print(json.dumps({"models": models, "validation": evaluation.score, "per_cell_type": evaluation.per_cell_type}))
 
 
 if __name__ == "__main__":

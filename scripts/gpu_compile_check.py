@@ -55,8 +55,12 @@ def main() -> None:
         )
         for batch in (1, 8)
     }
-    result = {"device": torch.cuda.get_device_name() if runner.device.type == "cuda" else "cpu",
-              "torch": torch.__version__, "precision": runner.precision, "input": side}  # fmt: skip
+    result = {
+        "device": torch.cuda.get_device_name() if runner.device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "precision": runner.precision,
+        "input": side,
+    }
     with torch.inference_mode():
         for name, mode in MODES.items():
             try:

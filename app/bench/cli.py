@@ -42,8 +42,9 @@ DEFAULT_IMAGE = Path(__file__).resolve().parents[3] / "shared/data/sartorius/tes
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_model_arguments(parser)
     parser.add_argument("--image", default=str(DEFAULT_IMAGE), help="a real 520x704 image to post")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64], help="levels to measure")
@@ -98,10 +99,18 @@ def run(args: argparse.Namespace, result: dict[str, Any]) -> None:
     print("instance step ...", flush=True)
     result["instance_step"] = instance_step_section(folder, device, Path(args.image), 3 if args.quick else 5)
     result["rle"] = rle_figures()
-    settings = {"model_store": str(folder.parent), "model_version": folder.name, "log_level": "WARNING",
-                "device": str(device), "backend": args.backend, "half_precision": str(args.half_precision).lower(),
-                "compile": str(args.compile).lower(), "tta": str(args.tta), "workers": str(args.workers),
-                "steps_on_device": args.steps_on_device}  # fmt: skip
+    settings = {
+        "model_store": str(folder.parent),
+        "model_version": folder.name,
+        "log_level": "WARNING",
+        "device": str(device),
+        "backend": args.backend,
+        "half_precision": str(args.half_precision).lower(),
+        "compile": str(args.compile).lower(),
+        "tta": str(args.tta),
+        "workers": str(args.workers),
+        "steps_on_device": args.steps_on_device,
+    }
     print("service end to end ...", flush=True)
     quick = args.quick
     gpu = (device.index or 0) if device.type == "cuda" else None

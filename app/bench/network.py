@@ -23,8 +23,7 @@ from app.ml.transforms import PreprocessConfig
 from app.ml.unet import UNet, UNetConfig
 
 # NVIDIA's published inference figure for the paper's U-Net at 572x572 (the reference).
-REFERENCE_A100 = {"network": "U-Net 572x572", "gpu": "A100", "precision": "float16", "batch": 16,
-                  "images_per_s": 424}  # fmt: skip
+REFERENCE_A100 = {"network": "U-Net 572x572", "gpu": "A100", "precision": "float16", "batch": 16, "images_per_s": 424}
 
 
 def matmul_gflops(device: torch.device, dtype: torch.dtype = torch.float32, tf32: bool = False) -> float:
@@ -115,12 +114,16 @@ def network_variants(folder: Path, device: torch.device, quick: bool) -> dict[st
     load = functools.partial(Predictor.from_checkpoint, folder, device=str(device))
     if device.type == "cuda":
         batches = [1, 4, 16] if quick else [1, 2, 4, 8, 16]
-        return {"network_default": (load(half_precision=False), float32_ceiling(device), batches),
-                "network_default_float16": (load(half_precision=True), "matmul_gflops_float16", batches)}  # fmt: skip
+        return {
+            "network_default": (load(half_precision=False), float32_ceiling(device), batches),
+            "network_default_float16": (load(half_precision=True), "matmul_gflops_float16", batches),
+        }
     batches = [1, 2, 4] if quick else [1, 2, 4, 8]
     full = functools.partial(load, half_precision=False)
-    variants = {"network_default": (full(), "matmul_gflops", batches),
-                "network_default_compiled": (full(compile_network=True), "matmul_gflops", [1])}  # fmt: skip
+    variants = {
+        "network_default": (full(), "matmul_gflops", batches),
+        "network_default_compiled": (full(compile_network=True), "matmul_gflops", [1]),
+    }
     if native_bfloat16():
         variants["network_default_bfloat16"] = (load(half_precision=True), "matmul_gflops_bfloat16", batches)
         variants["network_default_bfloat16_compiled"] = (

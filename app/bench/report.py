@@ -35,9 +35,8 @@ def ratios(result: dict[str, Any]) -> dict[str, float]:
         "network_best_of_matmul_ceiling": best["of_matmul_ceiling"],
         "memory_growth_50_to_last": memory["growth"],
         **gpu_memory,
-        "errors": sum(v["errors"] for k in ("throughput_default", "throughput_batch_8")
-                      for v in result[k].values()),
-    }  # fmt: skip
+        "errors": sum(v["errors"] for k in ("throughput_default", "throughput_batch_8") for v in result[k].values()),
+    }
 
 
 def table(result: dict[str, Any]) -> str:

@@ -83,8 +83,12 @@ class GpuBusy:
     def __enter__(self) -> GpuBusy:
         if self.index is not None and shutil.which("nvidia-smi"):
             query = ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"]
-            self._process = subprocess.Popen([*query, "-i", str(self.index), "-lms", "100"], stdout=subprocess.PIPE,
-                                             stderr=subprocess.DEVNULL, text=True)  # fmt: skip
+            self._process = subprocess.Popen(
+                [*query, "-i", str(self.index), "-lms", "100"],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
+            )
             self._reader = threading.Thread(target=self._read, daemon=True)
             self._reader.start()
         return self
@@ -116,8 +120,11 @@ def memory_figures(server: LocalServer, image: bytes, total: int, gpu: int | Non
         "growth": after_total["VmRSS"] / after_50["VmRSS"] - 1,
     }
     if gpu_after_50 and gpu_after_total:
-        figures |= {"gpu_mib_after_50": gpu_after_50, f"gpu_mib_after_{total}": gpu_after_total,
-                    "gpu_growth": gpu_after_total / gpu_after_50 - 1}  # fmt: skip
+        figures |= {
+            "gpu_mib_after_50": gpu_after_50,
+            f"gpu_mib_after_{total}": gpu_after_total,
+            "gpu_growth": gpu_after_total / gpu_after_50 - 1,
+        }
     return figures
 
 

@@ -21,11 +21,15 @@ def soak_requests(image: bytes) -> list[tuple[str, dict, bytes]]:
     """The soak's mix, in turn: (name, query, file). Half are good images; the rest each earn a 4xx."""
     header_only = image[:33] + b"\x00" * 16  # a PNG cut after its header: truncated
     return [
-        ("json", {}, image), ("png", {"format": "png"}, image), ("tile", {"mode": "tile"}, image),
-        ("overlay", {"format": "overlay"}, image), ("junk", {}, b"this is not an image"),
-        ("truncated", {}, header_only), ("bad option", {"seed_threshold": "7"}, image),
+        ("json", {}, image),
+        ("png", {"format": "png"}, image),
+        ("tile", {"mode": "tile"}, image),
+        ("overlay", {"format": "overlay"}, image),
+        ("junk", {}, b"this is not an image"),
+        ("truncated", {}, header_only),
+        ("bad option", {"seed_threshold": "7"}, image),
         ("empty", {}, b""),
-    ]  # fmt: skip
+    ]
 
 
 async def soak(url: str, image: bytes, seconds: float, concurrency: int, memory: Callable[[], int]) -> dict:
@@ -52,8 +56,10 @@ async def soak(url: str, image: bytes, seconds: float, concurrency: int, memory:
             health.append(time.perf_counter() - started)
             if len(health) % 20 == 1:
                 samples.append(memory() / 1024)
-                print(f"soak: {len(health) // 2} s, {sum(statuses.values())} answers {statuses}, "
-                      f"{samples[-1]:.0f} MiB", flush=True)  # fmt: skip
+                print(
+                    f"soak: {len(health) // 2} s, {sum(statuses.values())} answers {statuses}, {samples[-1]:.0f} MiB",
+                    flush=True,
+                )
             await asyncio.sleep(0.5)
 
     limits = httpx.Limits(max_connections=concurrency + 4)
@@ -64,19 +70,29 @@ async def soak(url: str, image: bytes, seconds: float, concurrency: int, memory:
         await asyncio.gather(watch(probe), *(client(http, i) for i in range(concurrency)))
     settled = samples[len(samples) // 4 :] or samples  # after the first quarter: caches and arenas warmed up
     return {
-        "seconds": seconds, "concurrency": concurrency, "answers": statuses,
+        "seconds": seconds,
+        "concurrency": concurrency,
+        "answers": statuses,
         "server_errors": sum(n for key, n in statuses.items() if not key.isdigit() or key.startswith("5")),
-        "memory_mib": samples, "memory_growth_after_warm_up": settled[-1] / settled[0] - 1,
-        "health_p50_ms": percentile(health, 50) * 1000, "health_p99_ms": percentile(health, 99) * 1000,
-    }  # fmt: skip
+        "memory_mib": samples,
+        "memory_growth_after_warm_up": settled[-1] / settled[0] - 1,
+        "health_p50_ms": percentile(health, 50) * 1000,
+        "health_p99_ms": percentile(health, 99) * 1000,
+    }
 
 
 def run_soak(args: argparse.Namespace) -> dict[str, Any]:
     folder = model_folder(args)
-    settings = {"model_store": str(folder.parent), "model_version": folder.name, "log_level": "WARNING",
-                "device": args.device, "backend": args.backend}  # fmt: skip
+    settings = {
+        "model_store": str(folder.parent),
+        "model_version": folder.name,
+        "log_level": "WARNING",
+        "device": args.device,
+        "backend": args.backend,
+    }
     with running_server(**settings) as server:
         resident = lambda: server.memory_kib()["VmRSS"]  # noqa: E731 - read at each sample
-        figures = asyncio.run(soak(server.url, Path(args.image).read_bytes(), args.soak * 60, args.soak_concurrency,
-                                   resident))  # fmt: skip
+        figures = asyncio.run(
+            soak(server.url, Path(args.image).read_bytes(), args.soak * 60, args.soak_concurrency, resident)
+        )
     return {"model": folder.name, **figures}

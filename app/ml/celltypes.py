@@ -99,8 +99,13 @@ class CellTypeClassifier:
         return self.types[best], float(weights[best] / weights.sum())
 
     def to_dict(self) -> dict[str, Any]:
-        return {"features": list(FEATURES), "types": self.types, "centroids": self.centroids,
-                "mean": self.mean, "scale": self.scale}  # fmt: skip
+        return {
+            "features": list(FEATURES),
+            "types": self.types,
+            "centroids": self.centroids,
+            "mean": self.mean,
+            "scale": self.scale,
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CellTypeClassifier:

@@ -65,5 +65,10 @@ def test_wrong_backends_are_refused_with_what_is_accepted():
         Predictor.from_checkpoint(BUNDLED, backend="tensorrt")
     checkpoint = load_checkpoint(BUNDLED)
     with pytest.raises(InvalidOptionError, match="the onnxruntime backend runs on the CPU, not cuda"):
-        Predictor(checkpoint.build_model(), checkpoint.preprocess, checkpoint.card.postprocessing, device="cuda",
-                  backend="onnxruntime")  # fmt: skip
+        Predictor(
+            checkpoint.build_model(),
+            checkpoint.preprocess,
+            checkpoint.card.postprocessing,
+            device="cuda",
+            backend="onnxruntime",
+        )

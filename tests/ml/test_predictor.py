@@ -190,8 +190,14 @@ print("compiled", p.is_compiled, "failed", p.runner.compiled.failed, "shape", la
 def test_without_a_cxx_compiler_the_network_runs_eagerly_and_a_warning_says_why(tmp_path):
     # As in an image without g++: inductor cannot build its kernels. A fresh cache, so nothing is reused.
     env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path)}
-    done = subprocess.run([sys.executable, "-c", COMPILE_WITHOUT_COMPILER], env=env, capture_output=True,
-                          text=True, timeout=300, check=True)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", COMPILE_WITHOUT_COMPILER],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
     assert "compiled False failed True shape (50, 90)" in done.stdout
     assert "torch.compile failed, the network runs eagerly" in done.stderr
 

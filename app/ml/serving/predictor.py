@@ -128,8 +128,13 @@ class Predictor:
         if parse_option(Backend, backend, "backend") is Backend.ONNXRUNTIME and device == "auto":
             device = "cpu"
         if tta > 1 and tta not in checkpoint.card.postprocessing_by_tta:
-            log.warning("%s has no instance step chosen for %d test-time augmentation views: it uses the one chosen "
-                        "without (`tune --tta %d` chooses one)", checkpoint.version, tta, tta)  # fmt: skip
+            log.warning(
+                "%s has no instance step chosen for %d test-time augmentation views: it uses the one chosen "
+                "without (`tune --tta %d` chooses one)",
+                checkpoint.version,
+                tta,
+                tta,
+            )
         return cls(
             checkpoint.build_model(),
             checkpoint.preprocess,
