@@ -19,10 +19,10 @@ from dataclasses import replace
 
 from app.cli import add_data_argument, add_model_arguments, model_folder, predictor_from_args, setup_logging
 from app.ml.card import ModelCard
-from app.ml.celltypes import InstanceRules
 from app.ml.checkpoint import load_checkpoint, save_checkpoint
 from app.ml.data.kaggle import KaggleFolders
 from app.ml.errors import CellSegError
+from app.ml.rules import InstanceRules
 from app.ml.scoring.evaluation import Evaluation
 from app.ml.training.trainer import tune_model
 from app.ml.training.trainset import Split, load_split

@@ -26,7 +26,7 @@ def instance_step_section(folder: Path, device: torch.device, image: Path, repea
     predictor = Predictor.from_checkpoint(folder, device=str(device), half_precision=False, steps_on_device="all")
     prepared = predictor.prepare(read_image(image))
     maps = predictor.maps(prepared, predictor.run_tiles(prepared.tiles))
-    rules = predictor.instances
+    rules = predictor.rules
 
     def on_cpu() -> Instances:
         return rules.find(maps.cpu().numpy(), prepared.contrast)

@@ -12,10 +12,11 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from app.ml.celltypes import CellTypeClassifier, InstanceRules, image_contrast, map_features
+from app.ml.celltypes import CellTypeClassifier, image_contrast, map_features
 from app.ml.data.kaggle import Sample
 from app.ml.options import Mode
 from app.ml.postprocess import InstanceConfig
+from app.ml.rules import InstanceRules
 from app.ml.scoring.metric import THRESHOLDS, score_per_threshold
 from app.ml.serving.predictor import Predictor
 
@@ -46,7 +47,7 @@ def instance_step_maps(predictor: Predictor, image: np.ndarray) -> np.ndarray:
 def evaluate(predictor: Predictor, samples: Iterable[Sample], rules: InstanceRules | None = None) -> Evaluation:
     """Run every sample through the predictor and score it."""
     scored = [(sample, instance_step_maps(predictor, sample.image)) for sample in samples]
-    return score_maps(scored, rules or predictor.instances)
+    return score_maps(scored, rules or predictor.rules)
 
 
 def score_maps(scored: list[tuple[Sample, np.ndarray]], rules: InstanceRules) -> Evaluation:

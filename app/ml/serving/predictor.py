@@ -16,10 +16,11 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from app.ml.celltypes import InstanceRules, image_contrast
+from app.ml.celltypes import image_contrast
 from app.ml.checkpoint import Checkpoint, load_checkpoint
 from app.ml.options import Backend, DeviceSteps, Mode, parse_option
 from app.ml.postprocess import InstanceConfig, Instances, instance_maps
+from app.ml.rules import InstanceRules
 from app.ml.serving import torch_steps
 from app.ml.serving.gpu_instances import maps_to_instances_torch
 from app.ml.serving.runner import NetworkRunner, pick_device
@@ -75,7 +76,7 @@ class Predictor:
         self,
         model: UNet,
         preprocess: PreprocessConfig,
-        instances: InstanceRules | InstanceConfig,
+        rules: InstanceRules | InstanceConfig,
         device: torch.device | str = "cpu",
         half_precision: bool = False,
         version: str = "unsaved",
@@ -91,7 +92,7 @@ class Predictor:
         # another, were the service's bottleneck. On the CPU, 'resize' or 'all' run them in torch there (tests).
         self.steps_on_device = resolve_device_steps(steps_on_device, self.runner.device, self.runner.backend)
         self.preprocess = preprocess
-        self.instances = instances if isinstance(instances, InstanceRules) else InstanceRules(instances)
+        self.rules = rules if isinstance(rules, InstanceRules) else InstanceRules(rules)
         self.version = version
 
     @classmethod
@@ -199,10 +200,10 @@ class Predictor:
         maps = self.maps(prepared, outputs)
         if isinstance(maps, torch.Tensor) and self.steps_on_device is DeviceSteps.ALL:
             with torch.inference_mode():
-                return (rules or self.instances).find(maps, prepared.contrast, step=maps_to_instances_torch)
+                return (rules or self.rules).find(maps, prepared.contrast, step=maps_to_instances_torch)
         if isinstance(maps, torch.Tensor):
             maps = maps.cpu().numpy()
-        return (rules or self.instances).find(maps, prepared.contrast)
+        return (rules or self.rules).find(maps, prepared.contrast)
 
     # ------------------------------------------------------------------ conveniences
 

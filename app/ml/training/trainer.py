@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 import app
 from app.ml.card import ModelCard, TrainingData, TrainingRecord
-from app.ml.celltypes import InstanceRules, image_contrast
+from app.ml.celltypes import image_contrast
 from app.ml.checkpoint import (
     atomic_write_bytes,
     atomic_write_json,
@@ -43,6 +43,7 @@ from app.ml.checkpoint import (
 from app.ml.data.kaggle import KaggleFolders, Sample
 from app.ml.errors import CheckpointError
 from app.ml.postprocess import InstanceConfig
+from app.ml.rules import InstanceRules
 from app.ml.scoring.evaluation import Evaluation, instance_step_maps, score_maps, tune_rules
 from app.ml.serving.predictor import Predictor
 from app.ml.serving.runner import native_bfloat16, pick_device
