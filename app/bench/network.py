@@ -79,9 +79,15 @@ def conv_flops(config: UNetConfig, input_shape: tuple[int, ...]) -> float:
 
 
 def network_figures(
-    run: Callable[[np.ndarray], object], flops: float, side: int, batches: list[int], repeats: int, ceiling: float
+    predictor: Predictor, flops: float, side: int, batches: list[int], repeats: int, ceiling: float
 ) -> dict:
-    """ms per image and GFLOP/s at each batch size of `run` on (N, 1, side, side) inputs."""
+    """ms per image and GFLOP/s at each batch size of the predictor's run_network on (N, 1, side, side) inputs,
+    each batch copied in from host memory and its probabilities copied back, whichever steps the predictor runs."""
+    steps = predictor.steps
+
+    def run(x: np.ndarray) -> np.ndarray:
+        return steps.to_numpy(predictor.run_network(steps.from_numpy(x)))
+
     rows = {}
     for batch in batches:
         x = np.random.default_rng(0).standard_normal((batch, 1, side, side), dtype=np.float32)
@@ -164,26 +170,26 @@ def network_section(folder: Path, device: torch.device, result: dict[str, Any], 
         predictor.warm_up()  # compiles the network for the input shapes the service uses
         side = predictor.prepare(np.zeros((520, 704), np.float32), Mode.RESIZE).tiles.shape[-1]
         flops = conv_flops(predictor.architecture, (1, 1, side, side))
-        figures[name] = network_figures(predictor.run_network, flops, side, batches, repeats, result[ceiling])
+        figures[name] = network_figures(predictor, flops, side, batches, repeats, result[ceiling])
         if name == "network_default_float16":
             with cudnn_autotune(False):
                 figures[f"{name}_autotune_off"] = network_figures(
-                    predictor.run_network, flops, side, batches, repeats, result[ceiling]
+                    predictor, flops, side, batches, repeats, result[ceiling]
                 )
     paper_flops = conv_flops(UNetConfig.paper(), (1, 1, 572, 572))
     paper = Predictor(UNet(UNetConfig.paper()), PreprocessConfig(), InstanceConfig(), device=device)
     figures["network_paper_572"] = network_figures(
-        paper.run_network, paper_flops, 572, [1] if quick else [1, 2], 2, result[float32_ceiling(device)]
+        paper, paper_flops, 572, [1] if quick else [1, 2], 2, result[float32_ceiling(device)]
     )
     if device.type == "cuda":
         paper_fp16 = Predictor(
             UNet(UNetConfig.paper()), PreprocessConfig(), InstanceConfig(), device, half_precision=True
         )
         figures["network_paper_572_float16"] = network_figures(
-            paper_fp16.run_network, paper_flops, 572, [1, 16], repeats, result["matmul_gflops_float16"]
+            paper_fp16, paper_flops, 572, [1, 16], repeats, result["matmul_gflops_float16"]
         )
-        # run_network copies each batch in and the probabilities out, as the service does; the published figure
-        # is the network alone, so it is also measured on a batch already in GPU memory.
+        # network_figures copies each batch in and the probabilities out; the published figure is the network
+        # alone, so it is also measured on a batch already in GPU memory.
         figures["network_paper_572_float16"]["resident_batch_16_images_per_s"] = resident_images_per_s(
             paper_fp16, 16, 572, repeats
         )
