@@ -42,15 +42,23 @@ class InstanceRules:
             self.min_probability,
         )
 
+    def choose(self, maps: Any, contrast: float) -> tuple[InstanceConfig, str | None, float | None]:
+        """(2, H, W) foreground and seed maps and the image_contrast of their image -> the thresholds for them (the
+        cell type's own where the classifier is sure enough of it, else the default ones), the type and its
+        probability (None and None without a classifier)."""
+        if self.classifier is None:
+            return self.default, None, None
+        cell_type, probability = self.classifier.predict(map_features(maps, contrast, self.default))
+        sure = probability >= self.min_probability
+        return self.per_cell_type.get(cell_type, self.default) if sure else self.default, cell_type, probability
+
     def find(self, maps: Any, contrast: float, step: InstanceStep = maps_to_instances) -> Instances:
         """(2, H, W) foreground and seed maps (postprocess.instance_maps) and the image_contrast of their image ->
         the cells, with the cell type. `step` turns maps into cells: the numpy reference, or one that takes the
         maps where they are (a tensor on the GPU, app.ml.serving.gpu_instances)."""
-        if self.classifier is None:
-            return step(maps, self.default)
-        cell_type, probability = self.classifier.predict(map_features(maps, contrast, self.default))
-        sure = probability >= self.min_probability
-        config = self.per_cell_type.get(cell_type, self.default) if sure else self.default
+        config, cell_type, probability = self.choose(maps, contrast)
+        if cell_type is None:
+            return step(maps, config)
         return replace(step(maps, config), cell_type=cell_type, cell_type_probability=probability)
 
     def for_cell_type(self, cell_type: str, config: InstanceConfig) -> InstanceRules:
