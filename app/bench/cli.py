@@ -114,7 +114,8 @@ def run(args: argparse.Namespace, result: dict[str, Any]) -> None:
     print("service end to end ...", flush=True)
     quick = args.quick
     gpu = (device.index or 0) if device.type == "cuda" else None
-    # A GPU serves hundreds of images a second: a level needs that many requests to reach its steady state.
+    # A GPU serves many times the images a second of a CPU: a level needs that many more requests to reach its
+    # steady state (docs/performance.md has the rates).
     per_level = (128 if quick else 512) if gpu is not None else (16 if quick else 32)
     # The service as shipped (max_batch auto: 1 on CPU, 8 on CUDA), then with micro-batches of up to 8 forced on.
     with running_server(**settings) as server:
