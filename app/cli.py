@@ -91,8 +91,8 @@ def tune_malloc() -> None:
     a MALLOC_* environment variable already says otherwise. A no-op where the C library is not glibc.
 
     - 2 arenas: glibc gives threads that allocate at the same time arenas of their own (up to 8 per core) and
-      keeps freed memory in each, so with the service's worker threads resident memory crept up for hundreds of
-      requests; with 2 it stays level.
+      keeps freed memory in each, so with the service's worker threads resident memory crept up request after
+      request; with 2 it stays level.
     - Blocks up to 32 MiB (glibc's maximum) from the heap, kept there when freed (trim threshold 1 GiB):
       otherwise each request maps fresh pages for the network's activations (a 576x576x16 float32 map is
       21 MiB) and the arrays around them, and pays a page fault for each 4 KiB page it touches. Resident memory

@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             samples = select_samples(dataset, checkpoint.split, args.subset)
             scored = [(s, instance_step_maps(predictor, s.image)) for s in tqdm(samples, desc="evaluate", unit="img")]
-        evaluation = score_maps(scored, predictor.instances)
+        evaluation = score_maps(scored, predictor.rules)
     except CellSegError as exc:
         print(f"evaluate: {exc}", file=sys.stderr)
         raise SystemExit(2) from exc

@@ -33,8 +33,9 @@ class IdleTimeoutProtocol(H11Protocol):
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="serve", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--host", help="listen address (default: CELLSEG_HOST or 0.0.0.0)")
     parser.add_argument("--port", type=int, help="port (default: CELLSEG_PORT or 8000)")
     args = parser.parse_args(argv)
@@ -50,11 +51,19 @@ def main(argv: list[str] | None = None) -> None:
     # One worker: this process serves the model it loaded. Several: each worker process loads its own (the factory
     # reads the same CELLSEG_* environment), and this one only supervises them.
     app = create_app(settings, loaded) if settings.workers == 1 else "app.main:create_app"
-    config = uvicorn.Config(app, host=args.host or settings.host, port=args.port or settings.port,
-                            factory=settings.workers > 1, workers=settings.workers, log_config=None,
-                            access_log=False, timeout_graceful_shutdown=10,
-                            timeout_keep_alive=settings.keep_alive_seconds, http=IdleTimeoutProtocol,
-                            limit_concurrency=settings.max_connections)  # fmt: skip
+    config = uvicorn.Config(
+        app,
+        host=args.host or settings.host,
+        port=args.port or settings.port,
+        factory=settings.workers > 1,
+        workers=settings.workers,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=10,
+        timeout_keep_alive=settings.keep_alive_seconds,
+        http=IdleTimeoutProtocol,
+        limit_concurrency=settings.max_connections,
+    )
     if settings.workers > 1:
         del loaded  # checked; the workers load their own
         tune_malloc_of_children()

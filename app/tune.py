@@ -21,12 +21,12 @@ from dataclasses import replace
 
 from app.cli import DATA_HELP, add_data_argument, add_model_arguments, model_folder, predictor_from_args, setup_logging
 from app.ml.card import ModelCard
-from app.ml.celltypes import InstanceRules
 from app.ml.checkpoint import load_checkpoint, save_checkpoint
 from app.ml.data.labelled import open_labelled
 from app.ml.data.split import Split, cross_validated, load_split
 from app.ml.errors import CellSegError
 from app.ml.postprocess import InstanceConfig
+from app.ml.rules import InstanceRules
 from app.ml.scoring.evaluation import Evaluation
 from app.ml.scoring.folds import out_of_fold_maps
 from app.ml.scoring.tuning import tune_model, tune_rules

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from app.bench import NETWORK_OF_SERVICE, ceilings, conv_flops, gemm_as_convolution, network_variants, tensor_operations
+from app.bench.instance_step import tensor_operations
+from app.bench.network import ceilings, conv_flops, gemm_as_convolution, network_variants
+from app.bench.report import NETWORK_OF_SERVICE
 from app.ml.checkpoint import resolve_model_folder
 from app.ml.unet import UNetConfig
 from tests.conftest import MODEL_STORE

@@ -14,8 +14,8 @@ import httpx
 import numpy as np
 import pytest
 
+from app.bench.localserver import running_server
 from app.evaluate import main as evaluate
-from app.localserver import running_server
 from app.ml import rle
 from app.ml.checkpoint import default_version, load_checkpoint, resolve_model_folder
 from app.ml.data.kaggle import KaggleFolders

@@ -57,8 +57,9 @@ def test_predict_writes_the_lab_formats_per_image_and_names_skips_and_counts_bad
         assert {row["id"] for row in csv.DictReader(handle)} == set(good)
 
 
-def test_evaluate_reproduces_the_validation_score_recorded_in_model_json(trained_model, synth_train_data, tmp_path,
-                                                                         capsys):  # fmt: skip
+def test_evaluate_reproduces_the_validation_score_recorded_in_model_json(
+    trained_model, synth_train_data, tmp_path, capsys
+):
     report = tmp_path / "evaluation.json"
     evaluate(["--model", str(trained_model), "--data", str(synth_train_data), "--subset", "validation",
               "--json", str(report)])  # fmt: skip
@@ -121,8 +122,9 @@ def test_tune_with_tta_keeps_its_choice_beside_the_one_without_and_evaluate_with
     assert card["metrics"]["validation"] == before["metrics"]["validation"]
     assert set(card["postprocessing_by_tta"]) == {"4"}
     assert printed["validation"] == pytest.approx(card["metrics"]["validation_tta_4"]["score"])
-    evaluate(["--model", str(model), "--data", str(synth_train_data), "--subset", "validation", "--tta", "4",
-              "--no-compile"])  # fmt: skip
+    evaluate(
+        ["--model", str(model), "--data", str(synth_train_data), "--subset", "validation", "--tta", "4", "--no-compile"]
+    )
     assert f"score {printed['validation']:.4f}" in capsys.readouterr().out
 
 

@@ -19,7 +19,7 @@ import pytest
 import roifile
 import tifffile
 
-from app.localserver import running_server
+from app.bench.localserver import running_server
 from app.ml.data.synth import generate_image
 from app.ml.exports import cell_outlines
 from app.ml.imageio import to_uint8

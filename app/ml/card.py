@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import PurePath
 from typing import Any
 
-from app.ml.celltypes import InstanceRules
 from app.ml.options import TTA_CHOICES
+from app.ml.rules import InstanceRules
 from app.ml.strict import as_object, check_keys, from_fields
 from app.ml.transforms import PreprocessConfig
 from app.ml.unet import UNetConfig

@@ -1,23 +1,20 @@
-"""Instance thresholds per cell type, and the classifier that tells an image's cell type from the network's maps.
+"""The classifier that tells an image's cell type from the network's maps, and the features it reads.
 
 Astrocytes (large, thin, few), cortical neurons (small, sparse) and SH-SY5Y cells (small, dense) want different
-thresholds. The classifier reads the type from the maps under the default thresholds (how much of the image is
-foreground, how much of the foreground and of the seeds is edge: small cells have more edge for their area, and the
-seeds' share of the foreground) and from the image's contrast (astrocyte images are faint: a sparse astrocyte image
-has cells like a cortical one, not its contrast); then the instance step runs once, with that type's thresholds
-where it has its own. The answer says which type was picked and how sure the classifier was.
+thresholds (app.ml.rules). The classifier reads the type from the maps under the default thresholds (how much of the
+image is foreground, how much of the foreground and of the seeds is edge: small cells have more edge for their area,
+and the seeds' share of the foreground) and from the image's contrast (astrocyte images are faint: a sparse astrocyte
+image has cells like a cortical one, not its contrast).
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from app.ml.postprocess import InstanceConfig, Instances, maps_to_instances
+from app.ml.postprocess import InstanceConfig
 from app.ml.strict import check_keys
 
 FEATURES = (
@@ -33,8 +30,6 @@ RETIRED_FEATURES = (
     ("log cells per 100k px", "log median area", "foreground fraction", "relative contrast"),
     ("log cells per 100k px", "log median area", "foreground fraction", "image contrast"),
 )
-log = logging.getLogger("cellseg.celltypes")
-InstanceStep = Callable[[Any, InstanceConfig], Instances]
 
 
 def image_contrast(image: np.ndarray) -> float:
@@ -99,8 +94,13 @@ class CellTypeClassifier:
         return self.types[best], float(weights[best] / weights.sum())
 
     def to_dict(self) -> dict[str, Any]:
-        return {"features": list(FEATURES), "types": self.types, "centroids": self.centroids,
-                "mean": self.mean, "scale": self.scale}  # fmt: skip
+        return {
+            "features": list(FEATURES),
+            "types": self.types,
+            "centroids": self.centroids,
+            "mean": self.mean,
+            "scale": self.scale,
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CellTypeClassifier:
@@ -108,72 +108,3 @@ class CellTypeClassifier:
         if list(data.get("features", [])) != list(FEATURES):
             raise ValueError(f"cell type classifier features {data.get('features')} are not {list(FEATURES)}")
         return cls(list(data["types"]), data["centroids"], data["mean"], data["scale"])
-
-
-@dataclass(frozen=True)
-class InstanceRules:
-    """The model's whole instance step: default thresholds, per-type thresholds, and the type classifier.
-
-    In model.json, "postprocessing" holds the default thresholds' keys, plus "per_cell_type" and
-    "cell_type_classifier" when the model has them.
-    """
-
-    default: InstanceConfig = field(default_factory=InstanceConfig)
-    per_cell_type: dict[str, InstanceConfig] = field(default_factory=dict)
-    classifier: CellTypeClassifier | None = None
-    # A type's own thresholds apply only when the classifier is at least this sure: thresholds made for
-    # astrocytes drop most cells of a SH-SY5Y image, so an unsure pick keeps the default ones.
-    min_probability: float = 0.75
-
-    def with_overrides(self, **overrides: float | int | None) -> InstanceRules:
-        """The caller's thresholds beat the model's, whatever the cell type."""
-        return InstanceRules(
-            self.default.with_overrides(**overrides),
-            {name: config.with_overrides(**overrides) for name, config in self.per_cell_type.items()},
-            self.classifier,
-            self.min_probability,
-        )
-
-    def find(self, maps: Any, contrast: float, step: InstanceStep = maps_to_instances) -> Instances:
-        """(2, H, W) foreground and seed maps (postprocess.instance_maps) and the image_contrast of their image ->
-        the cells, with the cell type. `step` turns maps into cells: the numpy reference, or one that takes the
-        maps where they are (a tensor on the GPU, app.ml.serving.gpu_instances)."""
-        if self.classifier is None:
-            return step(maps, self.default)
-        cell_type, probability = self.classifier.predict(map_features(maps, contrast, self.default))
-        sure = probability >= self.min_probability
-        config = self.per_cell_type.get(cell_type, self.default) if sure else self.default
-        return replace(step(maps, config), cell_type=cell_type, cell_type_probability=probability)
-
-    def for_cell_type(self, cell_type: str, config: InstanceConfig) -> InstanceRules:
-        return replace(self, per_cell_type={**self.per_cell_type, cell_type: config})
-
-    def to_dict(self) -> dict[str, Any]:
-        data = self.default.to_dict()
-        if self.per_cell_type:
-            data["per_cell_type"] = {name: config.to_dict() for name, config in sorted(self.per_cell_type.items())}
-        if self.classifier is not None:
-            data["cell_type_classifier"] = {**self.classifier.to_dict(), "min_probability": self.min_probability}
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> InstanceRules:
-        per_type = data.get("per_cell_type", {})
-        classifier = dict(data.get("cell_type_classifier") or {})
-        min_probability = classifier.pop("min_probability", cls.min_probability)
-        if tuple(classifier.get("features", ())) in RETIRED_FEATURES:
-            log.warning(
-                "this model's cell-type classifier reads retired features: it is not used, and the default "
-                "thresholds apply to every image; `tune --model <its folder>` fits it again"
-            )
-            per_type, classifier = {}, {}
-        default_keys = {k: v for k, v in data.items() if k not in ("per_cell_type", "cell_type_classifier")}
-        return cls(
-            InstanceConfig.from_dict(default_keys),
-            {
-                name: InstanceConfig.from_dict(values, f"postprocessing.per_cell_type.{name}")
-                for name, values in per_type.items()
-            },
-            CellTypeClassifier.from_dict(classifier) if classifier else None,
-            min_probability,
-        )

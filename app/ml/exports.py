@@ -84,13 +84,18 @@ def coco(instances: Instances, file_name: str = "image.png") -> bytes:
             continue
         rle = coco_mask.encode(np.asfortranarray(labels == label, dtype=np.uint8))
         rows, cols = window
-        annotations.append({
-            "id": label, "image_id": 1, "category_id": 1, "iscrowd": 0,
-            "segmentation": {"size": rle["size"], "counts": rle["counts"].decode("ascii")},
-            "area": int(instances.areas[label - 1]),
-            "bbox": [cols.start, rows.start, cols.stop - cols.start, rows.stop - rows.start],
-            "score": round(float(instances.scores[label - 1]), 4),
-        })  # fmt: skip
+        annotations.append(
+            {
+                "id": label,
+                "image_id": 1,
+                "category_id": 1,
+                "iscrowd": 0,
+                "segmentation": {"size": rle["size"], "counts": rle["counts"].decode("ascii")},
+                "area": int(instances.areas[label - 1]),
+                "bbox": [cols.start, rows.start, cols.stop - cols.start, rows.stop - rows.start],
+                "score": round(float(instances.scores[label - 1]), 4),
+            }
+        )
     document: dict[str, Any] = {
         "images": [{"id": 1, "file_name": file_name, "height": height, "width": width}],
         "categories": [{"id": 1, "name": instances.cell_type or "cell"}],

@@ -237,8 +237,9 @@ def _pick_channel(
     count = pixels.shape[3 + rest.index(channel_axis)] if channel_axis else 1
     is_rgb = channel_axis == "S" and count in (3, 4)
     if channel is None and count > 1 and channel_axis == "C":
-        listed = ", ".join(f"{i} ({names[i]})" if i < len(names) and names[i] != str(i) else str(i)
-                           for i in range(count))  # fmt: skip
+        listed = ", ".join(
+            f"{i} ({names[i]})" if i < len(names) and names[i] != str(i) else str(i) for i in range(count)
+        )
         raise InvalidImageError(f"the image has {count} channels: {listed}; choose one with channel=<index or name>")
     index = None if channel is None else _channel_index(channel, count, names)
     for axis in reversed(rest):  # the last axis first, so the position of the one before stays right

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app.localserver import running_server as start_server
+from app.bench.localserver import running_server as start_server
 
 
 @contextlib.contextmanager

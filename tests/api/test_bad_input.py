@@ -34,8 +34,9 @@ def tiff(array: np.ndarray, **options) -> bytes:
 
 
 Z_STACK = tiff(np.zeros((4, 64, 64), np.uint16), imagej=True, metadata={"axes": "ZYX"})
-TWO_CHANNELS = tiff(np.zeros((2, 64, 64), np.uint16), ome=True,
-                    metadata={"axes": "CYX", "Channel": {"Name": ["Phase", "GFP"]}})  # fmt: skip
+TWO_CHANNELS = tiff(
+    np.zeros((2, 64, 64), np.uint16), ome=True, metadata={"axes": "CYX", "Channel": {"Name": ["Phase", "GFP"]}}
+)
 
 
 # name: (multipart files, query parameters, status, part of the detail)

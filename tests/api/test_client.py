@@ -20,8 +20,8 @@ import pytest
 import tifffile
 from PIL import Image
 
+from app.bench.localserver import free_port
 from app.client import AsyncCellsegClient, CellsegClient, CellsegError, Segmentation
-from app.localserver import free_port
 from app.ml.data.synth import generate_image
 from app.ml.imageio import to_uint8
 from tests.api.conftest import png
@@ -117,8 +117,13 @@ def test_the_client_waits_for_a_starting_service_and_sends_its_api_key(trained_m
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     # Compiling while it warms up keeps the service answering 503 for a while after it listens.
-    env = {**os.environ, "CELLSEG_MODEL_STORE": str(trained_model.parent), "CELLSEG_API_KEY": KEY,
-           "CELLSEG_TORCH_THREADS": "2", "CELLSEG_COMPILE": "true"}  # fmt: skip
+    env = {
+        **os.environ,
+        "CELLSEG_MODEL_STORE": str(trained_model.parent),
+        "CELLSEG_API_KEY": KEY,
+        "CELLSEG_TORCH_THREADS": "2",
+        "CELLSEG_COMPILE": "true",
+    }
     command = [sys.executable, "-m", "app.serve", "--host", "127.0.0.1", "--port", str(port)]
     with (
         ThreadPoolExecutor(2) as pool,

@@ -15,7 +15,7 @@ import time
 import httpx
 import numpy as np
 
-from app.localserver import free_port
+from app.bench.localserver import free_port
 from tests.api.conftest import png, running_server
 from tests.api.test_operations import metric
 
@@ -45,8 +45,9 @@ def test_requests_beyond_the_pixels_in_flight_get_503_with_retry_after_and_the_r
 
         async def burst() -> list[httpx.Response]:
             async with httpx.AsyncClient(base_url=url, timeout=120) as http:
-                return await asyncio.gather(*(http.post("/segment", files={"file": ("a.png", SMALL)})
-                                              for _ in range(8)))  # fmt: skip
+                return await asyncio.gather(
+                    *(http.post("/segment", files={"file": ("a.png", SMALL)}) for _ in range(8))
+                )
 
         answers = asyncio.run(burst())
         statuses = sorted(a.status_code for a in answers)
@@ -148,8 +149,10 @@ def test_models_shows_no_paths_of_the_machine_that_trained_the_model(server, tra
 def test_a_full_service_answers_503_before_reading_the_body(trained_model):
     with running_server(trained_model.parent, max_active_requests="1") as url:
         port = int(url.rsplit(":", 1)[1])
-        head = (b"POST /segment HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
-                b"Content-Length: 10000000\r\n\r\n")  # fmt: skip
+        head = (
+            b"POST /segment HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+            b"Content-Length: 10000000\r\n\r\n"
+        )
         uploading = socket.create_connection(("127.0.0.1", port))
         uploading.sendall(head + b"--b\r\n")  # then stalls: this request stays in progress
         try:
@@ -188,13 +191,15 @@ def test_a_small_request_is_served_in_turn_beside_a_large_one_not_after_it(train
 
 
 def test_an_upload_still_coming_in_at_shutdown_gets_a_503_not_a_500(trained_model):
-    from app.localserver import running_server as start_server  # noqa: PLC0415 - its pid, to signal it
+    from app.bench.localserver import running_server as start_server  # noqa: PLC0415 - its pid, to signal it
 
     with start_server(model_store=str(trained_model.parent), warmup="false") as server:
         port = int(server.url.rsplit(":", 1)[1])
         upload = socket.create_connection(("127.0.0.1", port))
-        upload.sendall(b"POST /segment HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
-                       b"Content-Length: 100000\r\n\r\n--b\r\n")  # fmt: skip
+        upload.sendall(
+            b"POST /segment HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+            b"Content-Length: 100000\r\n\r\n--b\r\n"
+        )
         time.sleep(0.5)
         os.kill(server.pid, signal.SIGTERM)  # the upload stalls past the shutdown's grace period (10 s)
         upload.settimeout(30)

@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 
-from app.loadgen import PER_PROCESS, post_from_processes
+from app.bench.loadgen import PER_PROCESS, post_from_processes
 from tests.api.conftest import png
 
 

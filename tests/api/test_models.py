@@ -16,9 +16,9 @@ import httpx
 import numpy as np
 import pytest
 
+from app.bench.localserver import LocalServer
+from app.bench.localserver import running_server as start_server
 from app.client import CellsegClient, CellsegError
-from app.localserver import LocalServer
-from app.localserver import running_server as start_server
 from app.ml.data.synth import generate_image
 from app.ml.imageio import to_uint8
 from tests.api.conftest import png

@@ -12,7 +12,7 @@ import httpx
 import numpy as np
 import pytest
 
-from app.localserver import running_server as start_server
+from app.bench.localserver import running_server as start_server
 from app.ml.serving.runner import native_bfloat16
 from tests.api.conftest import png, running_server
 
@@ -31,8 +31,17 @@ def test_health_ready_and_models(client, trained_model):
     # As shipped (backend auto, compile on): PyTorch, compiled, in bfloat16 on CPUs that compute it natively, else
     # in float32.
     precision = "bfloat16" if native_bfloat16() else "float32"
-    ready = {"ready": True, "status": "ready", "model_version": "synth-v1", "device": "cpu", "backend": "torch",
-             "precision": precision, "compiled": True, "tta": 1, "loaded": ["synth-v1"]}  # fmt: skip
+    ready = {
+        "ready": True,
+        "status": "ready",
+        "model_version": "synth-v1",
+        "device": "cpu",
+        "backend": "torch",
+        "precision": precision,
+        "compiled": True,
+        "tta": 1,
+        "loaded": ["synth-v1"],
+    }
     assert client.get("/ready").json() == ready
     models = client.get("/models").json()
     assert models["available"] == ["synth-v1"] and models["default"] == "synth-v1"
@@ -74,8 +83,9 @@ def test_a_full_queue_answers_503_with_retry_after_and_recovers(trained_model):
 
         async def run() -> list[httpx.Response]:
             async with httpx.AsyncClient(base_url=url, timeout=300) as http:
-                return await asyncio.gather(*[http.post("/segment", files={"file": ("a.png", IMAGE)})
-                                              for _ in range(24)])  # fmt: skip
+                return await asyncio.gather(
+                    *[http.post("/segment", files={"file": ("a.png", IMAGE)}) for _ in range(24)]
+                )
 
         responses = asyncio.run(run())
         statuses = {r.status_code for r in responses}
@@ -92,8 +102,9 @@ def test_clients_that_disconnect_leave_no_work_behind(trained_model):
 
         async def abandon() -> list:
             async with httpx.AsyncClient(base_url=url, timeout=0.5) as http:
-                posts = [http.post("/segment", params={"mode": "tile"}, files={"file": ("a.png", large)})
-                         for _ in range(12)]  # fmt: skip
+                posts = [
+                    http.post("/segment", params={"mode": "tile"}, files={"file": ("a.png", large)}) for _ in range(12)
+                ]
                 return await asyncio.gather(*posts, return_exceptions=True)
 
         results = asyncio.run(abandon())
@@ -132,13 +143,19 @@ def test_an_api_key_protects_everything_but_health(trained_model):
 def test_a_missing_model_or_a_bad_setting_stops_startup_with_one_line(tmp_path):
     def serve(**env: str) -> subprocess.CompletedProcess:
         env = {"CELLSEG_MODEL_STORE": str(tmp_path), "PATH": "/usr/bin:/bin", **env}
-        return subprocess.run([sys.executable, "-m", "app.serve", "--port", "0"], env=env, capture_output=True,
-                              text=True, timeout=120, check=False)  # fmt: skip
+        return subprocess.run(
+            [sys.executable, "-m", "app.serve", "--port", "0"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
 
     missing = serve()
     assert missing.returncode != 0
-    assert missing.stderr.strip() == f"cannot load the model: no model in {tmp_path}: train one with `train` or " \
-                                     "set the version to load"  # fmt: skip
+    expected = f"cannot load the model: no model in {tmp_path}: train one with `train` or set the version to load"
+    assert missing.stderr.strip() == expected
     typo = serve(CELLSEG_MAX_QUEUE="lots", CELLSEG_TTA="3")
     assert typo.returncode != 0
     assert typo.stderr.strip() == (

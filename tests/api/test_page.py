@@ -33,8 +33,16 @@ if CHROMIUM is None and os.environ.get("CI"):  # CI installs it: a missing brows
     pytest.fail(NO_CHROMIUM, pytrace=False)
 requires_chromium = pytest.mark.skipif(CHROMIUM is None, reason=NO_CHROMIUM)
 # Without the background-networking flags Chromium calls Google's hosts at start; here they are simply off.
-FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]  # fmt: skip
+FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+]
 IMAGE = png(to_uint8(generate_image(np.random.default_rng(5), 256, 256, "shsy5y").image))
 
 

@@ -24,8 +24,8 @@ import numpy as np
 import pytest
 import yaml
 
+from app.bench.localserver import free_port
 from app.config import Settings
-from app.localserver import free_port
 from app.ml.data.synth import generate_image
 from app.ml.imageio import to_uint8
 from tests.api.conftest import png
@@ -57,8 +57,11 @@ def render(tmp: Path, upstream: str, port: int, **directives: str) -> str:
     (`client_body_timeout="2s"`) set to a new value, in the error messages that quote it too; every string
     replaced must be found exactly as often as expected."""
     text = CONFIG.read_text()
-    swaps = [("server api:8000;", f"server {upstream};", 1), ("listen 8080;", f"listen 127.0.0.1:{port};", 1),
-             (" /tmp/", f" {tmp}/", 6)]  # fmt: skip
+    swaps = [
+        ("server api:8000;", f"server {upstream};", 1),
+        ("listen 8080;", f"listen 127.0.0.1:{port};", 1),
+        (" /tmp/", f" {tmp}/", 6),
+    ]
     for name, value in directives.items():
         old = directive(name)
         swaps.append((f"{name} {old};", f"{name} {value};", 1))
@@ -119,8 +122,11 @@ def running_nginx(tmp: Path, upstream: str, **directives: str) -> Iterator[Proxy
 def proxy(server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
     """nginx in front of the real service, with a 64 KiB body limit and 2 s client timeouts."""
     upstream = server.removeprefix("http://")
-    limits = {"client_max_body_size": str(LIMIT), "client_header_timeout": f"{TIMEOUT}s",
-              "client_body_timeout": f"{TIMEOUT}s"}  # fmt: skip
+    limits = {
+        "client_max_body_size": str(LIMIT),
+        "client_header_timeout": f"{TIMEOUT}s",
+        "client_body_timeout": f"{TIMEOUT}s",
+    }
     tmp = tmp_path_factory.mktemp("nginx")
     with running_nginx(tmp, upstream, **limits) as running:
         yield running
@@ -167,8 +173,9 @@ def test_the_request_id_is_kept_or_made_by_nginx_and_logged_by_it(proxy):
 def test_an_upload_over_the_body_limit_gets_413_with_a_json_detail_from_nginx(proxy):
     body = png(np.random.default_rng(0).integers(0, 256, (300, 300)).astype(np.uint8))  # about 90 KB
     assert len(body) > LIMIT
-    refused = httpx.post(f"{proxy.url}/segment", files={"file": ("big.png", body)},
-                         headers={"X-Request-ID": "too-big"}, timeout=30)  # fmt: skip
+    refused = httpx.post(
+        f"{proxy.url}/segment", files={"file": ("big.png", body)}, headers={"X-Request-ID": "too-big"}, timeout=30
+    )
     assert refused.status_code == 413
     assert refused.headers["content-type"] == "application/json"
     assert refused.json() == {"detail": f"the upload is larger than the limit of {LIMIT:,} bytes; {ACCEPTED}"}

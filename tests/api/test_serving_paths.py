@@ -11,7 +11,7 @@ import httpx
 import numpy as np
 import pytest
 
-from app.localserver import process_tree, running_server
+from app.bench.localserver import process_tree, running_server
 from tests.api.conftest import png
 from tests.api.test_operations import metric
 

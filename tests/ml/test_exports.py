@@ -66,8 +66,13 @@ def test_geojson_polygons_cover_their_cells(instances):
         cell = instances.labels == feature["properties"]["id"]
         assert feature["properties"]["area"] == cell.sum()
         assert iou(rasterize(ring, cell.shape), cell) > 0.7
-    ious = [iou(rasterize(np.asarray(f["geometry"]["coordinates"][0]), instances.labels.shape),
-                instances.labels == f["properties"]["id"]) for f in document["features"]]  # fmt: skip
+    ious = [
+        iou(
+            rasterize(np.asarray(f["geometry"]["coordinates"][0]), instances.labels.shape),
+            instances.labels == f["properties"]["id"],
+        )
+        for f in document["features"]
+    ]
     assert np.mean(ious) > 0.9
 
 

@@ -83,7 +83,7 @@ def run_both(maps: np.ndarray, config: InstanceConfig) -> tuple[Instances, Insta
 
 @pytest.mark.parametrize("config_name", CONFIGS)
 def test_real_maps_give_the_reference_cells(config_name, real_maps, predictor):
-    config = CONFIGS[config_name] or predictor.instances.default
+    config = CONFIGS[config_name] or predictor.rules.default
     for image_id, maps in real_maps.items():
         reference, got = run_both(maps, config)
         assert_well_formed(got, maps[0])
@@ -97,7 +97,7 @@ def test_real_maps_give_the_reference_cells(config_name, real_maps, predictor):
 def test_real_score_matches_the_reference_score(sartorius, real_maps, predictor):
     sample = KaggleFolders([sartorius]).load(0)
     assert sample.image_id == TRAIN_ID
-    reference, got = run_both(real_maps[TRAIN_ID], predictor.instances.default)
+    reference, got = run_both(real_maps[TRAIN_ID], predictor.rules.default)
     assert abs(image_score(sample.labels, got.labels) - image_score(sample.labels, reference.labels)) <= 0.005
 
 

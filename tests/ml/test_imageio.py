@@ -92,8 +92,17 @@ def test_a_header_declaring_100000x100000_pixels_is_refused_before_decoding():
 
 def tiff_header_only(width: int, height: int) -> bytes:
     """A little-endian TIFF whose one page declares width x height 8-bit pixels but holds a single strip of 8 bytes."""
-    tags = [(256, 4, width), (257, 4, height), (258, 3, 8), (259, 3, 1), (262, 3, 1), (273, 4, 8), (277, 3, 1),
-            (278, 4, height), (279, 4, 8)]  # fmt: skip
+    tags = [
+        (256, 4, width),
+        (257, 4, height),
+        (258, 3, 8),
+        (259, 3, 1),
+        (262, 3, 1),
+        (273, 4, 8),
+        (277, 3, 1),
+        (278, 4, height),
+        (279, 4, 8),
+    ]
     ifd_offset = 16
     entries = b"".join(struct.pack("<HHII", tag, kind, 1, value) for tag, kind, value in tags)
     return b"II*\x00" + struct.pack("<I", ifd_offset) + bytes(8) + struct.pack("<H", len(tags)) + entries + bytes(4)

@@ -33,9 +33,9 @@ def test_onnxruntime_finds_the_cells_pytorch_finds(pytorch, onnxruntime, sartori
     image = read_image(sartorius / "test" / "7ae19de7bc2a.png")
     expected, got = pytorch.predict_maps(image, mode), onnxruntime.predict_maps(image, mode)
     np.testing.assert_allclose(got, expected, atol=1e-4)
-    cells = pytorch.instances.find(expected, image_contrast(image))
+    cells = pytorch.rules.find(expected, image_contrast(image))
     assert cells.count > 100
-    assert image_score(cells.labels, onnxruntime.instances.find(got, image_contrast(image)).labels) > 0.99
+    assert image_score(cells.labels, onnxruntime.rules.find(got, image_contrast(image)).labels) > 0.99
 
 
 def test_onnxruntime_computes_in_float32_even_where_the_model_allows_reduced_precision(onnxruntime):
@@ -65,5 +65,10 @@ def test_wrong_backends_are_refused_with_what_is_accepted():
         Predictor.from_checkpoint(BUNDLED, backend="tensorrt")
     checkpoint = load_checkpoint(BUNDLED)
     with pytest.raises(InvalidOptionError, match="the onnxruntime backend runs on the CPU, not cuda"):
-        Predictor(checkpoint.build_model(), checkpoint.preprocess, checkpoint.card.postprocessing, device="cuda",
-                  backend="onnxruntime")  # fmt: skip
+        Predictor(
+            checkpoint.build_model(),
+            checkpoint.preprocess,
+            checkpoint.card.postprocessing,
+            device="cuda",
+            backend="onnxruntime",
+        )

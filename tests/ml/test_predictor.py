@@ -9,12 +9,13 @@ import pytest
 import torch
 
 from app.config import Settings
-from app.ml.celltypes import InstanceRules, image_contrast
+from app.ml.celltypes import image_contrast
 from app.ml.checkpoint import load_checkpoint, resolve_model_folder
 from app.ml.errors import InvalidOptionError
 from app.ml.imageio import read_image
 from app.ml.options import TTA_CHOICES, Backend, DeviceSteps, Mode
 from app.ml.postprocess import InstanceConfig, instance_maps
+from app.ml.rules import InstanceRules
 from app.ml.scoring.metric import image_score
 from app.ml.serving.onnx_backend import onnxruntime_available
 from app.ml.serving.predictor import Predictor, resolve_device_steps
@@ -128,9 +129,9 @@ def test_reduced_precision_on_the_cpu_is_bfloat16_where_the_cpu_computes_it_and_
     image = read_image(sartorius / "test" / "7ae19de7bc2a.png")
     expected, got = exact.predict_maps(image), fast.predict_maps(image)
     assert np.abs(got - expected).mean() < 0.01
-    cells = exact.instances.find(expected, image_contrast(image))
+    cells = exact.rules.find(expected, image_contrast(image))
     assert cells.count > 100
-    assert image_score(cells.labels, fast.instances.find(got, image_contrast(image)).labels) > 0.9
+    assert image_score(cells.labels, fast.rules.find(got, image_contrast(image)).labels) > 0.9
 
 
 def test_resizing_the_two_maps_finds_the_cells_of_the_three_resized_classes(sartorius):
@@ -142,7 +143,7 @@ def test_resizing_the_two_maps_finds_the_cells_of_the_three_resized_classes(sart
     prepared = pred.prepare(read_image(sartorius / "test" / "7ae19de7bc2a.png"), Mode.RESIZE)
     outputs = pred.run_tiles(prepared.tiles)
     classes = pred.tiler.stitch(outputs, prepared.grid, prepared.original_shape)
-    from_classes = pred.instances.find(instance_maps(classes), prepared.contrast)
+    from_classes = pred.rules.find(instance_maps(classes), prepared.contrast)
     from_maps = pred.finish(prepared, outputs)
     assert from_maps.count == from_classes.count > 100
     assert (from_maps.labels == from_classes.labels).mean() > 0.9999
@@ -152,7 +153,7 @@ def test_resizing_the_two_maps_finds_the_cells_of_the_three_resized_classes(sart
 def compiled_pair(**preprocess):
     """A predictor and the same network through torch.compile, compiled while warming up."""
     eager, compiled = predictor(**preprocess), predictor(**preprocess)
-    compiled = Predictor(compiled.runner.model, compiled.preprocess, compiled.instances, compile_network=True)
+    compiled = Predictor(compiled.runner.model, compiled.preprocess, compiled.rules, compile_network=True)
     return eager, compiled
 
 
@@ -190,8 +191,14 @@ print("compiled", p.is_compiled, "failed", p.runner.compiled.failed, "shape", la
 def test_without_a_cxx_compiler_the_network_runs_eagerly_and_a_warning_says_why(tmp_path):
     # As in an image without g++: inductor cannot build its kernels. A fresh cache, so nothing is reused.
     env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path)}
-    done = subprocess.run([sys.executable, "-c", COMPILE_WITHOUT_COMPILER], env=env, capture_output=True,
-                          text=True, timeout=300, check=True)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", COMPILE_WITHOUT_COMPILER],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
     assert "compiled False failed True shape (50, 90)" in done.stdout
     assert "torch.compile failed, the network runs eagerly" in done.stderr
 
@@ -228,9 +235,9 @@ def test_a_predictor_with_tta_takes_the_instance_step_chosen_for_it_or_says_it_h
     checkpoint = load_checkpoint(trained_model)
     chosen_for_4 = InstanceRules(InstanceConfig(foreground_threshold=0.55))
     checkpoint = replace(checkpoint, card=replace(checkpoint.card, postprocessing_by_tta={4: chosen_for_4}))
-    assert Predictor.from_checkpoint(checkpoint, device="cpu", tta=4).instances == chosen_for_4
+    assert Predictor.from_checkpoint(checkpoint, device="cpu", tta=4).rules == chosen_for_4
     assert not caplog.records
-    assert Predictor.from_checkpoint(checkpoint, device="cpu", tta=8).instances == checkpoint.card.postprocessing
+    assert Predictor.from_checkpoint(checkpoint, device="cpu", tta=8).rules == checkpoint.card.postprocessing
     assert "no instance step chosen for 8 test-time augmentation views" in caplog.text
 
 

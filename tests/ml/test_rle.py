@@ -48,8 +48,10 @@ def test_encode_labels_matches_encoding_each_label_alone(labels):
 def test_bounding_boxes_from_the_runs_are_those_of_the_pixels(labels):
     runs = rle.label_runs(labels)
     boxes = rle.bounding_boxes(runs, labels.shape[1]).tolist()
-    expected = [[c.start, r.start, c.stop - c.start, r.stop - r.start]
-                for r, c in (box for box in ndimage.find_objects(labels) if box is not None)]  # fmt: skip
+    expected = [
+        [c.start, r.start, c.stop - c.start, r.stop - r.start]
+        for r, c in (box for box in ndimage.find_objects(labels) if box is not None)
+    ]
     assert runs.labels.tolist() == np.unique(labels[labels > 0]).tolist()
     assert boxes == expected
 

@@ -9,9 +9,11 @@ import torch
 
 from app.ml.checkpoint import resolve_model_folder
 from app.ml.imageio import read_image
+from app.ml.options import DeviceSteps
 from app.ml.scoring.metric import score_per_threshold
 from app.ml.serving import torch_steps
 from app.ml.serving.predictor import Predictor
+from app.ml.serving.steps import NumpySteps, TorchSteps
 from app.ml.serving.tiler import extract_tiles
 from tests.conftest import MODEL_STORE
 from tests.ml.test_gpu_instances import foreground_agreement
@@ -29,6 +31,12 @@ def reference() -> Predictor:
 def on_device() -> Predictor:
     folder = resolve_model_folder(MODEL_STORE)
     return Predictor.from_checkpoint(folder, device="cpu", half_precision=False, steps_on_device="all")
+
+
+def test_the_steps_are_chosen_once_when_the_predictor_is_built(reference, on_device):
+    assert isinstance(reference.steps, NumpySteps) and reference.steps_on_device is DeviceSteps.NONE
+    assert isinstance(on_device.steps, TorchSteps) and on_device.steps_on_device is DeviceSteps.ALL
+    assert on_device.runner.steps is on_device.steps and reference.runner.steps is reference.steps
 
 
 @pytest.mark.parametrize(("shape", "mode"), [((520, 704), "resize"), ((300, 900), "tile"), ((50, 70), "tile")])
@@ -84,7 +92,7 @@ def test_tiles_are_mirrored_as_numpy_pads_even_beyond_the_image(reference):
     pads = ((grid.margin, grid.tile_in[0] - grid.margin - 50), (grid.margin, grid.tile_in[1] - grid.margin - 70))
     mirrored = np.pad(image, pads, mode="reflect")
 
-    for tiles in (extract_tiles(image, grid), extract_tiles(torch.from_numpy(image), grid).numpy()):
+    for tiles in (extract_tiles(image, grid), torch_steps.extract_tiles(torch.from_numpy(image), grid).numpy()):
         np.testing.assert_array_equal(tiles[0], mirrored)
 
 

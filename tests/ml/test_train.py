@@ -37,8 +37,13 @@ TINY = ["--epochs", "3", "--epoch-size", "40", "--batch-size", "4", "--crop", "1
 
 
 def run_train(*args: str, env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "app.train", *args], env={**os.environ, **(env or {})},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "-m", "app.train", *args],
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def final_weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -55,8 +60,9 @@ def test_a_few_minutes_of_training_is_far_above_an_untrained_network(trained_mod
     _, val_samples = load_split(dataset, split)
     checkpoint = load_checkpoint(trained_model)
     torch.manual_seed(0)
-    untrained = Predictor(type(checkpoint.build_model())(checkpoint.architecture), checkpoint.preprocess,
-                          InstanceConfig())  # fmt: skip
+    untrained = Predictor(
+        type(checkpoint.build_model())(checkpoint.architecture), checkpoint.preprocess, InstanceConfig()
+    )
     untrained_score = evaluate(untrained, val_samples).score
     trained_score = card["metrics"]["validation"]["score"]
     assert trained_score > 0.25, card["metrics"]
@@ -150,9 +156,20 @@ def test_weight_maps_are_computed_once_per_image_not_per_step(synth_dataset, tmp
     calls = []
     real = trainset.weight_map
     monkeypatch.setattr(trainset, "weight_map", lambda *a, **k: calls.append(1) or real(*a, **k))
-    config = TrainConfig(data=[str(synth_dataset)], out=str(tmp_path), version="once", epochs=2, epoch_size=24,
-                         batch_size=4, crop=64, width=4, depth=2, input_size=128, val_fraction=0.34,
-                         tune_thresholds=False)  # fmt: skip
+    config = TrainConfig(
+        data=[str(synth_dataset)],
+        out=str(tmp_path),
+        version="once",
+        epochs=2,
+        epoch_size=24,
+        batch_size=4,
+        crop=64,
+        width=4,
+        depth=2,
+        input_size=128,
+        val_fraction=0.34,
+        tune_thresholds=False,
+    )
     trainer = Trainer(config)
     trainer.fit()
     assert len(calls) == len(trainer.examples) == 4
@@ -202,17 +219,32 @@ def test_two_gloo_processes_under_torchrun_write_exactly_one_checkpoint(synth_da
     assert len(list(folders[0].glob("weights-*.safetensors"))) == 1
     card = json.loads((folders[0] / "model.json").read_text())
     assert card["training"]["summary"]["world_size"] == 2
-    train_steps = [json.loads(x)["step"] for x in (folders[0] / "metrics.jsonl").read_text().splitlines()
-                   if json.loads(x)["kind"] == "train"]  # fmt: skip
+    train_steps = [
+        json.loads(x)["step"]
+        for x in (folders[0] / "metrics.jsonl").read_text().splitlines()
+        if json.loads(x)["kind"] == "train"
+    ]
     assert train_steps == list(range(1, 3 * 5 + 1))  # 40 crops per epoch over 2 processes, 4 each per step
     weights = load_file(folders[0] / card["weights"]["file"])
     assert not any(k.startswith("module.") for k in weights)
 
 
 def test_the_paper_unpadded_network_trains_and_serves(synth_dataset, tmp_path):
-    config = TrainConfig(data=[str(synth_dataset)], out=str(tmp_path), version="paper", epochs=1, epoch_size=8,
-                         batch_size=4, crop=92, width=4, depth=2, paper=True, input_size=92, val_fraction=0.34,
-                         tune_thresholds=False)  # fmt: skip
+    config = TrainConfig(
+        data=[str(synth_dataset)],
+        out=str(tmp_path),
+        version="paper",
+        epochs=1,
+        epoch_size=8,
+        batch_size=4,
+        crop=92,
+        width=4,
+        depth=2,
+        paper=True,
+        input_size=92,
+        val_fraction=0.34,
+        tune_thresholds=False,
+    )
     Trainer(config).fit()
     predictor = Predictor.from_checkpoint(tmp_path / "paper")
     assert not predictor.architecture.padded
@@ -242,11 +274,20 @@ def test_a_centre_model_trains_on_two_folders_and_chooses_its_instance_step(synt
 
     # --init: another run starts from where this one ended (a lower first loss than from random weights) ...
     ended = str(out / "centre" / STATE_FILE)
-    config = TrainConfig.from_dict({**card["training"]["args"], "version": "longer", "init": ended, "epochs": 1,
-                                    "threads": 0, "tune_thresholds": False})  # fmt: skip
+    config = TrainConfig.from_dict(
+        {
+            **card["training"]["args"],
+            "version": "longer",
+            "init": ended,
+            "epochs": 1,
+            "threads": 0,
+            "tune_thresholds": False,
+        }
+    )
     Trainer(config).fit()
-    first_loss = [json.loads((out / v / "metrics.jsonl").read_text().splitlines()[0])["loss"]
-                  for v in ("centre", "longer")]  # fmt: skip
+    first_loss = [
+        json.loads((out / v / "metrics.jsonl").read_text().splitlines()[0])["loss"] for v in ("centre", "longer")
+    ]
     assert first_loss[1] < 0.8 * first_loss[0]
     # ... or from a model folder, but only from weights of the same architecture.
     with pytest.raises(CheckpointError, match="--width"):

@@ -16,10 +16,10 @@ from app.api import schemas
 from app.api.deps import MetricsDep, ModelDep, SettingsDep
 from app.api.errors import status_of
 from app.api.metrics import Metrics
-from app.ml.celltypes import InstanceRules
 from app.ml.errors import CellSegError
 from app.ml.options import Mode
 from app.ml.postprocess import THRESHOLD_RANGES
+from app.ml.rules import InstanceRules
 from app.ml.serving.pipeline import (
     OutputFormat,
     Segmentation,

@@ -11,9 +11,10 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from app.ml.celltypes import InstanceRules, image_contrast
+from app.ml.celltypes import image_contrast
 from app.ml.data.kaggle import Sample
 from app.ml.options import Mode
+from app.ml.rules import InstanceRules
 from app.ml.scoring.metric import THRESHOLDS, score_per_threshold, seg_jaccards
 from app.ml.serving.predictor import Predictor
 
@@ -47,7 +48,7 @@ def instance_step_maps(predictor: Predictor, image: np.ndarray) -> np.ndarray:
 def evaluate(predictor: Predictor, samples: Iterable[Sample], rules: InstanceRules | None = None) -> Evaluation:
     """Run every sample through the predictor and score it."""
     scored = [(sample, instance_step_maps(predictor, sample.image)) for sample in samples]
-    return score_maps(scored, rules or predictor.instances)
+    return score_maps(scored, rules or predictor.rules)
 
 
 def score_maps(scored: list[tuple[Sample, np.ndarray]], rules: InstanceRules) -> Evaluation:

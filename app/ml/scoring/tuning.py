@@ -10,9 +10,10 @@ from functools import partial
 import numpy as np
 from tqdm import tqdm
 
-from app.ml.celltypes import CellTypeClassifier, InstanceRules, image_contrast, map_features
+from app.ml.celltypes import CellTypeClassifier, image_contrast, map_features
 from app.ml.data.kaggle import Sample
 from app.ml.postprocess import InstanceConfig
+from app.ml.rules import InstanceRules
 from app.ml.scoring.evaluation import Evaluation, instance_step_maps, score_maps
 from app.ml.serving.predictor import Predictor
 

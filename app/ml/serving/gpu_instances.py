@@ -7,8 +7,8 @@ quantized levels (see _grow), so a few border pixels between touching cells can 
 numbered 1..N, though not always in the reference's order.
 
 Connected components are 4-connected (scipy's default structure), found by iterated minimum propagation with
-pointer jumping (see _components). Runs on any device; CPU tensors are what the tests use. On a CPU it is
-tens of times slower than the reference (hundreds of whole-image passes), so the reference stays the CPU path.
+pointer jumping (see _components). Runs on any device; CPU tensors are what the tests use. On a CPU it is far
+slower than the reference (hundreds of whole-image passes; docs/performance.md), so the reference stays the CPU path.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from app.ml.postprocess import InstanceConfig, Instances
 
 # Flooding levels of the watershed: more levels follow skimage's priority order more closely but cost at least
-# CHECK_EVERY propagation steps each. With 64, 99.1 to 99.96 % of the foreground of the shipped model's maps of
-# the four sample images gets skimage's label (32 levels: from 98.5 %).
+# CHECK_EVERY propagation steps each; how much of the foreground gets skimage's label with 64 and with 32 is in
+# docs/performance.md.
 FLOOD_LEVELS = 64
 # Propagation steps between two convergence checks: each check is a host sync, which stalls the GPU's queue of
 # kernels; the price of checking seldom is up to CHECK_EVERY - 1 wasted steps per level (not yet tuned on a GPU).

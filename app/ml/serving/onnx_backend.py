@@ -66,9 +66,14 @@ class OnnxRuntimeNetwork:
         batch = torch.export.Dim("batch", min=1, max=1024)
         with _quiet_exporter(), torch.inference_mode(False):
             program = torch.onnx.export(
-                self.model, (example,), input_names=["x"], output_names=["logits"],
-                dynamic_shapes={"x": {0: batch}}, dynamo=True, verbose=False,
-            )  # fmt: skip
+                self.model,
+                (example,),
+                input_names=["x"],
+                output_names=["logits"],
+                dynamic_shapes={"x": {0: batch}},
+                dynamo=True,
+                verbose=False,
+            )
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = self.threads
         # Idle kernel threads would otherwise spin and take the cores from the instance step of other requests.

@@ -18,13 +18,13 @@ from typing import Any, TypeVar
 import numpy as np
 
 from app.ml import rle
-from app.ml.celltypes import InstanceRules
 from app.ml.errors import InvalidImageError
 from app.ml.exports import coco, geojson, imagej_rois, label_tiff
 from app.ml.imageio import FrameLayout, ImageLimits, ImageStack, check_geometry, declared_shape, decode_stack
 from app.ml.options import Mode
 from app.ml.postprocess import Instances
 from app.ml.render import label_png, mask_png, overlay_png
+from app.ml.rules import InstanceRules
 from app.ml.serving.batcher import MicroBatcher, stack
 from app.ml.serving.budget import PixelBudget
 from app.ml.serving.predictor import Predictor, Prepared
@@ -185,7 +185,7 @@ class SegmentationPipeline:
 
     def rules(self, **overrides: float | int | None) -> InstanceRules:
         """The model's instance step with a request's own thresholds (None: the model's)."""
-        return self.predictor.instances.with_overrides(**overrides)
+        return self.predictor.rules.with_overrides(**overrides)
 
     async def segment(
         self,

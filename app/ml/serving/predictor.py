@@ -16,13 +16,13 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from app.ml.celltypes import InstanceRules, image_contrast
+from app.ml.celltypes import image_contrast
 from app.ml.checkpoint import Checkpoint, load_checkpoint
 from app.ml.options import Backend, DeviceSteps, Mode, parse_option
-from app.ml.postprocess import InstanceConfig, Instances, instance_maps
-from app.ml.serving import torch_steps
-from app.ml.serving.gpu_instances import maps_to_instances_torch
-from app.ml.serving.runner import NetworkRunner, pick_device
+from app.ml.postprocess import InstanceConfig, Instances
+from app.ml.rules import InstanceRules
+from app.ml.serving.runner import NetworkRunner, pick_device, resolve_backend
+from app.ml.serving.steps import steps_for
 from app.ml.serving.tiler import Array, TileGrid, Tiler
 from app.ml.transforms import PreprocessConfig
 from app.ml.unet import UNet, UNetConfig
@@ -75,7 +75,7 @@ class Predictor:
         self,
         model: UNet,
         preprocess: PreprocessConfig,
-        instances: InstanceRules | InstanceConfig,
+        rules: InstanceRules | InstanceConfig,
         device: torch.device | str = "cpu",
         half_precision: bool = False,
         version: str = "unsaved",
@@ -85,13 +85,17 @@ class Predictor:
         tta: int = 1,
         steps_on_device: DeviceSteps | str = DeviceSteps.AUTO,
     ) -> None:
-        self.runner = NetworkRunner(model, device, half_precision, backend, compile_network, channels_last, tta)
-        self.tiler = Tiler(preprocess, model.config)
+        device = torch.device(device)
+        backend = resolve_backend(backend, device, half_precision, compile_network)
         # On CUDA the steps around the network run there too (torch_steps, gpu_instances): the CPU steps, one after
         # another, were the service's bottleneck. On the CPU, 'resize' or 'all' run them in torch there (tests).
-        self.steps_on_device = resolve_device_steps(steps_on_device, self.runner.device, self.runner.backend)
+        self.steps = steps_for(resolve_device_steps(steps_on_device, device, backend), device)
+        self.runner = NetworkRunner(
+            model, device, half_precision, backend, compile_network, channels_last, tta, self.steps
+        )
+        self.tiler = Tiler(preprocess, model.config)
         self.preprocess = preprocess
-        self.instances = instances if isinstance(instances, InstanceRules) else InstanceRules(instances)
+        self.rules = rules if isinstance(rules, InstanceRules) else InstanceRules(rules)
         self.version = version
 
     @classmethod
@@ -128,8 +132,13 @@ class Predictor:
         if parse_option(Backend, backend, "backend") is Backend.ONNXRUNTIME and device == "auto":
             device = "cpu"
         if tta > 1 and tta not in checkpoint.card.postprocessing_by_tta:
-            log.warning("%s has no instance step chosen for %d test-time augmentation views: it uses the one chosen "
-                        "without (`tune --tta %d` chooses one)", checkpoint.version, tta, tta)  # fmt: skip
+            log.warning(
+                "%s has no instance step chosen for %d test-time augmentation views: it uses the one chosen "
+                "without (`tune --tta %d` chooses one)",
+                checkpoint.version,
+                tta,
+                tta,
+            )
         return cls(
             checkpoint.build_model(),
             checkpoint.preprocess,
@@ -163,41 +172,33 @@ class Predictor:
     def is_compiled(self) -> bool:
         return self.runner.is_compiled
 
+    @property
+    def steps_on_device(self) -> DeviceSteps:
+        """Which steps around the network run in torch on its device (resolved: none, resize or all)."""
+        return self.steps.setting
+
     # ------------------------------------------------------------------ the three steps
 
     def prepare(self, image: np.ndarray, mode: Mode | str = Mode.RESIZE) -> Prepared:
         """(H, W) float image in [0, 1] -> Prepared tiles for the network (a tensor on its device when the steps
         around it run there)."""
-        if self.steps_on_device is not DeviceSteps.NONE:
-            with torch.inference_mode():
-                tiles, grid, mode = torch_steps.cut(self.tiler, image, mode, self.device)
-        else:
-            tiles, grid, mode = self.tiler.cut(image, mode)
+        tiles, grid, mode = self.steps.cut(self.tiler, image, mode)
         return Prepared(tiles, grid, (image.shape[0], image.shape[1]), image_contrast(image), mode)
 
     def run_network(self, tiles: Array) -> Array:
-        """(N, 1, h, w) float32 -> (N, C, h', w') float32 probabilities (classes, then the centre map if any); a
-        numpy array for an array, a tensor on the network's device for a tensor."""
+        """(N, 1, h, w) float32 -> (N, C, h', w') float32 probabilities (classes, then the centre map if any): numpy
+        arrays, or tensors on the network's device where the steps around it run there."""
         return self.runner(tiles)
 
     def maps(self, prepared: Prepared, outputs: Array) -> Array:
         """Network outputs of `prepared` -> (2, H, W) foreground and seed maps at the original image size (only the
         two maps the instance step reads are resized), where the outputs are."""
-        if isinstance(outputs, torch.Tensor):
-            with torch.inference_mode():
-                return torch_steps.maps(outputs, prepared.grid, prepared.original_shape)
-        return self.tiler.stitch(instance_maps(outputs), prepared.grid, prepared.original_shape)
+        return self.steps.maps(self.tiler, outputs, prepared.grid, prepared.original_shape)
 
     def finish(self, prepared: Prepared, outputs: Array, rules: InstanceRules | None = None) -> Instances:
-        """Network outputs of `prepared` -> Instances at the original image size; from a tensor, the instance step
-        runs where it is and only the labels and per-cell figures come back."""
-        maps = self.maps(prepared, outputs)
-        if isinstance(maps, torch.Tensor) and self.steps_on_device is DeviceSteps.ALL:
-            with torch.inference_mode():
-                return (rules or self.instances).find(maps, prepared.contrast, step=maps_to_instances_torch)
-        if isinstance(maps, torch.Tensor):
-            maps = maps.cpu().numpy()
-        return (rules or self.instances).find(maps, prepared.contrast)
+        """Network outputs of `prepared` -> Instances at the original image size; with every step on the device,
+        the instance step runs there and only the labels and per-cell figures come back."""
+        return self.steps.instances(rules or self.rules, self.maps(prepared, outputs), prepared.contrast)
 
     # ------------------------------------------------------------------ conveniences
 
@@ -212,20 +213,17 @@ class Predictor:
         """(H, W) float image in [0, 1] -> (2, H, W) float32 foreground and seed maps, for choosing thresholds on
         them (a numpy array wherever they were computed)."""
         prepared = self.prepare(image, mode)
-        maps = self.maps(prepared, self.run_tiles(prepared.tiles, max_batch))
-        return maps.cpu().numpy() if isinstance(maps, torch.Tensor) else maps
+        return self.steps.to_numpy(self.maps(prepared, self.run_tiles(prepared.tiles, max_batch)))
 
     def run_tiles(self, tiles: Array, max_batch: int = 8) -> Array:
         """run_network over any number of tiles, max_batch at a time."""
         chunks = [self.run_network(tiles[i : i + max_batch]) for i in range(0, len(tiles), max_batch)]
-        return torch.cat(chunks) if isinstance(tiles, torch.Tensor) else np.concatenate(chunks)
+        return self.steps.concatenate(chunks)
 
     def warm_up(self) -> None:
         """Run a blank image through every step in each mode, so no request pays for lazy initialisation
         (exporting the network for each mode's input size with ONNX Runtime, compiling it with torch.compile)."""
         with self.runner.warming():
-            for mode in (
-                Mode.RESIZE,
-                Mode.TILE,
-            ):  # one tile at a time: the CPU service's micro-batches hold 1, the shape to compile
+            # One tile at a time: the CPU service's micro-batches hold 1, the shape to compile.
+            for mode in (Mode.RESIZE, Mode.TILE):
                 self.predict(np.full((64, 64), 0.5, dtype=np.float32), mode, max_batch=1)

@@ -6,13 +6,13 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 
-import numpy as np
 import torch
 
 from app.ml.errors import InvalidOptionError
 from app.ml.options import Backend, parse_option
 from app.ml.serving.compiled import CompiledNetwork
 from app.ml.serving.onnx_backend import OnnxRuntimeNetwork, onnxruntime_available
+from app.ml.serving.steps import NumpySteps, Steps
 from app.ml.serving.tiler import Array
 from app.ml.unet import UNet, to_probabilities
 
@@ -43,36 +43,39 @@ def auto_backend(device: torch.device, half_precision: bool, compile_network: bo
     return Backend.ONNXRUNTIME if onnxruntime_available() else Backend.TORCH
 
 
-def _turned(array: Array, turns: int) -> Array:
-    if isinstance(array, torch.Tensor):
-        return torch.rot90(array, turns, dims=(-2, -1))
-    return np.rot90(array, turns, axes=(-2, -1))
+def resolve_backend(
+    backend: Backend | str, device: torch.device, half_precision: bool, compile_network: bool = False
+) -> Backend:
+    """The backend that runs: `backend`, or auto_backend's for auto."""
+    backend = parse_option(Backend, backend, "backend")
+    return auto_backend(device, half_precision, compile_network) if backend is Backend.AUTO else backend
 
 
-def _flipped(array: Array) -> Array:
-    return torch.flip(array, dims=(-1,)) if isinstance(array, torch.Tensor) else array[..., ::-1]
+View = tuple[Callable[[Array], Array], Callable[[Array], Array]]
 
 
-def _view(turns: int, flip: bool) -> tuple[Callable[[Array], Array], Callable[[Array], Array]]:
-    """(forward, inverse) on (..., h, w) arrays or tensors: `turns` quarter turns, then a left-right flip if `flip`."""
+def view(steps: Steps, turns: int, flip: bool) -> View:
+    """(forward, inverse) on (..., h, w) arrays of `steps`' kind: `turns` quarter turns, then a left-right flip if
+    `flip`."""
 
     def forward(array: Array) -> Array:
-        turned = _turned(array, turns)
-        return _flipped(turned) if flip else turned
+        turned = steps.turned(array, turns)
+        return steps.flipped(turned) if flip else turned
 
     def inverse(array: Array) -> Array:
-        return _turned(_flipped(array) if flip else array, -turns)
+        return steps.turned(steps.flipped(array) if flip else array, -turns)
 
     return forward, inverse
 
 
-# Test-time augmentation: 1 view (off), 2 (and its left-right flip), 4 (the flips: none, left-right, up-down, both),
-# or 8 (every symmetry of the square, for square network inputs: resize mode and tiles always are).
+# Test-time augmentation, as (quarter turns, left-right flip) views: 1 view (off), 2 (and its left-right flip),
+# 4 (the flips: none, left-right, up-down, both), or 8 (every symmetry of the square, for square network inputs:
+# resize mode and tiles always are).
 TTA_VIEWS = {
-    1: [_view(0, False)],
-    2: [_view(0, False), _view(0, True)],
-    4: [_view(0, False), _view(0, True), _view(2, True), _view(2, False)],
-    8: [_view(turns, flip) for turns in range(4) for flip in (False, True)],
+    1: [(0, False)],
+    2: [(0, False), (0, True)],
+    4: [(0, False), (0, True), (2, True), (2, False)],
+    8: [(turns, flip) for turns in range(4) for flip in (False, True)],
 }
 
 
@@ -89,15 +92,17 @@ class NetworkRunner:
         compile_network: bool = False,
         channels_last: bool = True,
         tta: int = 1,
+        steps: Steps | None = None,
     ) -> None:
         if tta not in TTA_VIEWS:
             raise InvalidOptionError(f"tta={tta}: test-time augmentation takes {', '.join(map(str, TTA_VIEWS))} views")
         self.tta, self.device, self.config = tta, torch.device(device), model.config
+        # Arrays in and out, or tensors on the device (the steps around the network there): the predictor's choice.
+        self.steps = steps or NumpySteps()
+        self.views = [view(self.steps, turns, flip) for turns, flip in TTA_VIEWS[tta]]
         if self.device.type == "cuda":  # few input shapes, each seen again and again: cuDNN's autotuning pays
             torch.backends.cudnn.benchmark = True
-        self.backend = parse_option(Backend, backend, "backend")
-        if self.backend is Backend.AUTO:
-            self.backend = auto_backend(self.device, half_precision, compile_network)
+        self.backend = resolve_backend(backend, self.device, half_precision, compile_network)
         if self.backend is Backend.ONNXRUNTIME and self.device.type != "cpu":
             raise InvalidOptionError(f"the onnxruntime backend runs on the CPU, not {self.device}; use backend torch")
         # Reduced precision where the hardware has it: float16 weights on CUDA, bfloat16 autocast on CPUs
@@ -132,29 +137,22 @@ class NetworkRunner:
 
     def __call__(self, tiles: Array) -> Array:
         """With test-time augmentation, the mean of the probabilities of `tta` flipped or turned views, each turned
-        back: one batch of N x tta inputs through the network. Tiles as a numpy array give a numpy array back; as a
-        tensor, a tensor on the network's device (the steps after it run there too)."""
+        back: one batch of N x tta inputs through the network. Numpy arrays in and out, or tensors on the network's
+        device (the steps after it run there too), as the runner's steps say."""
         if self.tta == 1:
             return self._probabilities(tiles)
-        views = TTA_VIEWS[self.tta]
-        if isinstance(tiles, torch.Tensor):
-            batch = torch.cat([forward(tiles).contiguous() for forward, _ in views])
-            outputs = torch.chunk(self._probabilities(batch), len(views))
-            return torch.stack([inverse(out) for (_, inverse), out in zip(views, outputs, strict=True)]).mean(dim=0)
-        batch = np.concatenate([np.ascontiguousarray(forward(tiles)) for forward, _ in views])
-        outputs = np.split(self._probabilities(batch), len(views))
-        return np.mean([inverse(out) for (_, inverse), out in zip(views, outputs, strict=True)], axis=0)
+        steps, views = self.steps, self.views
+        batch = steps.concatenate([steps.contiguous(forward(tiles)) for forward, _ in views])
+        outputs = steps.split(self._probabilities(batch), len(views))
+        return steps.mean([inverse(out) for (_, inverse), out in zip(views, outputs, strict=True)])
 
     @torch.inference_mode()
     def _probabilities(self, tiles: Array) -> Array:
-        on_device = isinstance(tiles, torch.Tensor)
         if self.onnx is not None:
             logits = torch.from_numpy(self.onnx(tiles))  # numpy only: its steps never run on a device
         else:
-            batch = tiles if on_device else torch.from_numpy(tiles)
-            batch = batch.to(self.device, memory_format=self.memory_format, non_blocking=True)
+            batch = self.steps.to_tensor(tiles).to(self.device, memory_format=self.memory_format, non_blocking=True)
             network = self.compiled or self.model
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bfloat16):
                 logits = network(batch.half() if self.half else batch).float()
-        probabilities = to_probabilities(logits, self.config.num_classes)
-        return probabilities if on_device else probabilities.cpu().numpy()
+        return self.steps.from_tensor(to_probabilities(logits, self.config.num_classes))

@@ -43,47 +43,65 @@ class TileGrid:
         return self.counts[0] * self.counts[1]
 
 
-# Images, tiles and network outputs: numpy arrays on the CPU path, tensors on the network's device (torch_steps).
+# Images, tiles and network outputs: numpy arrays on the CPU path, tensors on the network's device (torch_steps); the
+# predictor's steps (app.ml.serving.steps) say which, once.
 Array = np.ndarray | torch.Tensor
 
+# Tile centres laid out as (rows, cols, C, h, w) are reordered to (C, rows, h, cols, w) to join into one image.
+MOSAIC_ORDER = (2, 0, 3, 1, 4)
 
-def extract_tiles(image: Array, grid: TileGrid) -> Array:
-    """(H, W) -> (N, h_in, w_in) float32 tiles; beyond the border the image is mirrored, as in the paper. The
-    mirror is an index map made by numpy's reflect padding, which (unlike torch's) works for pads of any size."""
+
+def mirror_indices(shape: tuple[int, ...], grid: TileGrid) -> tuple[np.ndarray, np.ndarray]:
+    """The rows and columns of an (H, W) image that make up its tiles' padded canvas: beyond the border the image
+    is mirrored, as in the paper. An index map made by numpy's reflect padding, which (unlike torch's) works for
+    pads of any size."""
     rows, cols = grid.counts
-    pad_h = rows * grid.tile_out[0] - image.shape[0] + grid.margin
-    pad_w = cols * grid.tile_out[1] - image.shape[1] + grid.margin
-    row_index = np.pad(np.arange(image.shape[0]), (grid.margin, pad_h), mode="reflect")
-    col_index = np.pad(np.arange(image.shape[1]), (grid.margin, pad_w), mode="reflect")
-    if isinstance(image, torch.Tensor):
-        rows_at, cols_at = (torch.from_numpy(index).to(image.device) for index in (row_index, col_index))
-        padded = image.index_select(0, rows_at).index_select(1, cols_at)
-    else:
-        padded = image[np.ix_(row_index, col_index)]
+    pad_h = rows * grid.tile_out[0] - shape[0] + grid.margin
+    pad_w = cols * grid.tile_out[1] - shape[1] + grid.margin
+    row_index = np.pad(np.arange(shape[0]), (grid.margin, pad_h), mode="reflect")
+    col_index = np.pad(np.arange(shape[1]), (grid.margin, pad_w), mode="reflect")
+    return row_index, col_index
+
+
+def tile_windows(grid: TileGrid) -> list[tuple[slice, slice]]:
+    """Each tile's window on the padded canvas, row by row."""
     h_in, w_in = grid.tile_in
-    tiles = [
-        padded[r * grid.tile_out[0] : r * grid.tile_out[0] + h_in, c * grid.tile_out[1] : c * grid.tile_out[1] + w_in]
+    rows, cols = grid.counts
+    return [
+        (
+            slice(r * grid.tile_out[0], r * grid.tile_out[0] + h_in),
+            slice(c * grid.tile_out[1], c * grid.tile_out[1] + w_in),
+        )
         for r in range(rows)
         for c in range(cols)
     ]
-    if isinstance(image, torch.Tensor):
-        return torch.stack(tiles).float()
-    return np.ascontiguousarray(np.stack(tiles), dtype=np.float32)
 
 
-def stitch_tiles(outputs: Array, grid: TileGrid) -> Array:
-    """(N, C, h, w) network outputs -> (C, H, W): each tile's centre tile_out, placed and cropped to the image."""
-    rows, cols = grid.counts
+def tile_centres(outputs: Array, grid: TileGrid) -> Array:
+    """(N, C, h, w) network outputs -> (rows, cols, C, out_h, out_w): each tile's centre tile_out, in grid order."""
     out_h, out_w = grid.tile_out
     top = (outputs.shape[-2] - out_h) // 2
     left = (outputs.shape[-1] - out_w) // 2
     centres = outputs[:, :, top : top + out_h, left : left + out_w]
-    channels = outputs.shape[1]
-    mosaic = centres.reshape(rows, cols, channels, out_h, out_w)
-    order = (2, 0, 3, 1, 4)
-    mosaic = mosaic.permute(order) if isinstance(mosaic, torch.Tensor) else mosaic.transpose(order)
-    mosaic = mosaic.reshape(channels, rows * out_h, cols * out_w)[:, : grid.shape[0], : grid.shape[1]]
-    return mosaic.contiguous() if isinstance(mosaic, torch.Tensor) else np.ascontiguousarray(mosaic)
+    return centres.reshape(*grid.counts, outputs.shape[1], out_h, out_w)
+
+
+def joined(mosaic: Array, grid: TileGrid) -> Array:
+    """(C, rows, out_h, cols, out_w) tile centres (tile_centres in MOSAIC_ORDER) -> (C, H, W), cropped to the
+    image."""
+    channels, rows, out_h, cols, out_w = mosaic.shape
+    return mosaic.reshape(channels, rows * out_h, cols * out_w)[:, : grid.shape[0], : grid.shape[1]]
+
+
+def extract_tiles(image: np.ndarray, grid: TileGrid) -> np.ndarray:
+    """(H, W) -> (N, h_in, w_in) float32 tiles, mirrored beyond the border (mirror_indices)."""
+    padded = image[np.ix_(*mirror_indices(image.shape, grid))]
+    return np.ascontiguousarray(np.stack([padded[window] for window in tile_windows(grid)]), dtype=np.float32)
+
+
+def stitch_tiles(outputs: np.ndarray, grid: TileGrid) -> np.ndarray:
+    """(N, C, h, w) network outputs -> (C, H, W): each tile's centre tile_out, placed and cropped to the image."""
+    return np.ascontiguousarray(joined(tile_centres(outputs, grid).transpose(MOSAIC_ORDER), grid))
 
 
 @dataclass(frozen=True)

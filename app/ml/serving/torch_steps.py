@@ -1,6 +1,5 @@
 """The steps around the network in torch, on the network's device: normalization, the resize to the working size
-and back, and the two maps the instance step reads; the overlap-tile cut and stitch are the tiler's own, which
-take tensors too.
+and back, the overlap-tile cut and stitch (on the tiler's own geometry), and the two maps the instance step reads.
 
 On CUDA they keep the image on the GPU from upload to labels, so the CPU only decodes and encodes. They mirror
 the tiler's numpy steps (app.ml.serving.tiler, app.ml.transforms) operation for operation; a test runs both on
@@ -14,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from app.ml.options import Mode
-from app.ml.serving.tiler import TileGrid, Tiler, extract_tiles, stitch_tiles
+from app.ml.serving.tiler import MOSAIC_ORDER, TileGrid, Tiler, joined, mirror_indices, tile_centres, tile_windows
 from app.ml.unet import BACKGROUND, CENTRE, INTERIOR
 
 
@@ -31,6 +30,18 @@ def normalize(image: torch.Tensor) -> torch.Tensor:
     """Zero mean, unit (population) standard deviation, as transforms.normalize."""
     std = image.std(correction=0).clamp_min(1e-6)
     return (image - image.mean()) / std
+
+
+def extract_tiles(image: torch.Tensor, grid: TileGrid) -> torch.Tensor:
+    """(H, W) -> (N, h_in, w_in) float32 tiles where the image is, mirrored beyond the border: tiler.extract_tiles."""
+    rows, cols = (torch.from_numpy(index).to(image.device) for index in mirror_indices(image.shape, grid))
+    padded = image.index_select(0, rows).index_select(1, cols)
+    return torch.stack([padded[window] for window in tile_windows(grid)]).float()
+
+
+def stitch_tiles(outputs: torch.Tensor, grid: TileGrid) -> torch.Tensor:
+    """(N, C, h, w) network outputs -> (C, H, W) where they are: tiler.stitch_tiles."""
+    return joined(tile_centres(outputs, grid).permute(MOSAIC_ORDER), grid).contiguous()
 
 
 def cut(tiler: Tiler, image: np.ndarray, mode: Mode | str, device: torch.device) -> tuple[torch.Tensor, TileGrid, Mode]:

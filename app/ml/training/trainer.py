@@ -25,10 +25,11 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from app.ml.card import ModelCard, TrainingData, TrainingRecord
-from app.ml.celltypes import InstanceRules, image_contrast
+from app.ml.celltypes import image_contrast
 from app.ml.checkpoint import load_checkpoint, read_card
 from app.ml.data.labelled import LabelledFolders, open_labelled
 from app.ml.data.split import Split, load_split, split_by_rows, split_by_sample
+from app.ml.rules import InstanceRules
 from app.ml.scoring.evaluation import Evaluation, instance_step_maps, score_maps
 from app.ml.scoring.tuning import Scored, tune_model
 from app.ml.serving.predictor import Predictor

@@ -2,7 +2,7 @@
 then the whole instance step chosen on them as `tune` does. A measurement for docs/training.md, not a feature: the
 service serves one model.
 
-    python docs/ensemble_check.py --data ../shared/data/sartorius-reconstructed ../shared/data/sartorius \
+    python scripts/ensemble_check.py --data ../shared/data/sartorius-reconstructed ../shared/data/sartorius \
         --models model_store/sartorius-w16-v3 OTHER_MODEL_FOLDER
 """
 
@@ -37,8 +37,8 @@ def main() -> None:
         return [(s, np.mean([instance_step_maps(p, s.image) for p in predictors], axis=0)) for s in samples]
 
     _, evaluation = tune_rules(averaged(train), averaged(validation), InstanceConfig())
-    print(json.dumps({"models": [c.version for c in checkpoints], "validation": evaluation.score,
-                      "per_cell_type": evaluation.per_cell_type}))  # fmt: skip
+    models = [c.version for c in checkpoints]
+    print(json.dumps({"models": models, "validation": evaluation.score, "per_cell_type": evaluation.per_cell_type}))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 overlay figure, in the service's colours): the cortical-neuron image 0ba181d412da and the densely packed astrocyte
 image 91c06d4f10df.
 
-Run from the project root: python docs/validation_overlays.py (resize mode, float32, on the CPU).
+Run from the project root: python scripts/validation_overlays.py (resize mode, float32, on the CPU).
 """
 
 from pathlib import Path

@@ -4,7 +4,7 @@ from its checkout, the same model store), warms it with 15 requests, then times 
 at 16 with bench's own client.
 
     git worktree add /tmp/before <commit>
-    python docs/compare_services.py --before /tmp/before --rounds 3
+    python scripts/compare_services.py --before /tmp/before --rounds 3
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import json
 import os
 from pathlib import Path
 
-from app.bench import DEFAULT_IMAGE
-from app.loadgen import post_many
-from app.localserver import running_server
+from app.bench.cli import DEFAULT_IMAGE
+from app.bench.loadgen import post_many
+from app.bench.localserver import running_server
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,7 +1,7 @@
 """Cells found by each bundled model on the real images without full labels: the left part of 0030fd0e6378 (with
 the number matched to its 247 true cells at IoU > 0.5) and the 3 competition test images (with the type read).
 
-Run from the project root: python docs/compare_models.py (resize mode, float32, on the CPU).
+Run from the project root: python scripts/compare_models.py (resize mode, float32, on the CPU).
 """
 
 from pathlib import Path

@@ -4,8 +4,8 @@ and compiled with CUDA graphs (mode "reduce-overhead"), at batch 1 (concurrency 
 micro-batch), each with the seconds its compilation took. The service compiles only on the CPU
 (app/ml/serving/runner.py); this is the figure that would change that.
 
-    source .device/env.sh && python3 docs/gpu_compile_check.py --out $OUT/gpu-compile.json   (from docs/gpu-bench.sh)
-    python docs/gpu_compile_check.py --device cpu            (runs anywhere; the CPU service already compiles)
+    source .device/env.sh && python3 scripts/gpu_compile_check.py --out $OUT/gpu-compile.json  (scripts/gpu-bench.sh)
+    python scripts/gpu_compile_check.py --device cpu          (runs anywhere; the CPU service already compiles)
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from app.bench import best_of, synchronized
+from app.bench.timing import best_of, synchronized
 from app.ml.options import Mode
 from app.ml.serving.predictor import Predictor
 
@@ -55,8 +55,12 @@ def main() -> None:
         )
         for batch in (1, 8)
     }
-    result = {"device": torch.cuda.get_device_name() if runner.device.type == "cuda" else "cpu",
-              "torch": torch.__version__, "precision": runner.precision, "input": side}  # fmt: skip
+    result = {
+        "device": torch.cuda.get_device_name() if runner.device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "precision": runner.precision,
+        "input": side,
+    }
     with torch.inference_mode():
         for name, mode in MODES.items():
             try:

@@ -5,7 +5,8 @@ connection pool: encode/httpx#3215), so one process cannot offer a GPU service t
 has the figures. Above PER_PROCESS requests in flight the load comes from several client processes, each with its
 own event loop and client, which all start sending together.
 
-Child process (what post_from_processes starts):  python -m app.loadgen URL IMAGE_FILE COUNT CONCURRENCY PARAMS_JSON
+Child process (what post_from_processes starts):
+    python -m app.bench.loadgen URL IMAGE_FILE COUNT CONCURRENCY PARAMS_JSON
 It prints "ready" once imported, waits for a line on stdin, then prints its records as one JSON line.
 """
 
@@ -77,7 +78,7 @@ def post_from_processes(url: str, image: bytes, count: int, concurrency: int, pa
 
 
 def _start_client(url: str, image_file: Path, count: int, concurrency: int, params: dict) -> subprocess.Popen:
-    command = [sys.executable, "-m", "app.loadgen", url, str(image_file), str(count), str(concurrency)]
+    command = [sys.executable, "-m", "app.bench.loadgen", url, str(image_file), str(count), str(concurrency)]
     return subprocess.Popen([*command, json.dumps(params)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
 

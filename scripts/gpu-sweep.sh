@@ -7,10 +7,10 @@
 # training works.
 #
 # Usage (on the lent GPU machine, from the project root, after ../shared/tools/device-prep here):
-#   source .device/env.sh && bash docs/gpu-sweep.sh 400              # three candidates side by side
-#   source .device/env.sh && GRACE=40 bash docs/gpu-sweep.sh 150 finetune   # a second schedule for the default
-#   source .device/env.sh && GRACE=40 bash docs/gpu-sweep.sh 330 crops      # second schedules on 256 and 384 crops
-#   source .device/env.sh && GRACE=30 bash docs/gpu-sweep.sh 270 long       # the default recipe, every core feeding it
+#   source .device/env.sh && bash scripts/gpu-sweep.sh 400              # three candidates side by side
+#   source .device/env.sh && GRACE=40 bash scripts/gpu-sweep.sh 150 finetune   # a second schedule for the default
+#   source .device/env.sh && GRACE=40 bash scripts/gpu-sweep.sh 330 crops      # second schedules on 256 and 384 crops
+#   source .device/env.sh && GRACE=30 bash scripts/gpu-sweep.sh 270 long       # the default recipe, every core feeding it
 # Results: runs/<name>/ (metrics.jsonl, curves.png, logs), and in $OUT the packed weights in float16
 # (the machine returns files of at most 16 MiB): cat $OUT/sweep.tar.part* | tar -x
 set -uo pipefail

@@ -9,7 +9,7 @@
 #   DEVICE_WHEELS="$(.venv/bin/python -m pip freeze | grep -iE '^(fastapi-offline|roifile|pycocotools|imagecodecs)==' \
 #     | tr '\n' ' ')" bash ../shared/tools/device-prep
 # There (run with carry [".device"], a timeout of 570 s):
-#   source .device/env.sh && bash docs/gpu-bench.sh
+#   source .device/env.sh && bash scripts/gpu-bench.sh
 # Results in $OUT: bench-gpu.json and .log (concurrency 1 and 64, the GPU's busy share and memory, the instance step
 # on the GPU beside the reference), gpu-compile.json and .log, bench-gpu-16-workers.*, and bench-gpu-all.*
 # (CELLSEG_STEPS_ON_DEVICE=all) or bench-gpu-tta4.* (CELLSEG_TTA=4).
@@ -30,7 +30,7 @@ bench() {  # name, seconds, bench's arguments
 }
 
 bench bench-gpu 240 --workers 8 --concurrency 1 16 64
-timeout 80 python3 docs/gpu_compile_check.py --out "$out/gpu-compile.json" > "$out/gpu-compile.log" 2>&1
+timeout 80 python3 scripts/gpu_compile_check.py --out "$out/gpu-compile.json" > "$out/gpu-compile.log" 2>&1
 echo "gpu-compile: exit $?"
 tail -n 4 "$out/gpu-compile.log"
 bench bench-gpu-16-workers 110 --quick --workers 16 --concurrency 1 64

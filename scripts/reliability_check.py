@@ -1,6 +1,6 @@
 """The cases of docs/reliability.md against the real service with the bundled model and default settings.
 
-Run from the project root with ../shared beside it: python docs/reliability_check.py (about 2 minutes).
+Run from the project root with ../shared beside it: python scripts/reliability_check.py (about 2 minutes).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from app.localserver import free_port, running_server
+from app.bench.localserver import free_port, running_server
 
 REAL = Path("../shared/data/sartorius/test/7ae19de7bc2a.png").read_bytes()
 
