@@ -161,6 +161,8 @@ def test_fine_tuning_with_cross_validation_records_where_it_started_and_its_out_
     assert card["training"]["data"]["cell_diameter"] == pytest.approx(base["training"]["data"]["cell_diameter"], 0.05)
     validation = card["metrics"]["validation"]
     assert validation["kind"] == "out-of-fold" and validation["images"] == 4  # every image, each by a fold model
+    assert [fold["images"] for fold in validation["folds"]] == [2, 2]
+    assert set(validation["spread_across_folds"]) == {"score_std", "seg_std"}
     assert sorted(p.name for p in (store / "lab-v1" / "folds").iterdir()) == ["fold-1", "fold-2"]
     assert (store / "lab-v1" / "overlays.png").is_file()
     # evaluate and tune read the same folds: each image through the fold model that held it out.

@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -20,6 +20,7 @@ from app.ml.card import ModelCard
 from app.ml.data.labelled import LabelledFolders
 from app.ml.data.split import Split
 from app.ml.postprocess import InstanceConfig
+from app.ml.scoring.evaluation import Evaluation, score_maps
 from app.ml.scoring.tuning import Scored, tune_rules
 from app.ml.training.config import TrainConfig
 from app.ml.training.trainer import ChosenStep, Trainer
@@ -59,7 +60,7 @@ def cross_validate(config: TrainConfig, dataset: LabelledFolders) -> ModelCard:
     records = dataset.records
     splits = fold_splits(records, config.folds, config.seed)
     run = f"{config.out}/{config.version}"
-    scored: Scored = []
+    held_out: list[Scored] = []  # each fold's images with the maps of the fold model that never trained on them
     started = time.monotonic()
     for number, split in enumerate(splits, start=1):
         fold = replace(
@@ -74,12 +75,15 @@ def cross_validate(config: TrainConfig, dataset: LabelledFolders) -> ModelCard:
         _log_time_left(number, len(splits) + 1, started)
         trainer = Trainer(fold, split=split, progress_label=f"fold {number}/{len(splits)}", dataset=dataset)
         trainer.fit()
-        scored += trainer.last_scored
+        held_out.append(trainer.last_scored)
+    scored = [pair for part in held_out for pair in part]
     rules, evaluation = tune_rules(scored, scored, InstanceConfig())
+    per_fold = [fold_figures(score_maps(part, rules)) for part in held_out]
     log.info(
-        "cross-validation, %d folds: out-of-fold score %.4f, SEG %.4f %s",
+        "cross-validation, %d folds: out-of-fold score %.4f (folds %s), SEG %.4f %s",
         len(splits),
         evaluation.score,
+        " ".join(f"{fold['score']:.3f}" for fold in per_fold),
         evaluation.seg,
         evaluation.per_cell_type,
     )
@@ -89,13 +93,24 @@ def cross_validate(config: TrainConfig, dataset: LabelledFolders) -> ModelCard:
     trainer = Trainer(
         final,
         split=every_image,
-        chosen=ChosenStep(rules, evaluation, scored),
+        chosen=ChosenStep(rules, evaluation, scored, {"folds": per_fold, "spread_across_folds": spread(per_fold)}),
         progress_label=f"{config.version} (every image)",
         dataset=dataset,
     )
     card = trainer.fit()
     assert card is not None  # one process: cross-validation does not run under torchrun
     return card
+
+
+def fold_figures(evaluation: Evaluation) -> dict[str, Any]:
+    """What the card keeps of one fold's held-out images, scored with the instance step chosen on all folds."""
+    keep = ("images", "score", "seg", "per_cell_type", "seg_per_cell_type")
+    return {key: value for key, value in evaluation.to_dict().items() if key in keep}
+
+
+def spread(per_fold: list[dict[str, Any]]) -> dict[str, float]:
+    """The standard deviation across folds of the score and of SEG."""
+    return {f"{name}_std": float(np.std([fold[name] for fold in per_fold])) for name in ("score", "seg")}
 
 
 def _log_time_left(run: int, runs: int, started: float) -> None:

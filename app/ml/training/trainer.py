@@ -65,6 +65,7 @@ class ChosenStep:
     rules: InstanceRules
     evaluation: Evaluation
     scored: Scored
+    figures: dict[str, Any] = field(default_factory=dict)  # more for the card to keep: each fold's figures
 
 
 @dataclass
@@ -300,7 +301,7 @@ class Trainer:
         if self.chosen is not None:
             self.kept = "last"
             step = self.chosen
-            return self._save_model(step.rules, step.evaluation, step.scored, kind="out-of-fold")
+            return self._save_model(step.rules, step.evaluation, step.scored, step.figures, kind="out-of-fold")
         card = read_card(self.files.folder)
         if not self.config.tune_thresholds:
             return card
@@ -327,10 +328,11 @@ class Trainer:
         rules: InstanceRules,
         evaluation: Evaluation,
         scored: Scored,
+        figures: dict[str, Any] | None = None,
         untuned: dict | None = None,
         kind: str = "held-out",
     ) -> ModelCard:
-        metrics = {"validation": {"kind": kind, **evaluation.to_dict()}}
+        metrics = {"validation": {"kind": kind, **evaluation.to_dict(), **(figures or {})}}
         if untuned is not None:
             metrics["validation_default_thresholds"] = untuned
         overlays: list[Overlay] = [
