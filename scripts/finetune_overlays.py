@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
             axis.set_title(title, fontsize=9)
             axis.axis("off")
     figure.tight_layout()
-    figure.savefig(args.out, dpi=80)
+    figure.savefig(args.out, dpi=60)
     print(f"wrote {args.out}")
 
 
