@@ -307,7 +307,7 @@ def test_bad_data_stops_with_a_message_not_a_traceback(tmp_path):
     command = [sys.executable, "-m", "app.train", "--data", str(tmp_path)]
     done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
-    assert "train.csv not found" in done.stderr and "Traceback" not in done.stderr
+    assert "not a labelled folder" in done.stderr and "Traceback" not in done.stderr
 
 
 def test_oversampling_draws_a_cell_types_images_that_many_times_per_round():
