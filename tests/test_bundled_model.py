@@ -72,7 +72,7 @@ def test_evaluate_on_the_validation_images_prints_the_score_in_model_json(recons
     card = bundled_card()
     assert score == pytest.approx(card["metrics"]["validation"]["score"], abs=5e-5)
     for cell_type, value in card["metrics"]["validation"]["per_cell_type"].items():
-        assert re.search(rf"^  {cell_type}\s+{value:.4f}$", printed, re.M)
+        assert re.search(rf"^  {cell_type}\s+{value:.4f}  SEG \d\.\d{{4}}$", printed, re.M)
     assert f"{score:.4f}" in (folder / "README.md").read_text()
     assert f"{score:.4f}" in (REPO / "docs" / "training.md").read_text()
 
