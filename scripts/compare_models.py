@@ -6,12 +6,12 @@ Run from the project root: python scripts/compare_models.py (resize mode, float3
 
 from pathlib import Path
 
-from app.ml.data.kaggle import KaggleFolders
+from app.ml.data.labelled import open_labelled
 from app.ml.imageio import read_image
 from app.ml.scoring.metric import iou_matrix
 from app.ml.serving.predictor import Predictor
 
-sample = KaggleFolders(["../shared/data/sartorius"]).load(0)
+sample = open_labelled(["../shared/data/sartorius"]).load(0)
 for version in sorted(p.name for p in Path("model_store").iterdir() if (p / "model.json").is_file()):
     pred = Predictor.from_checkpoint(f"model_store/{version}", device="cpu", half_precision=False)
     found = pred.predict(sample.image)

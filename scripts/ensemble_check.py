@@ -14,7 +14,7 @@ import json
 import numpy as np
 
 from app.ml.checkpoint import load_checkpoint
-from app.ml.data.kaggle import KaggleFolders
+from app.ml.data.labelled import open_labelled
 from app.ml.data.split import Split, load_split
 from app.ml.postprocess import InstanceConfig
 from app.ml.scoring.evaluation import instance_step_maps
@@ -30,7 +30,7 @@ def main() -> None:
     checkpoints = [load_checkpoint(folder) for folder in args.models]
     if len({json.dumps(c.split, sort_keys=True) for c in checkpoints}) != 1:
         raise SystemExit("the models were trained on different splits: their validation scores do not compare")
-    train, validation = load_split(KaggleFolders(args.data), Split.from_dict(checkpoints[0].split))
+    train, validation = load_split(open_labelled(args.data), Split.from_dict(checkpoints[0].split))
     predictors = [Predictor.from_checkpoint(c, device="cpu", half_precision=False) for c in checkpoints]
 
     def averaged(samples: list) -> list:

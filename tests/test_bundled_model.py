@@ -18,7 +18,7 @@ from app.bench.localserver import running_server
 from app.evaluate import main as evaluate
 from app.ml import rle
 from app.ml.checkpoint import default_version, load_checkpoint, resolve_model_folder
-from app.ml.data.kaggle import KaggleFolders
+from app.ml.data.labelled import open_labelled
 from app.ml.data.split import Split, load_split
 from app.ml.scoring.metric import score_per_threshold
 from tests.conftest import MODEL_STORE as STORE
@@ -33,7 +33,7 @@ def bundled_card() -> dict:
 
 def validation_samples(reconstructed, sartorius) -> list:
     split = Split.from_dict(bundled_card()["training"]["data"]["split"])
-    return load_split(KaggleFolders([reconstructed, sartorius]), split)[1]
+    return load_split(open_labelled([reconstructed, sartorius]), split)[1]
 
 
 def test_the_store_names_a_default_model_that_loads_and_is_small():

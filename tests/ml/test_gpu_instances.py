@@ -10,7 +10,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from app.ml.data.kaggle import KaggleFolders
+from app.ml.data.labelled import open_labelled
 from app.ml.imageio import read_image
 from app.ml.postprocess import InstanceConfig, Instances, maps_to_instances
 from app.ml.scoring.metric import image_score
@@ -95,7 +95,7 @@ def test_real_maps_give_the_reference_cells(config_name, real_maps, predictor):
 
 
 def test_real_score_matches_the_reference_score(sartorius, real_maps, predictor):
-    sample = KaggleFolders([sartorius]).load(0)
+    sample = open_labelled([sartorius]).load(0)
     assert sample.image_id == TRAIN_ID
     reference, got = run_both(real_maps[TRAIN_ID], predictor.rules.default)
     assert abs(image_score(sample.labels, got.labels) - image_score(sample.labels, reference.labels)) <= 0.005

@@ -6,7 +6,8 @@ import pytest
 from PIL import Image
 
 from app.ml import rle
-from app.ml.data.kaggle import CSV_COLUMNS, KaggleDataset, KaggleFolders, labels_from_rles
+from app.ml.data.kaggle import CSV_COLUMNS, KaggleDataset, labels_from_rles
+from app.ml.data.labelled import open_labelled
 from app.ml.data.synth import write_dataset
 from app.ml.errors import DatasetError
 
@@ -108,10 +109,10 @@ def test_a_missing_csv_names_the_layout(tmp_path):
 def test_several_folders_read_as_one_dataset_and_an_image_in_two_of_them_is_refused(tmp_path):
     first = write_dataset(tmp_path / "a", images=2, height=64, width=80, seed=1)
     second = write_dataset(tmp_path / "b", images=3, height=48, width=48, seed=2)
-    both = KaggleFolders([first, second])
+    both = open_labelled([first, second])
     assert len(both) == 5 and both.image_ids == KaggleDataset(first).image_ids + KaggleDataset(second).image_ids
     assert both.load(4).image.shape == (48, 48) and both.load(4).image_id == both.image_ids[4]
     assert both.fingerprint() != KaggleDataset(first).fingerprint()
-    assert KaggleFolders([first]).fingerprint() == KaggleDataset(first).fingerprint()
+    assert open_labelled([first]).fingerprint() == KaggleDataset(first).fingerprint()
     with pytest.raises(DatasetError, match="more than one"):
-        KaggleFolders([first, first])
+        open_labelled([first, first])

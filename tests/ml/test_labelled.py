@@ -12,7 +12,7 @@ from pycocotools import mask as coco_mask
 
 from app.evaluate import main as evaluate
 from app.ml import exports
-from app.ml.data.kaggle import KaggleFolders
+from app.ml.data.kaggle import KaggleDataset
 from app.ml.data.labelled import LAYOUTS, open_labelled
 from app.ml.errors import DatasetError
 from app.ml.imageio import read_image
@@ -272,7 +272,7 @@ def test_the_answer_of_segment_as_json_reads_back(tmp_path):
 
 def test_kaggle_folders_read_as_before(synth_dataset, tmp_path):
     data = open_labelled([synth_dataset], cell_type="ignored")
-    before = KaggleFolders([synth_dataset])
+    before = KaggleDataset(synth_dataset)
     assert data.layouts == {str(synth_dataset): "kaggle"}
     assert data.image_ids == before.image_ids and data.fingerprint() == before.fingerprint()
     assert [r.sample_id for r in data.records] == [r.sample_id for r in before.records]

@@ -123,44 +123,6 @@ class KaggleDataset:
         return digest.hexdigest()
 
 
-class KaggleFolders:
-    """Several Kaggle-layout folders read as one dataset (the same interface as KaggleDataset).
-
-    Image ids must be unique across the folders, so a split or a score names each image once.
-    """
-
-    def __init__(self, roots: list[str | Path]) -> None:
-        if not roots:
-            raise DatasetError("no data folder given; pass one or more Kaggle-layout folders")
-        self.folders = [KaggleDataset(root) for root in roots]
-        self.root = ", ".join(str(f.root) for f in self.folders)
-        self._where = [(folder, i) for folder in self.folders for i in range(len(folder))]
-        self.records = [folder.records[i] for folder, i in self._where]
-        repeated = sorted(i for i, n in Counter(self.image_ids).items() if n > 1)
-        if repeated:
-            raise DatasetError(f"image ids {repeated[:5]} appear in more than one of the folders {self.root}")
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    @property
-    def image_ids(self) -> list[str]:
-        return [r.image_id for r in self.records]
-
-    def load(self, index: int) -> Sample:
-        folder, local = self._where[index]
-        return folder.load(local)
-
-    def __iter__(self) -> Iterator[Sample]:
-        return (self.load(i) for i in range(len(self)))
-
-    def fingerprint(self) -> str:
-        """The folder's own fingerprint for one folder; for several, sha256 of theirs in order."""
-        if len(self.folders) == 1:
-            return self.folders[0].fingerprint()
-        return hashlib.sha256("".join(f.fingerprint() for f in self.folders).encode()).hexdigest()
-
-
 def labels_from_rles(annotations: list[str], shape: tuple[int, int]) -> np.ndarray:
     """RLE strings -> (H, W) int32 instance labels 1..N in the given order; the first cell keeps shared pixels."""
     labels = np.zeros(shape[0] * shape[1], dtype=np.int32)

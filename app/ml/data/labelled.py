@@ -158,7 +158,7 @@ class LabelledFolders:
         return (self.load(i) for i in range(len(self)))
 
     def fingerprint(self) -> str:
-        """The folder's own fingerprint for one folder; for several, sha256 of theirs in order (as KaggleFolders)."""
+        """The folder's own fingerprint for one folder; for several, sha256 of theirs in order."""
         if len(self.folders) == 1:
             return self.folders[0].fingerprint()
         return hashlib.sha256("".join(f.fingerprint() for f in self.folders).encode()).hexdigest()
