@@ -124,24 +124,8 @@ def test_a_lab_corrects_the_services_own_files_teaches_it_and_serves_the_new_mod
                 tifffile.imwrite(lab / f"{name}_masks.tif", corrected_labels(found, scene.labels, false, merged))
         assert corrections >= 20, before  # the default model gets these scenes visibly wrong
 
-        train(
-            [
-                "--init",
-                str(store / DEFAULT),
-                "--data",
-                str(lab),
-                "--out",
-                str(store),
-                "--version",
-                "lab-v1",
-                "--epochs",
-                "25",
-                "--folds",
-                "2",
-                "--torch-threads",
-                "2",
-            ]
-        )
+        base = store / DEFAULT
+        train(f"--init {base} --data {lab} --out {store} --version lab-v1 --epochs 25 --folds 2".split())
 
         loaded = http.post("/models/lab-v1/load")
         assert loaded.status_code == 200, loaded.text

@@ -121,36 +121,9 @@ def test_fine_tuning_with_cross_validation_records_where_it_started_and_its_out_
 
     lab = write_dataset(tmp_path / "lab", images=4, height=160, width=160, seed=11)
     store = tmp_path / "store"
-    train(
-        [
-            "--init",
-            str(trained_model),
-            "--data",
-            str(lab),
-            "--out",
-            str(store),
-            "--version",
-            "lab-v1",
-            "--epochs",
-            "2",
-            "--epoch-size",
-            "16",
-            "--batch-size",
-            "4",
-            "--torch-threads",
-            "1",
-            "--width",
-            "8",
-            "--depth",
-            "3",
-            "--input-size",
-            "256",
-            "--tile-size",
-            "256",
-            "--folds",
-            "2",
-        ]
-    )
+    tiny = "--epochs 2 --epoch-size 16 --batch-size 4 --torch-threads 1 --width 8 --depth 3"
+    tiny += " --input-size 256 --tile-size 256"
+    train([*f"--init {trained_model} --data {lab} --out {store} --version lab-v1 --folds 2".split(), *tiny.split()])
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["version"] == "lab-v1" and summary["validation_kind"] == "out-of-fold" and 0 <= summary["seg"] <= 1
     card = json.loads((store / "lab-v1" / "model.json").read_text())
