@@ -123,7 +123,7 @@ class Trainer:
         if not self.val_samples and chosen is None:
             raise ValueError("a run without validation images needs an instance step chosen elsewhere")
         self.cell_diameter = median_cell_diameter([s.labels for s in self.train_samples])
-        self.preprocess = config.preprocess(self.train_samples[0].image.shape, self.cell_diameter)
+        self.preprocess = config.preprocess(self.dataset.load(0).image.shape, self.cell_diameter)
         self.examples = self._examples()
         self.fingerprint = self.dataset.fingerprint() if self.dist.is_main else ""
         # The model and its optimizer
