@@ -33,18 +33,6 @@ CROPS_PER_EPOCH = 64
 FINETUNE_LR = 5e-4
 MAX_FOLDS = 5
 FOLDS_UP_TO_IMAGES = 20  # more images than this: a plain held-out split is enough, and cheaper
-PLANNED = (
-    "scale",
-    "cell_diameter",
-    "epochs",
-    "epoch_size",
-    "lr",
-    "warmup",
-    "crop",
-    "folds",
-    "val_every",
-    "unlabelled_edges",
-)
 
 
 @dataclass(frozen=True)
