@@ -32,10 +32,10 @@ async def ready(registry: RegistryDep, response: Response) -> schemas.Ready:
         status=served.status,
         model_version=served.version,
         device=str(predictor.device),
-        backend=predictor.backend.value,
+        backend=predictor.options.backend.value,
         precision=predictor.precision,
-        compiled=predictor.is_compiled,
-        tta=predictor.runner.tta,
+        compiled=predictor.compiled,
+        tta=predictor.options.tta,
         loaded=[model.version for model in registry.models],
     )
 

@@ -25,7 +25,7 @@ from app.ml.options import Mode
 from app.ml.postprocess import Instances
 from app.ml.render import label_png, mask_png, overlay_png
 from app.ml.rules import InstanceRules
-from app.ml.serving.batcher import MicroBatcher, stack
+from app.ml.serving.batcher import MicroBatcher
 from app.ml.serving.budget import PixelBudget
 from app.ml.serving.predictor import Predictor, Prepared
 
@@ -259,7 +259,7 @@ class SegmentationPipeline:
         self, prepared: Prepared, outputs: list[np.ndarray], rules: InstanceRules, timings: dict[str, float]
     ) -> Instances:
         started = time.perf_counter()
-        instances = self.predictor.finish(prepared, stack(outputs), rules)
+        instances = self.predictor.finish(prepared, self.predictor.steps.stack(outputs), rules)
         self._record(timings, "instances", started)
         return instances
 
