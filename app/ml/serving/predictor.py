@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -103,6 +104,17 @@ class Predictor:
     def compiled(self) -> bool:
         """Whether the network runs through torch.compile (`options.compile`, once warmed up)."""
         return self.runner.compiled
+
+    def how_it_runs(self) -> dict[str, Any]:
+        """Where and how the network runs, by the names /ready, GET /models and the log give them."""
+        options = self.options
+        return {
+            "device": str(self.device),
+            "backend": options.backend.value,
+            "precision": self.precision,
+            "compiled": self.compiled,
+            "tta": options.tta,
+        }
 
     # ------------------------------------------------------------------ the three steps
 

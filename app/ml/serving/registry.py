@@ -494,15 +494,7 @@ class ModelRegistry:
             )
 
     def _log_serving(self, served: ServedModel, evicted: str | None = None) -> None:
-        predictor = served.predictor
-        where = {
-            "model_version": served.version,
-            "device": str(predictor.device),
-            "backend": predictor.options.backend.value,
-            "precision": predictor.precision,
-            "compiled": predictor.compiled,
-            "evicted": evicted,
-        }
+        where = {"model_version": served.version, **served.predictor.how_it_runs(), "evicted": evicted}
         message = (
             "serving model %(model_version)s on %(device)s with %(backend)s in %(precision)s (compiled: %(compiled)s)"
         )
