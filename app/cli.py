@@ -10,12 +10,11 @@ from pathlib import Path
 
 from app.config import Settings
 from app.ml.checkpoint import Checkpoint, resolve_model_folder
-from app.ml.options import TTA_CHOICES
+from app.ml.options import OPTION_NAMES, TTA_CHOICES, InferenceOptions
 from app.ml.serving.predictor import Predictor
 
 # The inference settings the entrypoints share with the service: one name and one default each, the service's.
 _SETTINGS = Settings.model_fields
-INFERENCE_SETTINGS = ("device", "backend", "half_precision", "compile", "tta", "torch_threads", "steps_on_device")
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, scoring: bool = False) -> None:
@@ -27,7 +26,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, scoring: bool = False) 
     """
     parser.add_argument("--model", help="a model folder such as model_store/<version> (default: the store's default)")
     parser.add_argument("--model-store", default="model_store", help="store to pick the default model from")
-    for name in INFERENCE_SETTINGS:
+    for name in OPTION_NAMES:
         field = _SETTINGS[name]
         flag = "--" + name.replace("_", "-")
         text = f"{field.description} (CELLSEG_{name.upper()}; default: %(default)s)"
@@ -45,10 +44,15 @@ def add_model_arguments(parser: argparse.ArgumentParser, scoring: bool = False) 
             parser.add_argument(flag, type=type(field.default), default=field.default, help=text)
 
 
+def inference_options(args: argparse.Namespace) -> InferenceOptions:
+    """The inference settings of add_model_arguments' arguments, as one object."""
+    return InferenceOptions(**{name: getattr(args, name) for name in OPTION_NAMES})
+
+
 def predictor_from_args(args: argparse.Namespace, source: Checkpoint | Path | None = None) -> Predictor:
     """The predictor the inference settings in `args` describe, warmed up (and so compiled) when compiling."""
-    predictor = Predictor.from_options(source or model_folder(args), args)
-    if predictor.runner.compiled is not None:
+    predictor = Predictor.from_checkpoint(source or model_folder(args), inference_options(args))
+    if predictor.options.compile:
         predictor.warm_up()
     return predictor
 

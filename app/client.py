@@ -15,6 +15,7 @@ import io
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Self, TypedDict, Unpack, get_args, overload
@@ -37,8 +38,13 @@ ImageInput = str | os.PathLike[str] | bytes | np.ndarray
 CONNECTION_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout)
 # What `save` writes when no format is given, by the file name's ending.
 FORMAT_OF_SUFFIX: dict[str, Format] = {
-    ".json": "json", ".png": "png", ".tif": "tiff", ".tiff": "tiff", ".zip": "roi", ".geojson": "geojson",
-}  # fmt: skip
+    ".json": "json",
+    ".png": "png",
+    ".tif": "tiff",
+    ".tiff": "tiff",
+    ".zip": "roi",
+    ".geojson": "geojson",
+}
 
 
 class Options(TypedDict, total=False):
@@ -53,7 +59,7 @@ class Options(TypedDict, total=False):
     min_cell_area: int
 
 
-class CellsegError(Exception):
+class ServiceError(Exception):
     """The service refused (`status` is its HTTP status, `detail` its reason), or could not be reached
     (`status` is None)."""
 
@@ -63,7 +69,7 @@ class CellsegError(Exception):
 
 
 @dataclass(frozen=True)
-class Segmentation:
+class SegmentResult:
     """A JSON answer of POST /segment. `cells` are the answer's cell dicts (id, rle, area, bbox, score); a stack
     (multi-frame TIFF) has them frame by frame in `frames`, and `cells` holds every frame's in order."""
 
@@ -78,14 +84,19 @@ class Segmentation:
     raw: dict[str, Any]
 
     @classmethod
-    def from_json(cls, body: dict[str, Any]) -> Segmentation:
+    def from_json(cls, body: dict[str, Any]) -> SegmentResult:
         frames = [frame["cells"] for frame in body["frames"]] if "frames" in body else [body["cells"]]
         return cls(
-            width=body["width"], height=body["height"], model_version=body["model_version"], mode=body["mode"],
+            width=body["width"],
+            height=body["height"],
+            model_version=body["model_version"],
+            mode=body["mode"],
             cell_type=body.get("cell_type"),
-            cell_count=body["cell_count"], cells=[cell for frame in frames for cell in frame], frames=frames,
+            cell_count=body["cell_count"],
+            cells=[cell for frame in frames for cell in frame],
+            frames=frames,
             raw=body,
-        )  # fmt: skip
+        )
 
     @property
     def is_stack(self) -> bool:
@@ -99,8 +110,21 @@ class Segmentation:
         return np.stack(images) if self.is_stack else images[0]
 
 
+# The names these classes had before they were renamed (two other classes of the package have them): still
+# importable, with a DeprecationWarning.
+_RENAMED = {"CellsegError": ServiceError, "Segmentation": SegmentResult}
+
+
+def __getattr__(name: str) -> type:
+    if name in _RENAMED:
+        new = _RENAMED[name]
+        warnings.warn(f"app.client.{name} is now {new.__name__}", DeprecationWarning, stacklevel=2)
+        return new
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def label_image(cells: list[dict[str, Any]], shape: tuple[int, int]) -> np.ndarray:
-    """Cells (each with `id` and a Kaggle `rle`) -> (H, W) label image. Raises CellsegError if two overlap: the
+    """Cells (each with `id` and a Kaggle `rle`) -> (H, W) label image. Raises ServiceError if two overlap: the
     service promises they never do, and a label image could not show both."""
     dtype = np.uint16 if max((cell["id"] for cell in cells), default=0) <= np.iinfo(np.uint16).max else np.int32
     flat = np.zeros(shape[0] * shape[1], dtype=dtype)
@@ -110,7 +134,7 @@ def label_image(cells: list[dict[str, Any]], shape: tuple[int, int]) -> np.ndarr
         offsets = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
         pixels = np.repeat(starts - 1, lengths) + offsets
         if flat[pixels].any():
-            raise CellsegError(None, f"cell {cell['id']} overlaps cell {flat[pixels].max()} in the answer")
+            raise ServiceError(None, f"cell {cell['id']} overlaps cell {flat[pixels].max()} in the answer")
         flat[pixels] = cell["id"]
     return flat.reshape(shape)
 
@@ -161,7 +185,7 @@ def _model_url(version: str, action: Literal["load", "unload"]) -> str:
 
 
 def _checked(response: httpx.Response, also_ok: tuple[int, ...] = ()) -> httpx.Response:
-    """The response if it succeeded, else CellsegError with the service's own explanation."""
+    """The response if it succeeded, else ServiceError with the service's own explanation."""
     if response.is_success or response.status_code in also_ok:
         return response
     try:
@@ -170,11 +194,11 @@ def _checked(response: httpx.Response, also_ok: tuple[int, ...] = ()) -> httpx.R
         body = None
     body = body if isinstance(body, dict) else {}
     detail = body.get("detail") or body.get("status") or response.text or response.reason_phrase  # /ready: status
-    raise CellsegError(response.status_code, str(detail))
+    raise ServiceError(response.status_code, str(detail))
 
 
-def _answer(response: httpx.Response, output: Format) -> Segmentation | bytes:
-    return Segmentation.from_json(response.json()) if output == "json" else response.content
+def _answer(response: httpx.Response, output: Format) -> SegmentResult | bytes:
+    return SegmentResult.from_json(response.json()) if output == "json" else response.content
 
 
 def _format_of(path: Path, output: Format | None) -> Format:
@@ -214,8 +238,8 @@ def _retry_after(response: httpx.Response) -> float | None:
         return None
 
 
-def _unreachable(base_url: httpx.URL, exc: Exception) -> CellsegError:
-    return CellsegError(None, f"cannot reach cellseg at {base_url}: {exc}")
+def _unreachable(base_url: httpx.URL, exc: Exception) -> ServiceError:
+    return ServiceError(None, f"cannot reach cellseg at {base_url}: {exc}")
 
 
 class _Client:
@@ -263,21 +287,27 @@ class CellsegClient(_Client):
     @overload
     def segment(
         self, image: ImageInput, *, format: Literal["json"] = "json", **options: Unpack[Options]
-    ) -> Segmentation: ...
+    ) -> SegmentResult: ...
     @overload
     def segment(self, image: ImageInput, *, format: FileFormat, **options: Unpack[Options]) -> bytes: ...
     def segment(
         self, image: ImageInput, *, format: Format = "json", **options: Unpack[Options]
-    ) -> Segmentation | bytes:
-        """Every cell of one image: a Segmentation for `format="json"`, else the answered file's bytes."""
+    ) -> SegmentResult | bytes:
+        """Every cell of one image: a SegmentResult for `format="json"`, else the answered file's bytes."""
         return _answer(self._post(image, format, options), format)
 
     def labels(self, image: ImageInput, **options: Unpack[Options]) -> np.ndarray:
-        """The (H, W) label image (0 = background, 1..N = cells), or (N, H, W) for a stack; see Segmentation."""
+        """The (H, W) label image (0 = background, 1..N = cells), or (N, H, W) for a stack; see SegmentResult."""
         return self.segment(image, format="json", **options).labels
 
-    def save(self, image: ImageInput, path: str | os.PathLike[str], *, format: Format | None = None,
-             **options: Unpack[Options]) -> Path:  # fmt: skip
+    def save(
+        self,
+        image: ImageInput,
+        path: str | os.PathLike[str],
+        *,
+        format: Format | None = None,
+        **options: Unpack[Options],
+    ) -> Path:
         """Write the answer in `format` (default: from the file name, e.g. .zip -> an ImageJ ROI set) to `path`."""
         path = Path(path)
         path.write_bytes(self._post(image, _format_of(path, format), options).content)
@@ -292,7 +322,7 @@ class CellsegClient(_Client):
         return self._get("/ready", _Retry(0, 0), also_ok=(503,))
 
     def wait_until_ready(self, timeout: float = 120.0) -> dict[str, Any]:
-        """Block until /ready answers 200, through refused connections while the service starts; CellsegError
+        """Block until /ready answers 200, through refused connections while the service starts; ServiceError
         saying what it was still doing once `timeout` seconds of waiting are spent."""
         return self._get("/ready", _Retry(math.inf, timeout))
 
@@ -303,7 +333,7 @@ class CellsegClient(_Client):
 
     def load_model(self, version: str) -> dict[str, Any]:
         """Have the service load `version` from its store and serve it (a no-op if it is loaded): what it did, and
-        which version it unloaded to make room (`evicted`). CellsegError with the reason if it cannot."""
+        which version it unloaded to make room (`evicted`). ServiceError with the reason if it cannot."""
         return _checked(self._send("POST", _model_url(version, "load"), self._retry())).json()
 
     def unload_model(self, version: str) -> dict[str, Any]:
@@ -349,19 +379,25 @@ class AsyncCellsegClient(_Client):
     @overload
     async def segment(
         self, image: ImageInput, *, format: Literal["json"] = "json", **options: Unpack[Options]
-    ) -> Segmentation: ...
+    ) -> SegmentResult: ...
     @overload
     async def segment(self, image: ImageInput, *, format: FileFormat, **options: Unpack[Options]) -> bytes: ...
     async def segment(
         self, image: ImageInput, *, format: Format = "json", **options: Unpack[Options]
-    ) -> Segmentation | bytes:
+    ) -> SegmentResult | bytes:
         return _answer(await self._post(image, format, options), format)
 
     async def labels(self, image: ImageInput, **options: Unpack[Options]) -> np.ndarray:
         return (await self.segment(image, format="json", **options)).labels
 
-    async def save(self, image: ImageInput, path: str | os.PathLike[str], *, format: Format | None = None,
-                   **options: Unpack[Options]) -> Path:  # fmt: skip
+    async def save(
+        self,
+        image: ImageInput,
+        path: str | os.PathLike[str],
+        *,
+        format: Format | None = None,
+        **options: Unpack[Options],
+    ) -> Path:
         path = Path(path)
         path.write_bytes((await self._post(image, _format_of(path, format), options)).content)
         return path

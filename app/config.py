@@ -10,7 +10,9 @@ from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.ml.imageio import MAX_PIXELS
-from app.ml.options import Backend, DeviceSteps
+from app.ml.options import OPTION_NAMES, TTA_CHOICES, Backend, DeviceSteps, InferenceOptions
+
+INFERENCE = InferenceOptions()  # the inference settings' defaults
 
 
 class Settings(BaseSettings):
@@ -24,36 +26,38 @@ class Settings(BaseSettings):
         description="the default model: loaded at start, it answers requests without model= and is never unloaded "
         "(default: the version model_store/DEFAULT names at start-up)",
     )
-    device: str = Field("auto", description="'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'")
+    device: str = Field(INFERENCE.device, description="'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'")
     backend: Backend = Field(
-        Backend.AUTO,
+        INFERENCE.backend,
         description="'auto' (PyTorch on CUDA, on CPUs with native bfloat16 and wherever compile is on; else ONNX "
         "Runtime when installed, else PyTorch), 'torch' or 'onnxruntime' (CPU, float32)",
     )
     half_precision: bool = Field(
-        True,
+        INFERENCE.half_precision,
         description="when the model allows it: float16 on CUDA, bfloat16 on CPUs that compute it natively (Intel "
         "AMX, AVX-512 BF16 as on AMD Zen 4; PyTorch backend)",
     )
     compile: bool = Field(
-        True,
+        INFERENCE.compile,
         description="torch.compile the network while warming up, when PyTorch runs it on the CPU (faster: "
         "docs/performance.md); other input shapes, such as batches over 1, run uncompiled",
     )
-    tta: Literal[1, 2, 4, 8] = Field(
-        1,
+    tta: Literal[TTA_CHOICES] = Field(  # Literal[1, 2, 4, 8]
+        INFERENCE.tta,
         description="test-time augmentation: the mean over 1 (off), 2 (a left-right flip), 4 (flips) or 8 (flips "
         "and turns) views of each network input, at that many times the network's cost, with the model card's "
         "instance step for that many views where it has one",
     )
     steps_on_device: DeviceSteps = Field(
-        DeviceSteps.AUTO,
+        INFERENCE.steps_on_device,
         description="the steps around the network in torch on its device: 'none' (the CPU's, the reference), "
         "'resize' (normalization, resizes, tiles and maps; the instance step on the CPU), 'all' (the instance step "
         "too: only labels come back) or 'auto' ('resize' on CUDA, 'none' on the CPU)",
     )
     torch_threads: int = Field(
-        0, ge=0, description="CPU threads for the network (0: torch's default; with several workers, a share each)"
+        INFERENCE.torch_threads,
+        ge=0,
+        description="CPU threads for the network (0: torch's default; with several workers, a share each)",
     )
     workers: int = Field(
         1,
@@ -120,6 +124,13 @@ class Settings(BaseSettings):
 
     host: str = Field("0.0.0.0", description="address `serve` listens on")
     port: int = Field(8000, description="port `serve` listens on")
+
+    @property
+    def inference(self) -> InferenceOptions:
+        """The inference settings, passed whole to the predictor: each under its name here, torch_threads as this
+        worker's share (worker_threads)."""
+        values = {name: getattr(self, name) for name in OPTION_NAMES}
+        return InferenceOptions(**{**values, "torch_threads": worker_threads(self)})
 
     @field_validator("tta", mode="before")
     @classmethod

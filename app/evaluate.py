@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     except CellSegError as exc:
         print(f"evaluate: {exc}", file=sys.stderr)
         raise SystemExit(2) from exc
-    how = [predictor.precision] + ["compiled"] * predictor.is_compiled + [f"tta {args.tta}"] * (args.tta > 1)
+    how = [predictor.precision] + ["compiled"] * predictor.compiled + [f"tta {args.tta}"] * (args.tta > 1)
     print(f"model {checkpoint.version}, subset {args.subset}, " + ", ".join(how))
     print(report(evaluation))
     if args.json:

@@ -25,7 +25,7 @@ from app.api.middleware import (
     RequestContextMiddleware,
 )
 from app.api.routes import models, ops, page, segment
-from app.config import Settings, worker_threads
+from app.config import Settings
 from app.ml.errors import CheckpointError, InvalidOptionError
 from app.ml.imageio import ImageLimits
 from app.ml.serving.budget import PixelBudget
@@ -43,16 +43,11 @@ same for a person with a browser. Several model versions can be served at once: 
 `POST /models/{version}/load`, then `/segment?model={version}`."""
 
 
-def serving_options(settings: Settings) -> Settings:
-    """The settings as the registry uses them: with this worker's share of torch's CPU threads."""
-    return settings.model_copy(update={"torch_threads": worker_threads(settings)})
-
-
 def load_predictor(settings: Settings) -> LoadedModel:
     """The default model named by the settings (or the store's default), verified and on its device, not yet warmed
     up. Blocking, and quick: what can be wrong with a model folder or a setting shows here, before the server
     listens."""
-    return load_model(serving_options(settings), settings.model_version)
+    return load_model(settings, settings.model_version)
 
 
 @asynccontextmanager
@@ -67,7 +62,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     shared = SharedModels(Path(os.environ[SHARED_MODELS_VARIABLE])) if SHARED_MODELS_VARIABLE in os.environ else None
     budget = PixelBudget(settings.max_request_pixels, settings.max_pixels_in_flight)  # one for every model
     limits = ImageLimits(max_pixels=settings.max_pixels)
-    registry = app.state.registry = ModelRegistry(serving_options(settings), default, budget, limits, metrics, shared)
+    registry = app.state.registry = ModelRegistry(settings, default, budget, limits, metrics, shared)
     registry.start()
     warming = None
     if settings.workers > 1:  # warm before taking connections, so no request meets a cold worker beside warm ones
@@ -90,8 +85,14 @@ def create_app(settings: Settings | None = None, loaded: LoadedModel | None = No
     configure_logging(settings.log_level, settings.log_json)
     # Swagger UI from the package's own files, so /docs works on a host without internet. No ReDoc: its page
     # fetches a logo from its makers' CDN.
-    app = FastAPIOffline(title="cellseg", version=package.__version__, description=DESCRIPTION, lifespan=lifespan,
-                         static_url="/static/docs", redoc_url=None)  # fmt: skip
+    app = FastAPIOffline(
+        title="cellseg",
+        version=package.__version__,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        static_url="/static/docs",
+        redoc_url=None,
+    )
     metrics = Metrics()
     app.state.settings, app.state.metrics, app.state.preloaded = settings, metrics, loaded
     app.include_router(ops.router)

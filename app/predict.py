@@ -27,7 +27,7 @@ from app.ml.checkpoint import atomic_write_bytes
 from app.ml.errors import CellSegError
 from app.ml.imageio import read_image
 from app.ml.options import Mode
-from app.ml.serving.pipeline import OutputFormat, Segmentation, encode_output
+from app.ml.outputs import OutputFormat, encode
 from app.ml.serving.predictor import Predictor
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff"}
@@ -75,7 +75,7 @@ def segment_folder(
         encoded = rle.encode_labels(instances.labels)
         rows += [(path.stem, encoded[label]) for label in sorted(encoded)] or [(path.stem, "")]
         for output in formats:
-            data = encode_output(Segmentation(image, instances, predictor.tiler.resolve(image.shape, mode)), output)
+            data = encode(output, image, instances)
             data = data if isinstance(data, bytes) else json.dumps(data).encode()
             atomic_write_bytes(out_dir / f"{path.stem}{output.file_suffix}", data)
     return rows, skipped

@@ -8,12 +8,13 @@ from pathlib import Path
 
 from app.ml.data.labelled import open_labelled
 from app.ml.imageio import read_image
+from app.ml.options import InferenceOptions
 from app.ml.scoring.metric import iou_matrix
 from app.ml.serving.predictor import Predictor
 
 sample = open_labelled(["../shared/data/sartorius"]).load(0)
 for version in sorted(p.name for p in Path("model_store").iterdir() if (p / "model.json").is_file()):
-    pred = Predictor.from_checkpoint(f"model_store/{version}", device="cpu", half_precision=False)
+    pred = Predictor.from_checkpoint(f"model_store/{version}", InferenceOptions.float32())
     found = pred.predict(sample.image)
     iou = iou_matrix(sample.labels, found.labels)[1:, 1:]
     matched = int((iou > 0.5).sum())

@@ -16,6 +16,7 @@ import numpy as np
 from app.ml.checkpoint import load_checkpoint
 from app.ml.data.labelled import open_labelled
 from app.ml.data.split import Split, load_split
+from app.ml.options import InferenceOptions
 from app.ml.postprocess import InstanceConfig
 from app.ml.scoring.evaluation import instance_step_maps
 from app.ml.scoring.tuning import tune_rules
@@ -31,7 +32,7 @@ def main() -> None:
     if len({json.dumps(c.split, sort_keys=True) for c in checkpoints}) != 1:
         raise SystemExit("the models were trained on different splits: their validation scores do not compare")
     train, validation = load_split(open_labelled(args.data), Split.from_dict(checkpoints[0].split))
-    predictors = [Predictor.from_checkpoint(c, device="cpu", half_precision=False) for c in checkpoints]
+    predictors = [Predictor.from_checkpoint(c, InferenceOptions.float32()) for c in checkpoints]
 
     def averaged(samples: list) -> list:
         return [(s, np.mean([instance_step_maps(p, s.image) for p in predictors], axis=0)) for s in samples]

@@ -20,15 +20,15 @@ import numpy as np
 from app.ml.celltypes import image_contrast
 from app.ml.checkpoint import load_checkpoint
 from app.ml.data.labelled import open_labelled
-from app.ml.options import Mode
-from app.ml.render import overlay
+from app.ml.options import InferenceOptions, Mode
+from app.ml.outputs import overlay
 from app.ml.scoring.folds import out_of_fold_maps
 from app.ml.scoring.metric import image_score, seg_jaccards
 from app.ml.serving.predictor import Predictor
 
 
 def predictor(folder: Path) -> Predictor:
-    return Predictor.from_checkpoint(folder, device="cpu", half_precision=False)
+    return Predictor.from_checkpoint(folder, InferenceOptions.float32())
 
 
 def scores(truth: np.ndarray, found: np.ndarray) -> str:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from app.bench.timing import best_of, synchronized
-from app.ml.options import Mode
+from app.ml.options import InferenceOptions, Mode
 from app.ml.serving.predictor import Predictor
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,10 +45,12 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=REPO / "model_store/sartorius-w16-v3")
     parser.add_argument("--out", type=Path, default=Path("gpu-compile.json"))
     args = parser.parse_args()
-    predictor = Predictor.from_checkpoint(args.model, device=args.device, half_precision=True)
+    predictor = Predictor.from_checkpoint(
+        args.model, InferenceOptions(device=args.device, backend="torch", compile=False)
+    )
     runner = predictor.runner
     side = predictor.prepare(np.zeros((520, 704), np.float32), Mode.RESIZE).tiles.shape[-1]
-    dtype = torch.float16 if runner.half else torch.float32
+    dtype = torch.float16 if runner.precision == "float16" else torch.float32
     inputs = {
         batch: torch.randn(batch, 1, side, side, device=runner.device, dtype=dtype).contiguous(
             memory_format=runner.memory_format

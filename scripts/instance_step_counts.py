@@ -18,6 +18,7 @@ import torch
 
 from app.ml.checkpoint import resolve_model_folder
 from app.ml.imageio import read_image
+from app.ml.options import InferenceOptions
 from app.ml.postprocess import _inner_pixels, _seeds, maps_to_instances
 from app.ml.serving import gpu_instances
 from app.ml.serving.predictor import Predictor
@@ -27,7 +28,7 @@ from tests.ml.test_gpu_instances import foreground_agreement
 
 def main() -> None:
     torch.set_num_threads(1)
-    predictor = Predictor.from_checkpoint(resolve_model_folder("model_store"), device="cpu", half_precision=False)
+    predictor = Predictor.from_checkpoint(resolve_model_folder("model_store"), InferenceOptions.float32())
     for path in [SARTORIUS / "train" / "0030fd0e6378.png", *sorted((SARTORIUS / "test").glob("*.png"))]:
         image = read_image(path)
         prepared = predictor.prepare(image, "auto")

@@ -9,13 +9,14 @@ from pathlib import Path
 
 from app.ml.checkpoint import resolve_model_folder
 from app.ml.data.labelled import open_labelled
+from app.ml.options import InferenceOptions
 from app.ml.serving.predictor import Predictor
 from app.ml.training.plots import save_overlays
 
 IMAGES = ("0ba181d412da", "91c06d4f10df")
 DATA = open_labelled(["../shared/data/sartorius-reconstructed"])
 
-predictor = Predictor.from_checkpoint(resolve_model_folder("model_store"), device="cpu", half_precision=False)
+predictor = Predictor.from_checkpoint(resolve_model_folder("model_store"), InferenceOptions.float32())
 index = {image_id: i for i, image_id in enumerate(DATA.image_ids)}
 rows = []
 for image_id in IMAGES:

@@ -20,8 +20,7 @@ def test_each_network_variant_is_the_one_the_service_would_run_and_has_its_ceili
     for name, (predictor, ceiling, batches) in variants.items():
         assert measured[ceiling] > 0
         assert (
-            NETWORK_OF_SERVICE[predictor.backend.value, predictor.precision, predictor.runner.compiled is not None]
-            == name
+            NETWORK_OF_SERVICE[predictor.options.backend.value, predictor.precision, predictor.options.compile] == name
         )
         assert batches[0] == 1
 

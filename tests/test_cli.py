@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -139,17 +140,19 @@ def test_a_model_that_does_not_exist_is_a_clear_error(tmp_path, capsys):
 def test_the_entrypoints_inference_options_have_the_services_names_and_defaults_scoring_in_float32(module):
     from importlib import import_module  # noqa: PLC0415 - one parser per parametrized entrypoint
 
-    from app.cli import INFERENCE_SETTINGS  # noqa: PLC0415
+    from app.cli import inference_options  # noqa: PLC0415
     from app.config import Settings  # noqa: PLC0415
+    from app.ml.options import OPTION_NAMES  # noqa: PLC0415
 
     parser = import_module(module).build_parser()
     required = {"app.evaluate": ["--data", "x"], "app.tune": ["--data", "x"], "app.predict": ["--images", "x"]}
     args = parser.parse_args(required[module])
     service = Settings()
     scoring = module != "app.predict"  # evaluate and tune compute in float32, as train validates
-    for name in INFERENCE_SETTINGS:
+    for name in OPTION_NAMES:
         expected = False if scoring and name == "half_precision" else getattr(service, name)
         assert getattr(args, name) == expected, name
+    assert inference_options(args) == replace(service.inference, half_precision=not scoring)
     assert parser.parse_args([*required[module], "--half-precision"]).half_precision is True
     assert parser.parse_args([*required[module], "--no-half-precision", "--no-compile"]).compile is False
 

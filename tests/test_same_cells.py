@@ -14,6 +14,7 @@ from PIL import Image
 
 from app.ml.checkpoint import default_version, resolve_model_folder
 from app.ml.imageio import read_image
+from app.ml.options import InferenceOptions
 from app.ml.scoring.metric import iou_matrix
 from app.ml.serving.predictor import Predictor
 from tests.conftest import MODEL_STORE, REPO, SARTORIUS
@@ -23,7 +24,7 @@ IMAGES = ["test/7ae19de7bc2a.png", "test/d48ec7815252.png", "test/d8bfd1dafdc4.p
 
 
 def default_predictor() -> Predictor:
-    return Predictor.from_checkpoint(resolve_model_folder(MODEL_STORE), device="cpu", half_precision=False)
+    return Predictor.from_checkpoint(resolve_model_folder(MODEL_STORE), InferenceOptions.float32())
 
 
 def reference_path(image: str) -> Path:

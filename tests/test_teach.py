@@ -21,8 +21,8 @@ import tifffile
 
 from app.bench.localserver import running_server
 from app.ml.data.synth import generate_image
-from app.ml.exports import cell_outlines
 from app.ml.imageio import to_uint8
+from app.ml.outputs import cell_outlines
 from app.ml.scoring.metric import overlaps
 from app.train import main as train
 from tests.api.conftest import png

@@ -20,17 +20,25 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
-            "cellseg_requests", "HTTP requests by route and status", ["method", "route", "status"],
+            "cellseg_requests",
+            "HTTP requests by route and status",
+            ["method", "route", "status"],
             registry=self.registry,
-        )  # fmt: skip
+        )
         self.latency = Histogram(
-            "cellseg_request_latency_seconds", "HTTP request latency", ["route"], buckets=LATENCY_BUCKETS,
+            "cellseg_request_latency_seconds",
+            "HTTP request latency",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
             registry=self.registry,
-        )  # fmt: skip
+        )
         self.stage = Histogram(
-            "cellseg_stage_seconds", "time per pipeline stage and image", ["stage"], buckets=LATENCY_BUCKETS,
+            "cellseg_stage_seconds",
+            "time per pipeline stage and image",
+            ["stage"],
+            buckets=LATENCY_BUCKETS,
             registry=self.registry,
-        )  # fmt: skip
+        )
         self.batch_size = Histogram(
             "cellseg_batch_size",
             "network inputs per micro-batch, by model version",
@@ -39,9 +47,12 @@ class Metrics:
             registry=self.registry,
         )
         self.inference = Histogram(
-            "cellseg_inference_seconds", "network time per micro-batch, by model version", ["model"],
-            buckets=LATENCY_BUCKETS, registry=self.registry,
-        )  # fmt: skip
+            "cellseg_inference_seconds",
+            "network time per micro-batch, by model version",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
         self.skipped = Counter(
             "cellseg_skipped_inputs", "network inputs dropped because their client went away", registry=self.registry
         )
@@ -52,9 +63,11 @@ class Metrics:
             "cellseg_queue_depth", "network inputs waiting", multiprocess_mode="livesum", registry=self.registry
         )
         self.cells = Histogram(
-            "cellseg_cells_per_image", "cells found per image", buckets=(0, 10, 50, 100, 200, 400, 800, 1600),
+            "cellseg_cells_per_image",
+            "cells found per image",
+            buckets=(0, 10, 50, 100, 200, 400, 800, 1600),
             registry=self.registry,
-        )  # fmt: skip
+        )
 
     def observe_batch(self, model: str, size: int, seconds: float, depth: int) -> None:
         """A micro-batch of `size` inputs ran through model version `model` in `seconds`; `depth` inputs wait now

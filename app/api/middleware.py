@@ -29,9 +29,18 @@ OPEN_PREFIXES = ("/static/",)  # the page's and the docs' script and style files
 async def send_json(send: Send, status: int, detail: str, headers: list[tuple[bytes, bytes]] | None = None) -> None:
     """Answer {"detail": ...} with `status` and close the connection (the body may be left unread)."""
     body = json.dumps({"detail": detail}).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            (b"connection", b"close"), *(headers or [])]})  # fmt: skip
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+                *(headers or []),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
@@ -53,8 +62,9 @@ class ApiKeyMiddleware:
         if hmac.compare_digest(given, self.key):
             await self.app(scope, receive, send)
             return
-        await send_json(send, 401, "missing or wrong API key: send it in the X-API-Key header",
-                        [(b"www-authenticate", b"APIKey")])  # fmt: skip
+        await send_json(
+            send, 401, "missing or wrong API key: send it in the X-API-Key header", [(b"www-authenticate", b"APIKey")]
+        )
 
 
 class AdmissionMiddleware:
@@ -72,9 +82,13 @@ class AdmissionMiddleware:
             await self.app(scope, receive, send)
             return
         if self.active >= self.max_active or self.is_full(_query_value(scope, "model")):
-            await send_json(send, 503, f"the service is busy ({self.active} requests in progress, its limit "
-                                       f"{self.max_active}); retry after Retry-After seconds",
-                            [(b"retry-after", b"1")])  # fmt: skip
+            await send_json(
+                send,
+                503,
+                f"the service is busy ({self.active} requests in progress, its limit "
+                f"{self.max_active}); retry after Retry-After seconds",
+                [(b"retry-after", b"1")],
+            )
             return
         self.active += 1
         try:
@@ -119,8 +133,12 @@ class RequestContextMiddleware:
             # Only uvicorn cancels a request's own task, at the end of a shutdown's grace period.
             if answered:
                 raise
-            await send_json(send_with_id, 503, "the service is shutting down; retry in a moment, maybe elsewhere",
-                            [(b"retry-after", b"5")])  # fmt: skip
+            await send_json(
+                send_with_id,
+                503,
+                "the service is shutting down; retry in a moment, maybe elsewhere",
+                [(b"retry-after", b"5")],
+            )
         finally:
             self._record(scope, status, time.perf_counter() - started)
             request_id.reset(token)
@@ -131,10 +149,20 @@ class RequestContextMiddleware:
         self.metrics.requests.labels(method, route, str(status)).inc()
         self.metrics.latency.labels(route).observe(seconds)
         level = logging.WARNING if status >= 500 else logging.INFO
-        log.log(level, "%s %s %d", scope["method"], scope["path"], status,
-                extra={"method": scope["method"], "path": scope["path"], "status": status,
-                       "duration_ms": round(seconds * 1000, 1),
-                       "client": (scope.get("client") or ("-",))[0]})  # fmt: skip
+        log.log(
+            level,
+            "%s %s %d",
+            scope["method"],
+            scope["path"],
+            status,
+            extra={
+                "method": scope["method"],
+                "path": scope["path"],
+                "status": status,
+                "duration_ms": round(seconds * 1000, 1),
+                "client": (scope.get("client") or ("-",))[0],
+            },
+        )
 
 
 class BodySizeLimitMiddleware:
@@ -180,5 +208,9 @@ class BodySizeLimitMiddleware:
             await self._refuse(send)
 
     async def _refuse(self, send: Send) -> None:
-        await send_json(send, 413, f"the upload is larger than the limit of {self.max_bytes:,} bytes; "
-                                   "send a smaller image (PNG, JPEG or TIFF)")  # fmt: skip
+        await send_json(
+            send,
+            413,
+            f"the upload is larger than the limit of {self.max_bytes:,} bytes; "
+            "send a smaller image (PNG, JPEG or TIFF)",
+        )

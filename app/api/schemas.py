@@ -49,14 +49,23 @@ class FrameCells(BaseModel):
     timings: Timings
 
 
+EXAMPLE = {  # one image's answer, for the OpenAPI docs
+    "filename": "7ae19de7bc2a.png",
+    "width": 704,
+    "height": 520,
+    "model_version": "sartorius-w16-v3",
+    "mode": "resize",
+    "channel": None,
+    "cell_type": "shsy5y",
+    "cell_type_probability": 0.97,
+    "cell_count": 1,
+    "cells": [{"id": 1, "rle": "120428 3 121132 5", "area": 8, "bbox": [36, 171, 5, 2], "score": 0.91}],
+    "timings": {"decode_ms": 4.1, "preprocess_ms": 6.0, "network_ms": 330.2, "instances_ms": 41.5, "encode_ms": 3.2},
+}
+
+
 class Segmentation(FrameCells, ImageFacts):  # fields in order: the image's facts first, then its cells
-    model_config = {"json_schema_extra": {"examples": [{
-        "filename": "7ae19de7bc2a.png", "width": 704, "height": 520, "model_version": "sartorius-w16-v3",
-        "mode": "resize", "channel": None, "cell_type": "shsy5y", "cell_type_probability": 0.97, "cell_count": 1,
-        "cells": [{"id": 1, "rle": "120428 3 121132 5", "area": 8, "bbox": [36, 171, 5, 2], "score": 0.91}],
-        "timings": {"decode_ms": 4.1, "preprocess_ms": 6.0, "network_ms": 330.2, "instances_ms": 41.5,
-                    "encode_ms": 3.2},
-    }]}}  # fmt: skip
+    model_config = {"json_schema_extra": {"examples": [EXAMPLE]}}
 
 
 class Frame(FrameCells):

@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import json
 import signal
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ from app.bench.network import ceilings, network_section
 from app.bench.report import ratios, table
 from app.bench.service import latency_figures, memory_figures, throughput_figures
 from app.bench.soak import run_soak
-from app.cli import add_model_arguments, model_folder, tune_malloc
+from app.cli import add_model_arguments, inference_options, model_folder, tune_malloc
 from app.ml.serving.runner import pick_device
 
 DEFAULT_IMAGE = Path(__file__).resolve().parents[3] / "shared/data/sartorius/test/7ae19de7bc2a.png"
@@ -103,13 +104,8 @@ def run(args: argparse.Namespace, result: dict[str, Any]) -> None:
         "model_store": str(folder.parent),
         "model_version": folder.name,
         "log_level": "WARNING",
-        "device": str(device),
-        "backend": args.backend,
-        "half_precision": str(args.half_precision).lower(),
-        "compile": str(args.compile).lower(),
-        "tta": str(args.tta),
+        **replace(inference_options(args), device=str(device)).as_settings(),
         "workers": str(args.workers),
-        "steps_on_device": args.steps_on_device,
     }
     print("service end to end ...", flush=True)
     quick = args.quick

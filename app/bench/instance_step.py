@@ -4,6 +4,7 @@ torch step on the device, and the RLE of a crowded image."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import torch
 from app.bench.timing import best_of
 from app.ml import rle
 from app.ml.imageio import read_image
+from app.ml.options import InferenceOptions
 from app.ml.postprocess import Instances
 from app.ml.serving.gpu_instances import maps_to_instances_torch
 from app.ml.serving.predictor import Predictor
@@ -23,7 +25,8 @@ def instance_step_section(folder: Path, device: torch.device, image: Path, repea
     first, then that type's rules): the reference, numpy and scikit-image on the CPU after the maps are copied
     there (CELLSEG_STEPS_ON_DEVICE resize, or none), beside the torch step where the maps are (all); and how many
     tensor operations the torch step dispatches, each of them at least one kernel launch on a GPU."""
-    predictor = Predictor.from_checkpoint(folder, device=str(device), half_precision=False, steps_on_device="all")
+    options = replace(InferenceOptions.float32(device), steps_on_device="all")
+    predictor = Predictor.from_checkpoint(folder, options)
     prepared = predictor.prepare(read_image(image))
     maps = predictor.maps(prepared, predictor.run_tiles(prepared.tiles))
     rules = predictor.rules

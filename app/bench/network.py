@@ -4,8 +4,8 @@ and the paper's U-Net (on CUDA beside NVIDIA's published figure), at batch 1 and
 from __future__ import annotations
 
 import contextlib
-import functools
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from app.bench.timing import best_of, synchronized
-from app.ml.options import Mode
+from app.ml.options import InferenceOptions, Mode
 from app.ml.postprocess import InstanceConfig
 from app.ml.serving.onnx_backend import onnxruntime_available
 from app.ml.serving.predictor import Predictor
@@ -117,23 +117,26 @@ def network_variants(folder: Path, device: torch.device, quick: bool) -> dict[st
     """name -> (predictor, the ceiling it is measured against, batch sizes): each way the service may run the
     default model on `device`. Compiled networks only at batch 1, the shape the CPU service compiles while
     warming up (any other batch would run uncompiled); on CUDA, where the service does not compile, up to 16."""
-    load = functools.partial(Predictor.from_checkpoint, folder, device=str(device))
+    exact = InferenceOptions.float32(str(device))
+
+    def load(**options: Any) -> Predictor:
+        return Predictor.from_checkpoint(folder, replace(exact, **options))
+
     if device.type == "cuda":
         batches = [1, 4, 16] if quick else [1, 2, 4, 8, 16]
         return {
-            "network_default": (load(half_precision=False), float32_ceiling(device), batches),
+            "network_default": (load(), float32_ceiling(device), batches),
             "network_default_float16": (load(half_precision=True), "matmul_gflops_float16", batches),
         }
     batches = [1, 2, 4] if quick else [1, 2, 4, 8]
-    full = functools.partial(load, half_precision=False)
     variants = {
-        "network_default": (full(), "matmul_gflops", batches),
-        "network_default_compiled": (full(compile_network=True), "matmul_gflops", [1]),
+        "network_default": (load(), "matmul_gflops", batches),
+        "network_default_compiled": (load(compile=True), "matmul_gflops", [1]),
     }
     if native_bfloat16():
         variants["network_default_bfloat16"] = (load(half_precision=True), "matmul_gflops_bfloat16", batches)
         variants["network_default_bfloat16_compiled"] = (
-            load(half_precision=True, compile_network=True),
+            load(half_precision=True, compile=True),
             "matmul_gflops_bfloat16",
             [1],
         )
@@ -177,14 +180,13 @@ def network_section(folder: Path, device: torch.device, result: dict[str, Any], 
                     predictor, flops, side, batches, repeats, result[ceiling]
                 )
     paper_flops = conv_flops(UNetConfig.paper(), (1, 1, 572, 572))
-    paper = Predictor(UNet(UNetConfig.paper()), PreprocessConfig(), InstanceConfig(), device=device)
+    paper = Predictor(UNet(UNetConfig.paper()), PreprocessConfig(), InstanceConfig(), InferenceOptions.float32(device))
     figures["network_paper_572"] = network_figures(
         paper, paper_flops, 572, [1] if quick else [1, 2], 2, result[float32_ceiling(device)]
     )
     if device.type == "cuda":
-        paper_fp16 = Predictor(
-            UNet(UNetConfig.paper()), PreprocessConfig(), InstanceConfig(), device, half_precision=True
-        )
+        float16 = replace(InferenceOptions.float32(device), half_precision=True)
+        paper_fp16 = Predictor(UNet(UNetConfig.paper()), PreprocessConfig(), InstanceConfig(), float16)
         figures["network_paper_572_float16"] = network_figures(
             paper_fp16, paper_flops, 572, [1, 16], repeats, result["matmul_gflops_float16"]
         )
@@ -201,7 +203,7 @@ def resident_images_per_s(predictor: Predictor, batch: int, side: int, repeats: 
     """Images per second of the predictor's network alone on a batch already on its device, in its precision:
     no copies and no softmax."""
     runner = predictor.runner
-    dtype = torch.float16 if runner.half else torch.float32
+    dtype = torch.float16 if runner.precision == "float16" else torch.float32
     x = torch.randn(batch, 1, side, side, device=runner.device, dtype=dtype)
     x = x.contiguous(memory_format=runner.memory_format)
     with torch.inference_mode():

@@ -14,7 +14,7 @@ import httpx
 
 from app.bench.localserver import running_server
 from app.bench.service import percentile
-from app.cli import model_folder
+from app.cli import inference_options, model_folder
 
 
 def soak_requests(image: bytes) -> list[tuple[str, dict, bytes]]:
@@ -87,8 +87,7 @@ def run_soak(args: argparse.Namespace) -> dict[str, Any]:
         "model_store": str(folder.parent),
         "model_version": folder.name,
         "log_level": "WARNING",
-        "device": args.device,
-        "backend": args.backend,
+        **inference_options(args).as_settings(),
     }
     with running_server(**settings) as server:
         resident = lambda: server.memory_kib()["VmRSS"]  # noqa: E731 - read at each sample

@@ -21,7 +21,7 @@ import tifffile
 from PIL import Image
 
 from app.bench.localserver import free_port
-from app.client import AsyncCellsegClient, CellsegClient, CellsegError, Segmentation
+from app.client import AsyncCellsegClient, CellsegClient, SegmentResult, ServiceError
 from app.ml.data.synth import generate_image
 from app.ml.imageio import to_uint8
 from tests.api.conftest import png
@@ -36,7 +36,7 @@ def without_timings(body: dict) -> dict:
     return {name: value for name, value in body.items() if name not in ("timings", "filename")}
 
 
-async def segment_async(url: str, image: bytes | np.ndarray, **client_options: Any) -> Segmentation:
+async def segment_async(url: str, image: bytes | np.ndarray, **client_options: Any) -> SegmentResult:
     async with AsyncCellsegClient(url, **client_options) as cellseg:
         return await cellseg.segment(image)
 
@@ -87,10 +87,10 @@ def test_the_services_refusals_raise_cellseg_error_with_its_status_and_detail(se
     too_high = httpx.post(f"{server}/segment", params={"seed_threshold": "5.0"}, files={"file": png(GRAY)})
     assert too_high.status_code == 422
     with CellsegClient(server) as cellseg:
-        with pytest.raises(CellsegError) as refused:
+        with pytest.raises(ServiceError) as refused:
             cellseg.segment(GRAY, seed_threshold=5.0)
         assert refused.value.status == 422 and refused.value.detail == too_high.json()["detail"]
-        with pytest.raises(CellsegError, match=r"^cellseg answered 422: the file 'image' is empty; send a PNG"):
+        with pytest.raises(ServiceError, match=r"^cellseg answered 422: the file 'image' is empty; send a PNG"):
             cellseg.segment(b"")
         with pytest.raises(ValueError, match=r"cannot tell the format from 'cells\.bmp'"):
             cellseg.save(GRAY, "cells.bmp")
@@ -136,14 +136,14 @@ def test_the_client_waits_for_a_starting_service_and_sends_its_api_key(trained_m
         try:
             wait_until_listening(url, process)
             assert impatient.ready()["ready"] is False
-            with pytest.raises(CellsegError) as warming:
+            with pytest.raises(ServiceError) as warming:
                 impatient.segment(GRAY)
             assert warming.value.status == 503 and "not ready yet" in warming.value.detail
             # Sent while the service still warms up: answered 503 with Retry-After, it tries again.
             also_waiting = pool.submit(asyncio.run, segment_async(url, GRAY, api_key=KEY, retries=100, max_wait=60))
             assert waiting.result(timeout=120).max() > 0 and also_waiting.result(timeout=120).cell_count > 0
             assert requests_answered(url, 503) >= 2, "a patient client was answered 503 and tried again"
-            with CellsegClient(url) as keyless, pytest.raises(CellsegError) as refused:
+            with CellsegClient(url) as keyless, pytest.raises(ServiceError) as refused:
                 keyless.segment(GRAY)
             assert refused.value.status == 401
             assert refused.value.detail == "missing or wrong API key: send it in the X-API-Key header"
@@ -151,3 +151,11 @@ def test_the_client_waits_for_a_starting_service_and_sends_its_api_key(trained_m
         finally:
             process.terminate()
             process.wait(timeout=30)
+
+
+def test_the_clients_former_class_names_still_import_with_a_warning():
+    with pytest.warns(DeprecationWarning, match="app.client.CellsegError is now ServiceError"):
+        from app.client import CellsegError  # noqa: PLC0415
+    with pytest.warns(DeprecationWarning, match="app.client.Segmentation is now SegmentResult"):
+        from app.client import Segmentation  # noqa: PLC0415
+    assert (CellsegError, Segmentation) == (ServiceError, SegmentResult)

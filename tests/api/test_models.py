@@ -18,7 +18,7 @@ import pytest
 
 from app.bench.localserver import LocalServer
 from app.bench.localserver import running_server as start_server
-from app.client import CellsegClient, CellsegError
+from app.client import CellsegClient, ServiceError
 from app.ml.data.synth import generate_image
 from app.ml.imageio import to_uint8
 from tests.api.conftest import png
@@ -252,7 +252,7 @@ def test_the_client_chooses_loads_and_unloads_models(http, server, tmp_path):
         assert cellseg.segment(IMAGE).model_version == DEFAULT
         assert [m["version"] for m in cellseg.models()["loaded"]] == [DEFAULT, V1]
         assert cellseg.unload_model(V1)["status"] == "unloaded"
-        with pytest.raises(CellsegError) as refused:
+        with pytest.raises(ServiceError) as refused:
             cellseg.save(IMAGE, tmp_path / "labels.png", model=V1)
         assert refused.value.status == 409 and "load it first" in refused.value.detail
 

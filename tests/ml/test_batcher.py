@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from app.ml.serving.batcher import MicroBatcher, QueueFullError
+from app.ml.serving.steps import NumpySteps
 
 
 class SlowNetwork:
@@ -33,7 +34,7 @@ def run(coroutine):
 def test_a_small_request_behind_a_large_one_is_served_in_turn_not_after_it():
     async def scenario() -> list[list[float]]:
         network = SlowNetwork()
-        batcher = MicroBatcher(network, max_batch=2, max_wait=0.0, max_queue=100)
+        batcher = MicroBatcher(network, NumpySteps().stack, max_batch=2, max_wait=0.0, max_queue=100)
         batcher.start()
         large = asyncio.ensure_future(batcher.submit(tiles(*range(10))))
         await asyncio.sleep(0.01)
@@ -54,7 +55,7 @@ def test_a_small_request_behind_a_large_one_is_served_in_turn_not_after_it():
 def test_a_cancelled_request_frees_its_queue_places_at_once():
     async def scenario() -> None:
         network = SlowNetwork()
-        batcher = MicroBatcher(network, max_batch=1, max_wait=0.0, max_queue=8)
+        batcher = MicroBatcher(network, NumpySteps().stack, max_batch=1, max_wait=0.0, max_queue=8)
         batcher.start()
         blocked = asyncio.ensure_future(batcher.submit(tiles(1)))  # taken by the worker, held at the gate
         await asyncio.sleep(0.05)

@@ -12,6 +12,7 @@ from scipy import ndimage
 
 from app.ml.data.labelled import open_labelled
 from app.ml.imageio import read_image
+from app.ml.options import InferenceOptions
 from app.ml.postprocess import InstanceConfig, Instances, maps_to_instances
 from app.ml.scoring.metric import image_score
 from app.ml.serving.gpu_instances import _components, maps_to_instances_torch
@@ -35,7 +36,7 @@ def one_torch_thread() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def predictor() -> Predictor:
-    return Predictor.from_checkpoint(MODEL_STORE / "sartorius-w16-v3", device="cpu", half_precision=False)
+    return Predictor.from_checkpoint(MODEL_STORE / "sartorius-w16-v3", InferenceOptions.float32())
 
 
 @pytest.fixture(scope="module")

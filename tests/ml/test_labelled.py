@@ -11,14 +11,13 @@ from PIL import Image
 from pycocotools import mask as coco_mask
 
 from app.evaluate import main as evaluate
-from app.ml import exports
+from app.ml import outputs as exports
 from app.ml.data.kaggle import KaggleDataset
 from app.ml.data.labelled import LAYOUTS, open_labelled
 from app.ml.errors import DatasetError
 from app.ml.imageio import read_image
+from app.ml.outputs import describe_cells, label_png
 from app.ml.postprocess import Instances
-from app.ml.render import label_png
-from app.ml.serving.pipeline import describe_cells
 from tests.conftest import LAB_HELA, LAB_U373, MODEL_STORE, disk, shared_lab_folder
 
 SHAPE = (96, 128)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -9,7 +11,7 @@ from app.ml.celltypes import image_contrast
 from app.ml.checkpoint import load_checkpoint, resolve_model_folder
 from app.ml.errors import InvalidOptionError
 from app.ml.imageio import read_image
-from app.ml.options import Backend, Mode
+from app.ml.options import Backend, InferenceOptions, Mode
 from app.ml.scoring.metric import image_score
 from app.ml.serving.predictor import Predictor
 from app.ml.serving.runner import native_bfloat16
@@ -20,12 +22,12 @@ BUNDLED = resolve_model_folder(MODEL_STORE)
 
 @pytest.fixture(scope="module")
 def pytorch() -> Predictor:
-    return Predictor.from_checkpoint(BUNDLED, device="cpu", backend="torch", half_precision=False)  # float32, as ONNX
+    return Predictor.from_checkpoint(BUNDLED, InferenceOptions.float32())  # float32, as ONNX
 
 
 @pytest.fixture(scope="module")
 def onnxruntime() -> Predictor:
-    return Predictor.from_checkpoint(BUNDLED, device="cpu", backend="onnxruntime")
+    return Predictor.from_checkpoint(BUNDLED, InferenceOptions(device="cpu", backend="onnxruntime"))
 
 
 @pytest.mark.parametrize("mode", list(Mode))
@@ -39,7 +41,7 @@ def test_onnxruntime_finds_the_cells_pytorch_finds(pytorch, onnxruntime, sartori
 
 
 def test_onnxruntime_computes_in_float32_even_where_the_model_allows_reduced_precision(onnxruntime):
-    assert onnxruntime.precision == "float32"  # the fixture keeps from_checkpoint's half_precision=True
+    assert onnxruntime.precision == "float32"  # the fixture keeps the default half_precision=True
 
 
 def test_one_export_per_input_size_serves_every_batch_size(pytorch, onnxruntime):
@@ -49,26 +51,27 @@ def test_one_export_per_input_size_serves_every_batch_size(pytorch, onnxruntime)
     assert onnxruntime.runner.onnx.session_for((576, 576)) is onnxruntime.runner.onnx.session_for((576, 576))
 
 
-def test_auto_picks_onnxruntime_on_the_cpu_unless_it_computes_bfloat16_natively():
-    auto = Predictor.from_checkpoint(BUNDLED, device="cpu", backend="auto")
+def test_auto_picks_onnxruntime_on_the_cpu_unless_it_computes_bfloat16_natively_or_compiles():
+    uncompiled = InferenceOptions(device="cpu", backend="auto", compile=False)
+    auto = Predictor.from_checkpoint(BUNDLED, uncompiled)
     if native_bfloat16():  # AMX or AVX-512 BF16: PyTorch in bfloat16 is faster still
-        assert (auto.backend, auto.precision) == (Backend.TORCH, "bfloat16")
+        assert (auto.options.backend, auto.precision) == (Backend.TORCH, "bfloat16")
     else:
-        assert (auto.backend, auto.precision) == (Backend.ONNXRUNTIME, "float32")
-    full_precision = Predictor.from_checkpoint(BUNDLED, device="cpu", backend="auto", half_precision=False)
-    assert full_precision.backend is Backend.ONNXRUNTIME
-    assert Predictor.from_checkpoint(BUNDLED, device="cpu").backend is Backend.TORCH  # the library default
+        assert (auto.options.backend, auto.precision) == (Backend.ONNXRUNTIME, "float32")
+    full_precision = Predictor.from_checkpoint(BUNDLED, replace(uncompiled, half_precision=False))
+    assert full_precision.options.backend is Backend.ONNXRUNTIME
+    compiling = Predictor.from_checkpoint(BUNDLED, InferenceOptions(device="cpu"))  # the service's defaults
+    assert compiling.options.backend is Backend.TORCH and compiling.options.compile
 
 
 def test_wrong_backends_are_refused_with_what_is_accepted():
     with pytest.raises(InvalidOptionError, match=r"unknown backend 'tensorrt'; accepted: auto, torch, onnxruntime"):
-        Predictor.from_checkpoint(BUNDLED, backend="tensorrt")
+        InferenceOptions(backend="tensorrt")
     checkpoint = load_checkpoint(BUNDLED)
     with pytest.raises(InvalidOptionError, match="the onnxruntime backend runs on the CPU, not cuda"):
         Predictor(
             checkpoint.build_model(),
             checkpoint.preprocess,
             checkpoint.card.postprocessing,
-            device="cuda",
-            backend="onnxruntime",
+            InferenceOptions(device="cuda", backend="onnxruntime"),
         )

@@ -8,6 +8,7 @@ from app.ml.data.kaggle import KaggleDataset, Sample
 from app.ml.data.synth import generate_image
 from app.ml.errors import InvalidOptionError
 from app.ml.imageio import read_image
+from app.ml.options import InferenceOptions
 from app.ml.postprocess import InstanceConfig, grow_seeds, maps_to_instances, probabilities_to_instances
 from app.ml.scoring.metric import image_score, iou_matrix
 from app.ml.scoring.tuning import tune_thresholds
@@ -114,7 +115,9 @@ def test_areas_and_scores_are_each_cells_pixel_count_and_mean_foreground_probabi
 def test_grow_seeds_gives_the_labels_of_the_plain_watershed(source, sartorius):
     """Leaving the seeds' inner pixels out of the flood is a speed-up only: the labels must not change."""
     if source == "real":
-        predictor = Predictor.from_checkpoint(resolve_model_folder(MODEL_STORE), device="cpu")
+        predictor = Predictor.from_checkpoint(
+            resolve_model_folder(MODEL_STORE), InferenceOptions(device="cpu", backend="torch", compile=False)
+        )
         prepared = predictor.prepare(read_image(next((sartorius / "test").glob("*.png"))))
         probs = predictor.tiler.stitch(predictor.run_tiles(prepared.tiles), prepared.grid, prepared.original_shape)
     else:

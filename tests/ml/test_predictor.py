@@ -1,25 +1,23 @@
 import os
 import subprocess
 import sys
-import typing
 from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
-from app.config import Settings
 from app.ml.celltypes import image_contrast
 from app.ml.checkpoint import load_checkpoint, resolve_model_folder
 from app.ml.errors import InvalidOptionError
 from app.ml.imageio import read_image
-from app.ml.options import TTA_CHOICES, Backend, DeviceSteps, Mode
+from app.ml.options import Backend, DeviceSteps, InferenceOptions, Mode
 from app.ml.postprocess import InstanceConfig, instance_maps
 from app.ml.rules import InstanceRules
 from app.ml.scoring.metric import image_score
 from app.ml.serving.onnx_backend import onnxruntime_available
-from app.ml.serving.predictor import Predictor, resolve_device_steps
-from app.ml.serving.runner import TTA_VIEWS, auto_backend, native_bfloat16
+from app.ml.serving.predictor import Predictor
+from app.ml.serving.runner import auto_backend, native_bfloat16, resolve, resolve_device_steps
 from app.ml.transforms import PreprocessConfig
 from app.ml.unet import UNet, UNetConfig
 from tests.conftest import MODEL_STORE
@@ -29,7 +27,8 @@ def predictor(config=None, tta=1, **preprocess):
     torch.manual_seed(0)
     config = config or UNetConfig(base_width=4, depth=2)
     defaults = {"input_size": 64, "tile_size": 64, "tile_margin": 16}
-    return Predictor(UNet(config), PreprocessConfig(**{**defaults, **preprocess}), InstanceConfig(), tta=tta)
+    options = replace(InferenceOptions.float32(), tta=tta)
+    return Predictor(UNet(config), PreprocessConfig(**{**defaults, **preprocess}), InstanceConfig(), options)
 
 
 @pytest.mark.parametrize("mode", list(Mode))
@@ -122,8 +121,8 @@ def test_native_bfloat16_means_amx_or_avx512_bf16(monkeypatch, amx, avx512_bf16,
 
 def test_reduced_precision_on_the_cpu_is_bfloat16_where_the_cpu_computes_it_and_finds_the_same_cells(sartorius):
     folder = resolve_model_folder(MODEL_STORE)
-    fast = Predictor.from_checkpoint(folder, device="cpu", backend="torch")  # the model card allows it
-    exact = Predictor.from_checkpoint(folder, device="cpu", backend="torch", half_precision=False)
+    exact = Predictor.from_checkpoint(folder, InferenceOptions.float32())
+    fast = Predictor.from_checkpoint(folder, replace(exact.options, half_precision=True))  # the model card allows it
     assert exact.precision == "float32"
     assert fast.precision == ("bfloat16" if native_bfloat16() else "float32")
     image = read_image(sartorius / "test" / "7ae19de7bc2a.png")
@@ -137,9 +136,7 @@ def test_reduced_precision_on_the_cpu_is_bfloat16_where_the_cpu_computes_it_and_
 def test_resizing_the_two_maps_finds_the_cells_of_the_three_resized_classes(sartorius):
     # finish() resizes the foreground and seed maps only: both are linear in the class probabilities, as the
     # resize is, so the cells are those of resizing every class first.
-    pred = Predictor.from_checkpoint(
-        resolve_model_folder(MODEL_STORE), device="cpu", backend="torch", half_precision=False
-    )
+    pred = Predictor.from_checkpoint(resolve_model_folder(MODEL_STORE), InferenceOptions.float32())
     prepared = pred.prepare(read_image(sartorius / "test" / "7ae19de7bc2a.png"), Mode.RESIZE)
     outputs = pred.run_tiles(prepared.tiles)
     classes = pred.tiler.stitch(outputs, prepared.grid, prepared.original_shape)
@@ -153,27 +150,29 @@ def test_resizing_the_two_maps_finds_the_cells_of_the_three_resized_classes(sart
 def compiled_pair(**preprocess):
     """A predictor and the same network through torch.compile, compiled while warming up."""
     eager, compiled = predictor(**preprocess), predictor(**preprocess)
-    compiled = Predictor(compiled.runner.model, compiled.preprocess, compiled.rules, compile_network=True)
+    options = replace(compiled.options, compile=True)
+    compiled = Predictor(compiled.runner.model, compiled.preprocess, compiled.rules, options)
     return eager, compiled
 
 
 def test_the_compiled_network_gives_the_eager_networks_outputs_and_compiles_only_while_warming_up():
     eager, compiled = compiled_pair()
-    assert not compiled.is_compiled  # nothing compiled before warming up
+    assert not compiled.compiled  # nothing compiled before warming up
     compiled.warm_up()
-    assert compiled.is_compiled
+    assert compiled.compiled
     # One shape per mode (resize: 64x64, tile: 64x64 tiles), at batch 1, the shapes the service sends.
-    assert compiled.runner.compiled.shapes == {(1, 1, 64, 64)}
+    assert compiled.runner.compiled_network.shapes == {(1, 1, 64, 64)}
     tiles = np.random.default_rng(0).random((1, 1, 64, 64), dtype=np.float32)
     np.testing.assert_allclose(compiled.run_network(tiles), eager.run_network(tiles), atol=1e-4)
     # Another batch size after warming up runs uncompiled, at once, instead of stalling a request to compile.
     batch = np.random.default_rng(1).random((3, 1, 64, 64), dtype=np.float32)
     np.testing.assert_allclose(compiled.run_network(batch), eager.run_network(batch), atol=1e-6)
-    assert compiled.runner.compiled.shapes == {(1, 1, 64, 64)}
+    assert compiled.runner.compiled_network.shapes == {(1, 1, 64, 64)}
 
 
 COMPILE_WITHOUT_COMPILER = """
 import logging, numpy as np, torch
+from app.ml.options import InferenceOptions
 from app.ml.postprocess import InstanceConfig, instance_maps
 from app.ml.serving.predictor import Predictor
 from app.ml.transforms import PreprocessConfig
@@ -181,10 +180,10 @@ from app.ml.unet import UNet, UNetConfig
 logging.basicConfig(level=logging.WARNING)
 torch.manual_seed(0)
 p = Predictor(UNet(UNetConfig(base_width=4, depth=2)), PreprocessConfig(input_size=64, tile_size=64, tile_margin=16),
-              InstanceConfig(), compile_network=True)
+              InstanceConfig(), InferenceOptions(device="cpu", backend="torch", half_precision=False))
 p.warm_up()
 labels = p.predict(np.random.default_rng(0).random((50, 90), dtype=np.float32)).labels
-print("compiled", p.is_compiled, "failed", p.runner.compiled.failed, "shape", labels.shape)
+print("compiled", p.compiled, "failed", p.runner.compiled_network.failed, "shape", labels.shape)
 """
 
 
@@ -205,12 +204,10 @@ def test_without_a_cxx_compiler_the_network_runs_eagerly_and_a_warning_says_why(
 
 def test_auto_backend_is_pytorch_wherever_the_network_is_compiled_else_onnxruntime_on_cpus_without_bfloat16():
     cpu = torch.device("cpu")
-    assert auto_backend(cpu, half_precision=False, compile_network=True) is Backend.TORCH
+    assert auto_backend(cpu, half_precision=False, compile=True) is Backend.TORCH
     uncompiled = Backend.ONNXRUNTIME if onnxruntime_available() else Backend.TORCH
-    assert auto_backend(cpu, half_precision=False, compile_network=False) is uncompiled
-    assert auto_backend(cpu, half_precision=True, compile_network=False) is (
-        Backend.TORCH if native_bfloat16() else uncompiled
-    )
+    assert auto_backend(cpu, half_precision=False, compile=False) is uncompiled
+    assert auto_backend(cpu, half_precision=True, compile=False) is (Backend.TORCH if native_bfloat16() else uncompiled)
 
 
 @pytest.mark.parametrize(
@@ -235,11 +232,17 @@ def test_a_predictor_with_tta_takes_the_instance_step_chosen_for_it_or_says_it_h
     checkpoint = load_checkpoint(trained_model)
     chosen_for_4 = InstanceRules(InstanceConfig(foreground_threshold=0.55))
     checkpoint = replace(checkpoint, card=replace(checkpoint.card, postprocessing_by_tta={4: chosen_for_4}))
-    assert Predictor.from_checkpoint(checkpoint, device="cpu", tta=4).rules == chosen_for_4
+    views = {tta: replace(InferenceOptions.float32(), tta=tta) for tta in (4, 8)}
+    assert Predictor.from_checkpoint(checkpoint, views[4]).rules == chosen_for_4
     assert not caplog.records
-    assert Predictor.from_checkpoint(checkpoint, device="cpu", tta=8).rules == checkpoint.card.postprocessing
+    assert Predictor.from_checkpoint(checkpoint, views[8]).rules == checkpoint.card.postprocessing
     assert "no instance step chosen for 8 test-time augmentation views" in caplog.text
 
 
-def test_the_settings_the_options_and_the_runner_know_the_same_view_counts():
-    assert tuple(TTA_VIEWS) == TTA_CHOICES == typing.get_args(Settings.model_fields["tta"].annotation)
+def test_resolved_options_say_what_runs_here_and_resolving_them_again_changes_nothing():
+    resolved = resolve(InferenceOptions(device="auto", backend="auto", steps_on_device="auto"))
+    assert resolved.device in ("cpu", "cuda") and resolved.backend is not Backend.AUTO
+    assert resolved.steps_on_device is not DeviceSteps.AUTO
+    assert resolve(resolved) == resolved
+    exact = resolve(InferenceOptions.float32())
+    assert (exact.device, exact.backend, exact.half_precision, exact.compile) == ("cpu", Backend.TORCH, False, False)

@@ -3,13 +3,15 @@ CPU path, the reference: both run here on CPU tensors and must find the same cel
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 
 from app.ml.checkpoint import resolve_model_folder
 from app.ml.imageio import read_image
-from app.ml.options import DeviceSteps
+from app.ml.options import DeviceSteps, InferenceOptions
 from app.ml.scoring.metric import score_per_threshold
 from app.ml.serving import torch_steps
 from app.ml.serving.predictor import Predictor
@@ -24,18 +26,18 @@ CPU = torch.device("cpu")
 
 @pytest.fixture(scope="module")
 def reference() -> Predictor:
-    return Predictor.from_checkpoint(resolve_model_folder(MODEL_STORE), device="cpu", half_precision=False)
+    return Predictor.from_checkpoint(resolve_model_folder(MODEL_STORE), InferenceOptions.float32())
 
 
 @pytest.fixture(scope="module")
 def on_device() -> Predictor:
     folder = resolve_model_folder(MODEL_STORE)
-    return Predictor.from_checkpoint(folder, device="cpu", half_precision=False, steps_on_device="all")
+    return Predictor.from_checkpoint(folder, replace(InferenceOptions.float32(), steps_on_device="all"))
 
 
 def test_the_steps_are_chosen_once_when_the_predictor_is_built(reference, on_device):
-    assert isinstance(reference.steps, NumpySteps) and reference.steps_on_device is DeviceSteps.NONE
-    assert isinstance(on_device.steps, TorchSteps) and on_device.steps_on_device is DeviceSteps.ALL
+    assert isinstance(reference.steps, NumpySteps) and reference.options.steps_on_device is DeviceSteps.NONE
+    assert isinstance(on_device.steps, TorchSteps) and on_device.options.steps_on_device is DeviceSteps.ALL
     assert on_device.runner.steps is on_device.steps and reference.runner.steps is reference.steps
 
 
@@ -99,7 +101,7 @@ def test_tiles_are_mirrored_as_numpy_pads_even_beyond_the_image(reference):
 def test_test_time_augmentation_on_the_device_averages_the_same_views():
     folder = resolve_model_folder(MODEL_STORE)
     image = np.random.default_rng(3).random((130, 170), dtype=np.float32)
-    cpu = Predictor.from_checkpoint(folder, device="cpu", half_precision=False, tta=8)
-    on_device = Predictor.from_checkpoint(folder, device="cpu", half_precision=False, tta=8, steps_on_device="resize")
+    cpu = Predictor.from_checkpoint(folder, replace(InferenceOptions.float32(), tta=8))
+    on_device = Predictor.from_checkpoint(folder, replace(InferenceOptions.float32(), tta=8, steps_on_device="resize"))
 
     np.testing.assert_allclose(on_device.predict_maps(image), cpu.predict_maps(image), atol=1e-5)

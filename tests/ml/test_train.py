@@ -18,6 +18,7 @@ from app.ml.data.kaggle import KaggleDataset
 from app.ml.data.split import Split, load_split, split_by_rows, split_by_sample, split_rows
 from app.ml.data.synth import write_dataset
 from app.ml.errors import CheckpointError
+from app.ml.options import InferenceOptions
 from app.ml.postprocess import InstanceConfig
 from app.ml.scoring.evaluation import evaluate
 from app.ml.serving.predictor import Predictor
@@ -61,7 +62,10 @@ def test_a_few_minutes_of_training_is_far_above_an_untrained_network(trained_mod
     checkpoint = load_checkpoint(trained_model)
     torch.manual_seed(0)
     untrained = Predictor(
-        type(checkpoint.build_model())(checkpoint.architecture), checkpoint.preprocess, InstanceConfig()
+        type(checkpoint.build_model())(checkpoint.architecture),
+        checkpoint.preprocess,
+        InstanceConfig(),
+        InferenceOptions.float32(),
     )
     untrained_score = evaluate(untrained, val_samples).score
     trained_score = card["metrics"]["validation"]["score"]
@@ -70,9 +74,9 @@ def test_a_few_minutes_of_training_is_far_above_an_untrained_network(trained_mod
     # The service's own predictor loads the checkpoint and reproduces the recorded score in float32, and comes
     # close to it in the reduced precision it serves in where the hardware has one (bfloat16 on CPUs that compute
     # it natively).
-    exact = Predictor.from_checkpoint(trained_model, device="cpu", half_precision=False)
+    exact = Predictor.from_checkpoint(trained_model, InferenceOptions.float32())
     assert evaluate(exact, val_samples).score == pytest.approx(trained_score)
-    reduced = Predictor.from_checkpoint(trained_model, device="cpu", backend="torch")
+    reduced = Predictor.from_checkpoint(trained_model, InferenceOptions(device="cpu", backend="torch", compile=False))
     assert abs(evaluate(reduced, val_samples).score - trained_score) < 0.05
 
 
@@ -246,7 +250,7 @@ def test_the_paper_unpadded_network_trains_and_serves(synth_dataset, tmp_path):
         tune_thresholds=False,
     )
     Trainer(config).fit()
-    predictor = Predictor.from_checkpoint(tmp_path / "paper")
+    predictor = Predictor.from_checkpoint(tmp_path / "paper", InferenceOptions(backend="torch", compile=False))
     assert not predictor.architecture.padded
     assert predictor.predict(np.zeros((100, 130), np.float32)).labels.shape == (100, 130)
     with pytest.raises(ValueError, match="try 572"):
@@ -267,7 +271,9 @@ def test_a_centre_model_trains_on_two_folders_and_chooses_its_instance_step(synt
     classifier = card["postprocessing"]["cell_type_classifier"]
     type_of = {r.image_id: r.cell_type for folder in (synth_dataset, more) for r in KaggleDataset(folder).records}
     assert classifier["types"] == sorted({type_of[i] for i in split["train"]}) and len(classifier["types"]) >= 2
-    predictor = Predictor.from_checkpoint(out / "centre", device="cpu")
+    predictor = Predictor.from_checkpoint(
+        out / "centre", InferenceOptions(device="cpu", backend="torch", compile=False)
+    )
     image = KaggleDataset(more).load(0).image
     assert predictor.run_network(predictor.prepare(image).tiles).shape[1] == 4  # the classes and the centre map
     assert predictor.predict(image).cell_type in classifier["types"]

@@ -83,17 +83,13 @@ def _answer(change: Change, registry: ModelRegistry) -> schemas.ModelChange:
 
 
 def _state(served: ServedModel) -> schemas.ModelState:
-    predictor, card = served.predictor, served.card
+    card = served.card
     return schemas.ModelState(
         version=served.version,
         default=served.pinned,
         ready=served.ready,
         status=served.status,
-        device=str(predictor.device),
-        backend=predictor.backend.value,
-        precision=predictor.precision,
-        compiled=predictor.is_compiled,
-        tta=predictor.runner.tta,
+        **served.predictor.how_it_runs(),
         loaded_at=_iso(served.loaded_at),
         last_used_at=_iso(served.last_used_at) if served.last_used_at else None,
         in_flight=served.in_flight,

@@ -24,18 +24,13 @@ def health() -> schemas.Health:
 )
 async def ready(registry: RegistryDep, response: Response) -> schemas.Ready:
     served = registry.default_model
-    predictor = served.predictor
     if not served.ready:
         response.status_code = 503
     return schemas.Ready(
         ready=served.ready,
         status=served.status,
         model_version=served.version,
-        device=str(predictor.device),
-        backend=predictor.backend.value,
-        precision=predictor.precision,
-        compiled=predictor.is_compiled,
-        tta=predictor.runner.tta,
+        **served.predictor.how_it_runs(),
         loaded=[model.version for model in registry.models],
     )
 

@@ -1,4 +1,5 @@
-"""POST /segment: one image (field `file`) or several (field `files`) in, every cell out."""
+"""POST /segment: one image (field `file`) or several (field `files`) in, every cell out; with the progress stream
+and the disconnect watch that run beside the route. The answer's body and headers: app.api.answers."""
 
 from __future__ import annotations
 
@@ -7,27 +8,21 @@ import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, File, HTTPException, Query, Request, UploadFile
 from fastapi.responses import Response, StreamingResponse
 
-from app.api import schemas
+from app.api import answers, schemas
 from app.api.deps import MetricsDep, ModelDep, SettingsDep
 from app.api.errors import status_of
 from app.api.metrics import Metrics
 from app.ml.errors import CellSegError
 from app.ml.options import Mode
+from app.ml.outputs import OutputFormat
 from app.ml.postprocess import THRESHOLD_RANGES
 from app.ml.rules import InstanceRules
-from app.ml.serving.pipeline import (
-    OutputFormat,
-    Segmentation,
-    SegmentationPipeline,
-    SegmentedFile,
-    TileProgress,
-    all_or_none,
-)
+from app.ml.serving.pipeline import SegmentationPipeline, SegmentedFile, TileProgress, all_or_none
 
 router = APIRouter(tags=["segmentation"])
 log = logging.getLogger("cellseg.api")
@@ -117,7 +112,7 @@ async def segment(
         # Several images go through the pipeline together, so their network inputs can share micro-batches.
         work = all_or_none([pipeline.segment(data, mode, rules, channel, output) for data in images])
         results = await _cancel_on_disconnect(request, metrics, work)
-        return await _answer(metrics, pipeline, uploads, results, output, single=file is not None)
+        return _answer(metrics, pipeline, uploads, results, output, single=file is not None)
 
 
 def _event_stream(
@@ -140,7 +135,7 @@ def _event_stream(
         try:
             progress = TileProgress(report)
             results = await all_or_none([pipeline.segment(data, *how, OutputFormat.JSON, progress) for data in images])
-            answer = await _answer(metrics, pipeline, uploads, results, OutputFormat.JSON, single)
+            answer = _answer(metrics, pipeline, uploads, results, OutputFormat.JSON, single)
             events.put_nowait(("result", json.loads(answer.body)))
         except CellSegError as exc:
             events.put_nowait(("error", {"status": status_of(exc), "detail": str(exc)}))
@@ -162,7 +157,7 @@ def _event_stream(
     return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
-async def _answer(
+def _answer(
     metrics: Metrics,
     pipeline: SegmentationPipeline,
     uploads: list[UploadFile],
@@ -173,16 +168,8 @@ async def _answer(
     for result in results:
         for frame in result.frames:
             metrics.cells.observe(frame.instances.count)
-    version = pipeline.model_version  # the model that ran
-    if output is not OutputFormat.JSON:
-        return await _file_response(pipeline, results[0], output, version)
-    bodies = [
-        await _json_body(pipeline, upload.filename, r, version) for upload, r in zip(uploads, results, strict=True)
-    ]
-    body = bodies[0] if single else schemas.BatchSegmentation(model_version=version, results=bodies)
-    # Serialized by pydantic's Rust encoder in one call, many times faster than FastAPI's generic response_model
-    # path (jsonable_encoder, then json.dumps). response_model above still documents it.
-    return Response(body.model_dump_json(), media_type="application/json")
+    filenames = [upload.filename for upload in uploads]
+    return answers.answer(results, filenames, output, pipeline.model_version, single)
 
 
 def _uploads(
@@ -192,8 +179,11 @@ def _uploads(
         raise HTTPException(400, "send one image as 'file' or several as 'files', not both")
     uploads = [file] if file is not None else list(files or [])
     if not uploads:
-        raise HTTPException(400, "no file uploaded: send the image as multipart/form-data field 'file' "
-                                 "(or several as 'files'), e.g. curl -F file=@cells.png")  # fmt: skip
+        raise HTTPException(
+            400,
+            "no file uploaded: send the image as multipart/form-data field 'file' (or several as 'files'), e.g. "
+            "curl -F file=@cells.png",
+        )
     if len(uploads) > max_files:
         raise HTTPException(400, f"{len(uploads)} files in one request; at most {max_files} are accepted")
     if len(uploads) > 1 and output is not OutputFormat.JSON:
@@ -231,50 +221,3 @@ async def _cancel_on_disconnect(
 async def _wait_for_disconnect(request: Request) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
-
-
-async def _file_response(
-    pipeline: SegmentationPipeline, result: SegmentedFile, output: OutputFormat, version: str
-) -> Response:
-    data = await pipeline.encode_file(result, output)
-    headers = {"X-Model-Version": version, "X-Mode": result.mode.value, "X-Cell-Count": str(result.cell_count),
-               "Server-Timing": _server_timing(result.frames[0].timings)}  # fmt: skip
-    layout = result.layout
-    if layout.is_stack:
-        headers |= {"X-Frame-Count": str(len(result.frames)), "X-Frame-Axes": layout.axes}
-    elif (instances := result.frames[0].instances).cell_type is not None:
-        headers["X-Cell-Type"] = instances.cell_type
-        headers["X-Cell-Type-Probability"] = f"{instances.cell_type_probability:.4f}"
-    if layout.channel is not None:
-        headers["X-Channel"] = layout.channel
-    return Response(data, media_type=output.media_type, headers=headers)
-
-
-async def _json_body(
-    pipeline: SegmentationPipeline, filename: str | None, result: SegmentedFile, version: str
-) -> schemas.Segmentation | schemas.StackSegmentation:
-    frames = [await _frame_cells(pipeline, frame) for frame in result.frames]
-    height, width = result.shape
-    facts = {"filename": filename, "width": width, "height": height, "model_version": version,
-             "mode": result.mode.value, "channel": result.layout.channel}  # fmt: skip
-    if not result.layout.is_stack:
-        return schemas.Segmentation(**facts, **frames[0])
-    return schemas.StackSegmentation(
-        **facts, axes=result.layout.axes, frame_shape=list(result.layout.frame_shape), frame_count=len(frames),
-        cell_count=result.cell_count, frames=[schemas.Frame(index=i, **cells) for i, cells in enumerate(frames)],
-    )  # fmt: skip
-
-
-async def _frame_cells(pipeline: SegmentationPipeline, frame: Segmentation) -> dict[str, Any]:
-    """The fields of schemas.FrameCells for one image or frame."""
-    cells = await pipeline.encode(frame, OutputFormat.JSON)
-    probability = frame.instances.cell_type_probability
-    return {
-        "cell_type": frame.instances.cell_type, "cell_count": len(cells), "cells": cells,
-        "cell_type_probability": None if probability is None else round(probability, 4),
-        "timings": {f"{stage}_ms": round(seconds * 1000, 2) for stage, seconds in frame.timings.items()},
-    }  # fmt: skip
-
-
-def _server_timing(timings: dict[str, float]) -> str:
-    return ", ".join(f"{stage};dur={seconds * 1000:.1f}" for stage, seconds in timings.items())

@@ -6,9 +6,9 @@ is an error, as is one whose only value covers several separate regions (a 0/255
 
 Shapes -- QuPath GeoJSON features, Fiji ROIs, COCO polygons or RLE, the service's JSON cells -- become cells one
 at a time, in the file's order. Polygon coordinates are x right, y down, in pixel-edge units: pixel (col, row)
-covers [col, col + 1) x [row, row + 1), as Fiji, QuPath and app.ml.exports write them; a pixel belongs to a
+covers [col, col + 1) x [row, row + 1), as Fiji, QuPath and app.ml.outputs writes them; a pixel belongs to a
 polygon when its centre is inside it (skimage.draw.polygon at the vertices less half a pixel), so the outlines
-app.ml.exports traces come back as the same pixels. COCO polygons and RLE go through pycocotools, as every COCO
+app.ml.outputs traces come back as the same pixels. COCO polygons and RLE go through pycocotools, as every COCO
 tool reads them.
 
 Overlaps: cells must not overlap, but outlines of touching cells drawn by hand often share a thin strip along

@@ -19,10 +19,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-import numpy as np
-import torch
-
 from app.ml.errors import CellSegError
+from app.ml.serving.tiler import Array
 
 
 class QueueFullError(CellSegError):
@@ -31,7 +29,7 @@ class QueueFullError(CellSegError):
 
 @dataclass
 class _Pending:
-    tile: np.ndarray
+    tile: Array
     future: asyncio.Future = field(repr=False)
 
 
@@ -39,18 +37,22 @@ BatchObserver = Callable[[int, float], None]
 
 
 class MicroBatcher:
-    """`await submit(tiles)` -> network outputs, computed in micro-batches shared with other requests."""
+    """`await submit(tiles)` -> network outputs, computed in micro-batches shared with other requests. `run` takes a
+    batch that `stack` made of tiles (the predictor's steps' stack: numpy arrays, or tensors on the network's
+    device)."""
 
     def __init__(
         self,
-        run: Callable[[np.ndarray], np.ndarray],
+        run: Callable[[Array], Array],
+        stack: Callable[[list[Array]], Array],
         max_batch: int = 8,
         max_wait: float = 0.005,
         max_queue: int = 64,
         observe_batch: BatchObserver | None = None,
         observe_skipped: Callable[[int], None] | None = None,
     ) -> None:
-        self.run, self.max_batch, self.max_wait, self.max_queue = run, max_batch, max_wait, max_queue
+        self.run, self.stack = run, stack
+        self.max_batch, self.max_wait, self.max_queue = max_batch, max_wait, max_queue
         self.observe_batch = observe_batch or (lambda size, seconds: None)
         self.observe_skipped = observe_skipped or (lambda count: None)
         self._submissions: deque[deque[_Pending]] = deque()  # each request's tiles not yet taken, in turn
@@ -80,7 +82,7 @@ class MicroBatcher:
                 await self._worker
         self._executor.shutdown(wait=True)
 
-    async def submit(self, tiles: np.ndarray, on_tile_done: Callable[[], None] | None = None) -> list[np.ndarray]:
+    async def submit(self, tiles: Array, on_tile_done: Callable[[], None] | None = None) -> list[Array]:
         """(N, ...) inputs -> N outputs, one per tile; `on_tile_done` is called as each tile's output arrives.
         Raises QueueFullError when N more tiles would not fit.
 
@@ -180,14 +182,6 @@ class MicroBatcher:
             if not item.future.done():
                 item.future.set_result(output)
 
-    def _run_stacked(self, tiles: list[np.ndarray]) -> np.ndarray:
+    def _run_stacked(self, tiles: list[Array]) -> Array:
         """Runs in the inference thread, so stacking the inputs does not hold up the event loop either."""
-        return self.run(stack(tiles))
-
-
-def stack(arrays: list[np.ndarray] | list[torch.Tensor]) -> np.ndarray | torch.Tensor:
-    """np.stack (torch.stack for tensors, which stay on their device), except that a single array becomes a view
-    with a batch axis instead of a copy (the usual case on the CPU, where micro-batches hold one tile)."""
-    if len(arrays) == 1:
-        return arrays[0][None]
-    return torch.stack(arrays) if isinstance(arrays[0], torch.Tensor) else np.stack(arrays)
+        return self.run(self.stack(tiles))

@@ -1,8 +1,9 @@
-"""Upload bytes -> cells, asynchronously: CPU steps in worker threads, the network through the micro-batcher.
+"""Upload bytes -> cells in the format asked for, asynchronously: CPU steps in worker threads, the network through
+the micro-batcher.
 
-decode -> preprocess -> network -> instances -> encode, each timed, so a slow stage shows in the response and
-in the metrics. A stack (Z, time) is decoded once and its frames are segmented side by side, sharing
-micro-batches.
+decode -> preprocess -> network -> instances -> encode (app.ml.outputs), each timed, so a slow stage shows in the
+response and in the metrics. A stack (Z, time) is decoded once and its frames are segmented side by side, sharing
+micro-batches; json encodes each frame's cells, a file format the one file.
 """
 
 from __future__ import annotations
@@ -12,72 +13,36 @@ import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import Any, TypeVar
 
 import numpy as np
 
-from app.ml import rle
 from app.ml.errors import InvalidImageError
-from app.ml.exports import coco, geojson, imagej_rois, label_tiff
 from app.ml.imageio import FrameLayout, ImageLimits, ImageStack, check_geometry, declared_shape, decode_stack
 from app.ml.options import Mode
+from app.ml.outputs import STACK_FORMATS, OutputFormat, encode, encode_stack
 from app.ml.postprocess import Instances
-from app.ml.render import label_png, mask_png, overlay_png
 from app.ml.rules import InstanceRules
-from app.ml.serving.batcher import MicroBatcher, stack
+from app.ml.serving.batcher import MicroBatcher
 from app.ml.serving.budget import PixelBudget
 from app.ml.serving.predictor import Predictor, Prepared
+from app.ml.serving.tiler import Array
 
 StageObserver = Callable[[str, float], None]
 ProgressObserver = Callable[[int, int], None]  # (network inputs done, network inputs known so far)
 T = TypeVar("T")
 
 
-class OutputFormat(StrEnum):
-    """json: per-cell RLE; png: 16-bit label image; mask: 0/255 image; overlay: RGB picture of the cells; tiff:
-    label TIFF (Fiji); roi: ImageJ ROI set (zip); geojson: cell polygons (QuPath); coco: COCO annotations with
-    compressed RLE (pycocotools)."""
-
-    JSON = "json"
-    PNG = "png"
-    MASK = "mask"
-    OVERLAY = "overlay"
-    TIFF = "tiff"
-    ROI = "roi"
-    GEOJSON = "geojson"
-    COCO = "coco"
-
-    @property
-    def media_type(self) -> str:
-        return _FILES[self][0]
-
-    @property
-    def file_suffix(self) -> str:
-        """How the name of a file of this format ends, for files written per image (predict --formats)."""
-        return _FILES[self][1]
-
-
-_FILES = {  # format -> (media type, file name ending)
-    OutputFormat.JSON: ("application/json", ".json"),
-    OutputFormat.PNG: ("image/png", "-labels.png"),
-    OutputFormat.MASK: ("image/png", "-mask.png"),
-    OutputFormat.OVERLAY: ("image/png", "-overlay.png"),
-    OutputFormat.TIFF: ("image/tiff", "-labels.tif"),
-    OutputFormat.ROI: ("application/zip", "-rois.zip"),
-    OutputFormat.GEOJSON: ("application/geo+json", ".geojson"),
-    OutputFormat.COCO: ("application/json", "-coco.json"),
-}
-
-
 @dataclass
-class Segmentation:
-    """The cells of one image, the image itself (for overlays) and seconds spent per stage."""
+class SegmentedFrame:
+    """The cells of one image or frame, the image itself (for overlays), seconds spent per stage, and with json its
+    cells encoded (one record each)."""
 
     image: np.ndarray
     instances: Instances
     mode: Mode
     timings: dict[str, float] = field(default_factory=dict)
+    cells: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -86,10 +51,12 @@ class Segmentation:
 
 @dataclass
 class SegmentedFile:
-    """Every frame of one uploaded file, segmented; a plain image is one frame with no frame axes."""
+    """Every frame of one uploaded file, segmented; a plain image is one frame with no frame axes. `file`: the
+    answer's file, for every format but json."""
 
-    frames: list[Segmentation]
+    frames: list[SegmentedFrame]
     layout: FrameLayout  # the file's frame axes and the channel segmented
+    file: bytes = b""
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -119,9 +86,6 @@ class TileProgress:
         self.report(self.done, self.total)
 
 
-STACK_FORMATS = frozenset({OutputFormat.JSON, OutputFormat.TIFF})  # the formats that carry every frame
-
-
 async def all_or_none(work: list[Awaitable[T]]) -> list[T]:
     """Every result, or the first error; then the others' work is cancelled, queued network inputs included, so
     no work outlives the answer."""
@@ -133,19 +97,10 @@ async def all_or_none(work: list[Awaitable[T]]) -> list[T]:
             task.cancel()  # a no-op for the tasks that finished
 
 
-def describe_cells(instances: Instances) -> list[dict[str, Any]]:
-    """Instances -> one dict per cell: id, Kaggle RLE, area, bbox [x, y, width, height], score."""
-    runs = rle.label_runs(instances.labels)
-    boxes = rle.bounding_boxes(runs, instances.labels.shape[1]).tolist()
-    areas, scores = instances.areas.tolist(), instances.scores.tolist()
-    cells = zip(runs.labels.tolist(), rle.encode_runs(runs), boxes, strict=True)
-    return [
-        {"id": label, "rle": text, "area": areas[label - 1], "bbox": box, "score": round(scores[label - 1], 4)}
-        for label, text, box in cells
-    ]  # fmt: skip
-
-
 class SegmentationPipeline:
+    """One model's path from uploaded bytes to the answer's cells or file (the module's doc), with the admission
+    that guards it: the service's pixel budget and the model's micro-batcher queue."""
+
     def __init__(
         self,
         predictor: Predictor,
@@ -196,19 +151,21 @@ class SegmentationPipeline:
         output: OutputFormat = OutputFormat.JSON,
         progress: TileProgress | None = None,
     ) -> SegmentedFile:
-        """Every frame of the file, of `channel` where it has several; `progress` counts its network inputs. Raises
-        InvalidImageError for bad bytes or a stack asked for in a one-image format, and QueueFullError when the
-        service is overloaded."""
+        """Every frame of the file, of `channel` where it has several, encoded in `output`; `progress` counts its
+        network inputs. Raises InvalidImageError for bad bytes or a stack asked for in a one-image format, and
+        QueueFullError when the service is overloaded."""
         timings: dict[str, float] = {}
-        stack = await asyncio.to_thread(self._decode, data, channel, timings)
-        if stack.layout.is_stack and output not in STACK_FORMATS:
+        decoded = await asyncio.to_thread(self._decode, data, channel, timings)
+        if decoded.layout.is_stack and output not in STACK_FORMATS:
             raise InvalidImageError(
-                f"the image is a stack of {len(stack.frames)} frames (axes {stack.layout.axes}); format={output.value} "
-                f"answers one image: ask for format=json or format=tiff for every frame"
+                f"the image is a stack of {len(decoded.frames)} frames (axes {decoded.layout.axes}); "
+                f"format={output.value} answers one image: ask for format=json or format=tiff for every frame"
             )
-        work = [self._segment_frame(image, mode, rules, dict(timings), progress) for image in stack.frames]
-        frames = await all_or_none(work)
-        return SegmentedFile(frames, stack.layout)
+        work = [self._segment_frame(image, mode, rules, dict(timings), output, progress) for image in decoded.frames]
+        segmented = SegmentedFile(await all_or_none(work), decoded.layout)
+        if output is not OutputFormat.JSON:
+            segmented.file = await asyncio.to_thread(self._encode_file, segmented, output)
+        return segmented
 
     async def _segment_frame(
         self,
@@ -216,8 +173,9 @@ class SegmentationPipeline:
         mode: Mode,
         rules: InstanceRules,
         timings: dict[str, float],
+        output: OutputFormat,
         progress: TileProgress | None,
-    ) -> Segmentation:
+    ) -> SegmentedFrame:
         prepared = await asyncio.to_thread(self._prepare, image, mode, timings)
         started = time.perf_counter()
         if progress is not None:
@@ -225,29 +183,16 @@ class SegmentationPipeline:
         outputs = await self.batcher.submit(prepared.tiles, progress and progress.tile_done)
         self._record(timings, "network", started)
         instances = await asyncio.to_thread(self._instances, prepared, outputs, rules, timings)
-        return Segmentation(image=image, instances=instances, mode=prepared.mode, timings=timings)
-
-    async def encode(self, segmentation: Segmentation, output: OutputFormat) -> list[dict[str, Any]] | bytes:
-        """Cells as dicts (json) or the bytes of a file (every other format); timed as the 'encode' stage."""
-        started = time.perf_counter()
-        result = await asyncio.to_thread(encode_output, segmentation, output)
-        self._record(segmentation.timings, "encode", started)
-        return result
-
-    async def encode_file(self, segmented: SegmentedFile, output: OutputFormat) -> bytes:
-        """The file of a one-file format: a stack's tiff holds every frame, every other file the one image."""
-        if not segmented.layout.is_stack:
-            return await self.encode(segmented.frames[0], output)
-        started = time.perf_counter()
-        result = await asyncio.to_thread(stack_tiff, segmented)
-        self._record(segmented.frames[0].timings, "encode", started)
-        return result
+        frame = SegmentedFrame(image=image, instances=instances, mode=prepared.mode, timings=timings)
+        if output is OutputFormat.JSON:
+            frame.cells = await asyncio.to_thread(self._encode_cells, frame)
+        return frame
 
     def _decode(self, data: bytes, channel: str | None, timings: dict[str, float]) -> ImageStack:
         started = time.perf_counter()
-        stack = decode_stack(data, self.limits, channel)
+        decoded = decode_stack(data, self.limits, channel)
         self._record(timings, "decode", started)
-        return stack
+        return decoded
 
     def _prepare(self, image: np.ndarray, mode: Mode, timings: dict[str, float]) -> Prepared:
         started = time.perf_counter()
@@ -256,36 +201,32 @@ class SegmentationPipeline:
         return prepared
 
     def _instances(
-        self, prepared: Prepared, outputs: list[np.ndarray], rules: InstanceRules, timings: dict[str, float]
+        self, prepared: Prepared, outputs: list[Array], rules: InstanceRules, timings: dict[str, float]
     ) -> Instances:
         started = time.perf_counter()
-        instances = self.predictor.finish(prepared, stack(outputs), rules)
+        instances = self.predictor.finish(prepared, self.predictor.steps.stack(outputs), rules)
         self._record(timings, "instances", started)
         return instances
+
+    def _encode_cells(self, frame: SegmentedFrame) -> list[dict[str, Any]]:
+        started = time.perf_counter()
+        cells = encode(OutputFormat.JSON, frame.image, frame.instances)
+        self._record(frame.timings, "encode", started)
+        return cells
+
+    def _encode_file(self, segmented: SegmentedFile, output: OutputFormat) -> bytes:
+        """The answer's file: a stack's tiff holds every frame, every other file the one image; timed as the first
+        frame's 'encode' stage."""
+        started = time.perf_counter()
+        first = segmented.frames[0]
+        if segmented.layout.is_stack:
+            layout = segmented.layout
+            file = encode_stack([frame.instances.labels for frame in segmented.frames], layout.axes, layout.frame_shape)
+        else:
+            file = encode(output, first.image, first.instances)
+        self._record(first.timings, "encode", started)
+        return file
 
     def _record(self, timings: dict[str, float], stage: str, started: float) -> None:
         timings[stage] = time.perf_counter() - started
         self.observe_stage(stage, timings[stage])
-
-
-def encode_output(segmentation: Segmentation, output: OutputFormat) -> list[dict[str, Any]] | bytes:
-    """The cells of one image in `output`: dicts for json, the file's bytes for every other format."""
-    return _ENCODERS[output](segmentation)
-
-
-def stack_tiff(segmented: SegmentedFile) -> bytes:
-    """Every frame's labels in one ImageJ TIFF with the stack's frame axes."""
-    labels = np.stack([frame.instances.labels for frame in segmented.frames])
-    return label_tiff(labels, segmented.layout.axes, segmented.layout.frame_shape)
-
-
-_ENCODERS: dict[OutputFormat, Callable[[Segmentation], Any]] = {
-    OutputFormat.JSON: lambda s: describe_cells(s.instances),
-    OutputFormat.PNG: lambda s: label_png(s.instances.labels),
-    OutputFormat.MASK: lambda s: mask_png(s.instances.labels),
-    OutputFormat.OVERLAY: lambda s: overlay_png(s.image, s.instances.labels),
-    OutputFormat.TIFF: lambda s: label_tiff(s.instances.labels),
-    OutputFormat.ROI: lambda s: imagej_rois(s.instances.labels),
-    OutputFormat.GEOJSON: lambda s: geojson(s.instances),
-    OutputFormat.COCO: lambda s: coco(s.instances),
-}

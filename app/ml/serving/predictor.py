@@ -9,51 +9,24 @@ tiles) -> `finish` (the two maps the instance step reads, stitched and resized t
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Protocol
+from typing import Any
 
 import numpy as np
 import torch
 
 from app.ml.celltypes import image_contrast
 from app.ml.checkpoint import Checkpoint, load_checkpoint
-from app.ml.options import Backend, DeviceSteps, Mode, parse_option
+from app.ml.options import InferenceOptions, Mode
 from app.ml.postprocess import InstanceConfig, Instances
 from app.ml.rules import InstanceRules
-from app.ml.serving.runner import NetworkRunner, pick_device, resolve_backend
-from app.ml.serving.steps import steps_for
+from app.ml.serving.runner import NetworkRunner
 from app.ml.serving.tiler import Array, TileGrid, Tiler
 from app.ml.transforms import PreprocessConfig
 from app.ml.unet import UNet, UNetConfig
 
 log = logging.getLogger("cellseg.predictor")
-
-
-def resolve_device_steps(steps: DeviceSteps | str, device: torch.device, backend: Backend) -> DeviceSteps:
-    """auto: resize on CUDA, none on the CPU; none wherever ONNX Runtime runs the network (it takes numpy arrays).
-
-    Not all on CUDA: the torch instance step is a long series of small whole-image operations, each a kernel launch,
-    and every worker's launches queue on the one GPU, while the reference runs in each worker on a core of its own
-    (docs/performance.md has the counts and says what a GPU run must still confirm)."""
-    steps = parse_option(DeviceSteps, steps, "steps_on_device")
-    if backend is Backend.ONNXRUNTIME:
-        return DeviceSteps.NONE
-    if steps is DeviceSteps.AUTO:
-        return DeviceSteps.RESIZE if device.type == "cuda" else DeviceSteps.NONE
-    return steps
-
-
-class InferenceOptions(Protocol):
-    """The inference settings, by the names the service's Settings and the CLIs' arguments both use."""
-
-    device: str
-    backend: Backend | str
-    half_precision: bool
-    compile: bool
-    tta: int
-    torch_threads: int
-    steps_on_device: DeviceSteps | str
 
 
 @dataclass(frozen=True)
@@ -76,61 +49,26 @@ class Predictor:
         model: UNet,
         preprocess: PreprocessConfig,
         rules: InstanceRules | InstanceConfig,
-        device: torch.device | str = "cpu",
-        half_precision: bool = False,
+        options: InferenceOptions,
         version: str = "unsaved",
         channels_last: bool = True,
-        backend: Backend | str = Backend.TORCH,
-        compile_network: bool = False,
-        tta: int = 1,
-        steps_on_device: DeviceSteps | str = DeviceSteps.AUTO,
     ) -> None:
-        device = torch.device(device)
-        backend = resolve_backend(backend, device, half_precision, compile_network)
-        # On CUDA the steps around the network run there too (torch_steps, gpu_instances): the CPU steps, one after
-        # another, were the service's bottleneck. On the CPU, 'resize' or 'all' run them in torch there (tests).
-        self.steps = steps_for(resolve_device_steps(steps_on_device, device, backend), device)
-        self.runner = NetworkRunner(
-            model, device, half_precision, backend, compile_network, channels_last, tta, self.steps
-        )
+        """`model` run as `options` say, on this machine (`self.options`: resolved). On CUDA the steps around the
+        network run there too by default (torch_steps, gpu_instances): the CPU steps, one after another, were the
+        service's bottleneck."""
+        self.runner = NetworkRunner(model, options, channels_last)
+        self.options, self.steps = self.runner.options, self.runner.steps
         self.tiler = Tiler(preprocess, model.config)
         self.preprocess = preprocess
         self.rules = rules if isinstance(rules, InstanceRules) else InstanceRules(rules)
         self.version = version
 
     @classmethod
-    def from_options(
-        cls, source: str | Path | Checkpoint, options: InferenceOptions, compile_network: bool | None = None
-    ) -> Predictor:
-        """The model of `source` run as the inference settings say: the service's Settings or a CLI's arguments,
-        which share their names. compile_network overrides options.compile."""
-        if options.torch_threads:
-            torch.set_num_threads(options.torch_threads)
-        return cls.from_checkpoint(
-            source,
-            device=options.device,
-            half_precision=options.half_precision,
-            backend=options.backend,
-            compile_network=options.compile if compile_network is None else compile_network,
-            tta=options.tta,
-            steps_on_device=options.steps_on_device,
-        )
-
-    @classmethod
-    def from_checkpoint(
-        cls,
-        source: str | Path | Checkpoint,
-        device: str = "auto",
-        half_precision: bool = True,
-        backend: Backend | str = Backend.TORCH,
-        compile_network: bool = False,
-        tta: int = 1,
-        steps_on_device: DeviceSteps | str = DeviceSteps.AUTO,
-    ) -> Predictor:
-        """The model of a folder (or a loaded Checkpoint). Reduced precision only where the model card allows it."""
+    def from_checkpoint(cls, source: str | Path | Checkpoint, options: InferenceOptions) -> Predictor:
+        """The model of a folder (or a loaded Checkpoint), run as `options` say: reduced precision only where its
+        model card allows it, and the instance step its card holds for `options.tta` views."""
         checkpoint = source if isinstance(source, Checkpoint) else load_checkpoint(source)
-        if parse_option(Backend, backend, "backend") is Backend.ONNXRUNTIME and device == "auto":
-            device = "cpu"
+        tta = options.tta
         if tta > 1 and tta not in checkpoint.card.postprocessing_by_tta:
             log.warning(
                 "%s has no instance step chosen for %d test-time augmentation views: it uses the one chosen "
@@ -139,17 +77,13 @@ class Predictor:
                 tta,
                 tta,
             )
+        allowed = options.half_precision and checkpoint.card.inference.half_precision
         return cls(
             checkpoint.build_model(),
             checkpoint.preprocess,
             checkpoint.card.rules_for_tta(tta),
-            device=pick_device(device),
-            half_precision=half_precision and checkpoint.card.inference.half_precision,
+            replace(options, half_precision=allowed),
             version=checkpoint.version,
-            backend=backend,
-            compile_network=compile_network,
-            tta=tta,
-            steps_on_device=steps_on_device,
         )
 
     @property
@@ -161,21 +95,26 @@ class Predictor:
         return self.runner.device
 
     @property
-    def backend(self) -> Backend:
-        return self.runner.backend
-
-    @property
     def precision(self) -> str:
+        """What the network computes in: float32, float16 (CUDA) or bfloat16 (CPU); `options.half_precision` on
+        this machine."""
         return self.runner.precision
 
     @property
-    def is_compiled(self) -> bool:
-        return self.runner.is_compiled
+    def compiled(self) -> bool:
+        """Whether the network runs through torch.compile (`options.compile`, once warmed up)."""
+        return self.runner.compiled
 
-    @property
-    def steps_on_device(self) -> DeviceSteps:
-        """Which steps around the network run in torch on its device (resolved: none, resize or all)."""
-        return self.steps.setting
+    def how_it_runs(self) -> dict[str, Any]:
+        """Where and how the network runs, by the names /ready, GET /models and the log give them."""
+        options = self.options
+        return {
+            "device": str(self.device),
+            "backend": options.backend.value,
+            "precision": self.precision,
+            "compiled": self.compiled,
+            "tta": options.tta,
+        }
 
     # ------------------------------------------------------------------ the three steps
 

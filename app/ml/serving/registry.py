@@ -33,7 +33,7 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal, Protocol
 
@@ -43,10 +43,11 @@ from app.ml.card import ModelCard
 from app.ml.checkpoint import atomic_write_json, list_versions, load_checkpoint, read_card, resolve_model_folder
 from app.ml.errors import CellSegError, CheckpointError, InvalidOptionError
 from app.ml.imageio import ImageLimits
+from app.ml.options import InferenceOptions
 from app.ml.serving.batcher import MicroBatcher
 from app.ml.serving.budget import PixelBudget
 from app.ml.serving.pipeline import SegmentationPipeline
-from app.ml.serving.predictor import InferenceOptions, Predictor
+from app.ml.serving.predictor import Predictor
 
 log = logging.getLogger("cellseg.registry")
 
@@ -71,7 +72,7 @@ class ModelLoadError(CellSegError):
     """Loading failed for a reason other than the model folder's content (the warm-up failed, say)."""
 
 
-class ServingOptions(InferenceOptions, Protocol):
+class ServingOptions(Protocol):
     """The service's settings a registry reads (app.config.Settings has them by these names)."""
 
     model_store: Path
@@ -80,6 +81,9 @@ class ServingOptions(InferenceOptions, Protocol):
     max_wait_ms: float
     max_queue: int
     warmup: bool
+
+    @property
+    def inference(self) -> InferenceOptions: ...
 
 
 class ServingObserver(Protocol):
@@ -115,13 +119,14 @@ class LoadedModel:
         return self.predictor.version
 
 
-def load_model(options: ServingOptions, version: str | None = None, compile_network: bool = True) -> LoadedModel:
+def load_model(options: ServingOptions, version: str | None = None, compile: bool = True) -> LoadedModel:
     """The model `version` of the store (None: the store's default), its weights checked against their sha256.
-    Blocking. Compiled as the options say, unless `compile_network` is false; it compiles while warming up, so
-    without a warm-up compiling is off."""
+    Blocking. Compiled as the options say, unless `compile` is false; it compiles while warming up, so without a
+    warm-up compiling is off."""
     checkpoint = load_checkpoint(resolve_model_folder(options.model_store, version))
-    compiled = compile_network and options.compile and options.warmup
-    predictor = Predictor.from_options(checkpoint, options, compile_network=compiled)
+    inference = options.inference
+    inference = replace(inference, compile=inference.compile and compile and options.warmup)
+    predictor = Predictor.from_checkpoint(checkpoint, inference)
     return LoadedModel(predictor, checkpoint.card.without_host_paths())
 
 
@@ -311,7 +316,7 @@ class ModelRegistry:
         served = self.default_model
         try:
             if self.options.warmup:
-                compiling = served.predictor.runner.compiled is not None
+                compiling = served.predictor.options.compile
                 served.status = "warming up the model (compiling it)" if compiling else "warming up"
                 await asyncio.to_thread(served.predictor.warm_up)
         except Exception as exc:  # the service keeps running, not ready, saying why
@@ -407,6 +412,7 @@ class ModelRegistry:
         max_batch = options.max_batch or (8 if loaded.predictor.device.type == "cuda" else 1)
         batcher = MicroBatcher(
             loaded.predictor.run_network,
+            loaded.predictor.steps.stack,
             max_batch,
             options.max_wait_ms / 1000,
             options.max_queue,
@@ -435,7 +441,7 @@ class ModelRegistry:
     def _read_and_warm(self, version: str) -> LoadedModel:
         try:
             with self._store_relative_paths():  # never compiled: see the module's doc
-                loaded = load_model(self.options, version, compile_network=False)
+                loaded = load_model(self.options, version, compile=False)
             if self.options.warmup:
                 loaded.predictor.warm_up()
         except CellSegError:  # a bad model folder or option: CheckpointError, InvalidOptionError, with the reason
@@ -488,15 +494,7 @@ class ModelRegistry:
             )
 
     def _log_serving(self, served: ServedModel, evicted: str | None = None) -> None:
-        predictor = served.predictor
-        where = {
-            "model_version": served.version,
-            "device": str(predictor.device),
-            "backend": predictor.backend.value,
-            "precision": predictor.precision,
-            "compiled": predictor.is_compiled,
-            "evicted": evicted,
-        }
+        where = {"model_version": served.version, **served.predictor.how_it_runs(), "evicted": evicted}
         message = (
             "serving model %(model_version)s on %(device)s with %(backend)s in %(precision)s (compiled: %(compiled)s)"
         )

@@ -1,18 +1,19 @@
-"""The network runner: where and how the network computes (device, backend, precision, memory format, compile,
-test-time augmentation), chosen once, behind one call from tiles to probabilities."""
+"""The network runner: where and how the network computes (the InferenceOptions, resolved for this machine, and the
+memory format), chosen once, behind one call from tiles to probabilities."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 
 from app.ml.errors import InvalidOptionError
-from app.ml.options import Backend, parse_option
+from app.ml.options import TTA_VIEWS, Backend, DeviceSteps, InferenceOptions, parse_option
 from app.ml.serving.compiled import CompiledNetwork
 from app.ml.serving.onnx_backend import OnnxRuntimeNetwork, onnxruntime_available
-from app.ml.serving.steps import NumpySteps, Steps
+from app.ml.serving.steps import Steps, steps_for
 from app.ml.serving.tiler import Array
 from app.ml.unet import UNet, to_probabilities
 
@@ -33,22 +34,51 @@ def native_bfloat16() -> bool:
     return any(check is not None and bool(check()) for check in checks)
 
 
-def auto_backend(device: torch.device, half_precision: bool, compile_network: bool = False) -> Backend:
+def auto_backend(device: torch.device, half_precision: bool, compile: bool = False) -> Backend:
     """What backend auto resolves to: PyTorch on CUDA, on CPUs where reduced precision (allowed by
     `half_precision`) runs natively, and when the network is to be compiled (compiled PyTorch beat ONNX Runtime in
     float32 in bench); else ONNX Runtime when installed (float32 uncompiled, about as fast as PyTorch); else
     PyTorch."""
-    if device.type != "cpu" or (half_precision and native_bfloat16()) or compile_network:
+    if device.type != "cpu" or (half_precision and native_bfloat16()) or compile:
         return Backend.TORCH
     return Backend.ONNXRUNTIME if onnxruntime_available() else Backend.TORCH
 
 
-def resolve_backend(
-    backend: Backend | str, device: torch.device, half_precision: bool, compile_network: bool = False
-) -> Backend:
-    """The backend that runs: `backend`, or auto_backend's for auto."""
-    backend = parse_option(Backend, backend, "backend")
-    return auto_backend(device, half_precision, compile_network) if backend is Backend.AUTO else backend
+def resolve_device_steps(steps: DeviceSteps | str, device: torch.device, backend: Backend) -> DeviceSteps:
+    """auto: resize on CUDA, none on the CPU; none wherever ONNX Runtime runs the network (it takes numpy arrays).
+
+    Not all on CUDA: the torch instance step is a long series of small whole-image operations, each a kernel launch,
+    and every worker's launches queue on the one GPU, while the reference runs in each worker on a core of its own
+    (docs/performance.md has the counts and says what a GPU run must still confirm)."""
+    steps = parse_option(DeviceSteps, steps, "steps_on_device")
+    if backend is Backend.ONNXRUNTIME:
+        return DeviceSteps.NONE
+    if steps is DeviceSteps.AUTO:
+        return DeviceSteps.RESIZE if device.type == "cuda" else DeviceSteps.NONE
+    return steps
+
+
+def resolve(options: InferenceOptions) -> InferenceOptions:
+    """The options as they apply on this machine: the device picked (the CPU for ONNX Runtime), the backend auto
+    chose, reduced precision and compiling on only where they run, the steps on the device resolved. Resolving
+    resolved options changes nothing."""
+    onnx_on_auto = options.backend is Backend.ONNXRUNTIME and options.device == "auto"
+    device = pick_device("cpu" if onnx_on_auto else options.device)
+    backend = options.backend
+    if backend is Backend.AUTO:
+        backend = auto_backend(device, options.half_precision, options.compile)
+    cpu_torch = device.type == "cpu" and backend is Backend.TORCH
+    # Reduced precision where the hardware has it: float16 weights on CUDA, bfloat16 autocast on CPUs with native
+    # bfloat16 (native_bfloat16). torch.compile where it was measured to pay off: PyTorch on the CPU.
+    half_precision = options.half_precision and (device.type == "cuda" or (cpu_torch and native_bfloat16()))
+    return replace(
+        options,
+        device=str(device),
+        backend=backend,
+        half_precision=half_precision,
+        compile=options.compile and cpu_torch,
+        steps_on_device=resolve_device_steps(options.steps_on_device, device, backend),
+    )
 
 
 View = tuple[Callable[[Array], Array], Callable[[Array], Array]]
@@ -68,78 +98,48 @@ def view(steps: Steps, turns: int, flip: bool) -> View:
     return forward, inverse
 
 
-# Test-time augmentation, as (quarter turns, left-right flip) views: 1 view (off), 2 (and its left-right flip),
-# 4 (the flips: none, left-right, up-down, both), or 8 (every symmetry of the square, for square network inputs:
-# resize mode and tiles always are).
-TTA_VIEWS = {
-    1: [(0, False)],
-    2: [(0, False), (0, True)],
-    4: [(0, False), (0, True), (2, True), (2, False)],
-    8: [(turns, flip) for turns in range(4) for flip in (False, True)],
-}
-
-
 class NetworkRunner:
     """(N, 1, h, w) float32 tiles -> (N, C, h', w') float32 probabilities (the classes, then the centre map if
     the model has one), the same whatever runs them."""
 
-    def __init__(
-        self,
-        model: UNet,
-        device: torch.device | str = "cpu",
-        half_precision: bool = False,
-        backend: Backend | str = Backend.TORCH,
-        compile_network: bool = False,
-        channels_last: bool = True,
-        tta: int = 1,
-        steps: Steps | None = None,
-    ) -> None:
-        if tta not in TTA_VIEWS:
-            raise InvalidOptionError(f"tta={tta}: test-time augmentation takes {', '.join(map(str, TTA_VIEWS))} views")
-        self.tta, self.device, self.config = tta, torch.device(device), model.config
-        # Arrays in and out, or tensors on the device (the steps around the network there): the predictor's choice.
-        self.steps = steps or NumpySteps()
-        self.views = [view(self.steps, turns, flip) for turns, flip in TTA_VIEWS[tta]]
+    def __init__(self, model: UNet, options: InferenceOptions, channels_last: bool = True) -> None:
+        options = self.options = resolve(options)
+        if options.torch_threads:
+            torch.set_num_threads(options.torch_threads)
+        self.device, self.config = torch.device(options.device), model.config
+        # Arrays in and out, or tensors on the device: the steps around the network, which the predictor uses too.
+        self.steps = steps_for(options.steps_on_device, self.device)
+        self.views = [view(self.steps, turns, flip) for turns, flip in TTA_VIEWS[options.tta]]
         if self.device.type == "cuda":  # few input shapes, each seen again and again: cuDNN's autotuning pays
             torch.backends.cudnn.benchmark = True
-        self.backend = resolve_backend(backend, self.device, half_precision, compile_network)
-        if self.backend is Backend.ONNXRUNTIME and self.device.type != "cpu":
+        if options.backend is Backend.ONNXRUNTIME and self.device.type != "cpu":
             raise InvalidOptionError(f"the onnxruntime backend runs on the CPU, not {self.device}; use backend torch")
-        # Reduced precision where the hardware has it: float16 weights on CUDA, bfloat16 autocast on CPUs
-        # with native bfloat16 (native_bfloat16).
-        self.half = half_precision and self.device.type == "cuda"
-        cpu_torch = self.device.type == "cpu" and self.backend is Backend.TORCH
-        self.bfloat16 = half_precision and cpu_torch and native_bfloat16()
+        float16 = options.half_precision and self.device.type == "cuda"
+        self.precision = "float16" if float16 else "bfloat16" if options.half_precision else "float32"
         # channels_last runs the CPU's convolutions faster (docs/performance.md). Training validation turns it
         # off, so validating never changes the layout of the weights being trained.
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.model = model.to(self.device, memory_format=self.memory_format).eval()
-        if self.half:
+        if float16:
             self.model.half()
-        onnx = self.backend is Backend.ONNXRUNTIME
+        onnx = options.backend is Backend.ONNXRUNTIME
         self.onnx = OnnxRuntimeNetwork(self.model, torch.get_num_threads()) if onnx else None
-        # torch.compile where it was measured to pay off: PyTorch on the CPU (CUDA has not been measured).
-        self.compiled = CompiledNetwork(self.model) if compile_network and cpu_torch else None
+        self.compiled_network = CompiledNetwork(self.model) if options.compile else None
 
     @property
-    def precision(self) -> str:
-        """The number format the network computes in: float32, float16 (CUDA) or bfloat16 (CPU)."""
-        return "float16" if self.half else "bfloat16" if self.bfloat16 else "float32"
-
-    @property
-    def is_compiled(self) -> bool:
+    def compiled(self) -> bool:
         """Whether the network runs through torch.compile (for the shapes compiled while warming up)."""
-        return self.compiled is not None and bool(self.compiled.shapes)
+        return self.compiled_network is not None and bool(self.compiled_network.shapes)
 
     def warming(self) -> contextlib.AbstractContextManager[None]:
         """While inside, each new input shape is compiled (when compiling is on)."""
-        return self.compiled.warming() if self.compiled else contextlib.nullcontext()
+        return self.compiled_network.warming() if self.compiled_network else contextlib.nullcontext()
 
     def __call__(self, tiles: Array) -> Array:
         """With test-time augmentation, the mean of the probabilities of `tta` flipped or turned views, each turned
         back: one batch of N x tta inputs through the network. Numpy arrays in and out, or tensors on the network's
         device (the steps after it run there too), as the runner's steps say."""
-        if self.tta == 1:
+        if len(self.views) == 1:
             return self._probabilities(tiles)
         steps, views = self.steps, self.views
         batch = steps.concatenate([steps.contiguous(forward(tiles)) for forward, _ in views])
@@ -152,7 +152,7 @@ class NetworkRunner:
             logits = torch.from_numpy(self.onnx(tiles))  # numpy only: its steps never run on a device
         else:
             batch = self.steps.to_tensor(tiles).to(self.device, memory_format=self.memory_format, non_blocking=True)
-            network = self.compiled or self.model
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bfloat16):
-                logits = network(batch.half() if self.half else batch).float()
+            network = self.compiled_network or self.model
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bfloat16"):
+                logits = network(batch.half() if self.precision == "float16" else batch).float()
         return self.steps.from_tensor(to_probabilities(logits, self.config.num_classes))

@@ -26,8 +26,6 @@ from app.ml.serving.tiler import TileGrid, Tiler
 class NumpySteps:
     """numpy arrays on the CPU: the reference."""
 
-    setting = DeviceSteps.NONE
-
     def cut(self, tiler: Tiler, image: np.ndarray, mode: Mode | str) -> tuple[np.ndarray, TileGrid, Mode]:
         """(H, W) float image -> (N, 1, h, w) float32 normalized tiles, their grid, and the mode that ran."""
         return tiler.cut(image, mode)
@@ -56,6 +54,11 @@ class NumpySteps:
     def concatenate(self, arrays: Sequence[np.ndarray]) -> np.ndarray:
         return np.concatenate(arrays)
 
+    def stack(self, arrays: Sequence[np.ndarray]) -> np.ndarray:
+        """Along a new first axis; a single array becomes a view with that axis instead of a copy (the usual case
+        on the CPU, where micro-batches hold one tile)."""
+        return arrays[0][None] if len(arrays) == 1 else np.stack(arrays)
+
     def split(self, array: np.ndarray, parts: int) -> Sequence[np.ndarray]:
         return np.split(array, parts)
 
@@ -80,7 +83,6 @@ class TorchSteps:
 
     def __init__(self, device: torch.device, instances_there: bool) -> None:
         self.device, self.instances_there = device, instances_there
-        self.setting = DeviceSteps.ALL if instances_there else DeviceSteps.RESIZE
 
     def cut(self, tiler: Tiler, image: np.ndarray, mode: Mode | str) -> tuple[torch.Tensor, TileGrid, Mode]:
         with torch.inference_mode():
@@ -111,6 +113,9 @@ class TorchSteps:
 
     def concatenate(self, arrays: Sequence[torch.Tensor]) -> torch.Tensor:
         return torch.cat(list(arrays))
+
+    def stack(self, arrays: Sequence[torch.Tensor]) -> torch.Tensor:
+        return arrays[0][None] if len(arrays) == 1 else torch.stack(list(arrays))
 
     def split(self, array: torch.Tensor, parts: int) -> Sequence[torch.Tensor]:
         return torch.chunk(array, parts)

@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from app.ml.checkpoint import atomic_write_bytes
-from app.ml.render import overlay
+from app.ml.outputs import overlay
 
 
 def save_curves(history: list[dict], path: Path) -> None:

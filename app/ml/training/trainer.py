@@ -29,6 +29,7 @@ from app.ml.celltypes import image_contrast
 from app.ml.checkpoint import load_checkpoint, read_card
 from app.ml.data.labelled import LabelledFolders, open_labelled
 from app.ml.data.split import Split, load_split, split_by_rows, split_by_sample
+from app.ml.options import InferenceOptions
 from app.ml.rules import InstanceRules
 from app.ml.scoring.evaluation import Evaluation, instance_step_maps, score_maps
 from app.ml.scoring.tuning import Scored, tune_model
@@ -290,7 +291,9 @@ class Trainer:
 
     def _predictor(self) -> Predictor:
         """The model as it is now, run as the service runs it (in float32, as validation scores it)."""
-        return Predictor(self.model, self.preprocess, InstanceRules(), device=self.device, channels_last=False)
+        return Predictor(
+            self.model, self.preprocess, InstanceRules(), InferenceOptions.float32(self.device), channels_last=False
+        )
 
     def _finish(self) -> ModelCard:
         """The final card. With an instance step chosen elsewhere (cross-validation), the last weights with it.
@@ -305,7 +308,7 @@ class Trainer:
         card = read_card(self.files.folder)
         if not self.config.tune_thresholds:
             return card
-        best = Predictor.from_checkpoint(self.files.folder, device=str(self.device), half_precision=False)
+        best = Predictor.from_checkpoint(self.files.folder, InferenceOptions.float32(self.device))
         tuned = {
             name: tune_model(predictor, self.train_samples, self.val_samples)
             for name, predictor in (("best", best), ("last", self._predictor()))
