@@ -49,12 +49,16 @@ PROMISED = "uncompressed, LZW, Deflate, Zstandard, PackBits or JPEG"
 # One pixel may hold this many bytes of samples and count once against the pixel limit: gray of any type up to
 # float64, RGB(A) up to 16-bit. Beyond it a pixel counts as several planes (450 samples of 8 bits: 57 planes).
 SAMPLE_BYTES = 8
+# Pages (and SubIFDs) in one file: tifffile spends ~30 us listing each and ~50 us decoding it beside its pixels,
+# so 10,000 keep one upload's counting and decoding to about a second (docs/reliability.md).
+MAX_IFDS = 10_000
 MAX_SUBIFDS = 32  # pyramid levels under one page; tifffile reads each as a page
 MAX_TAGS = 4096  # tags in one IFD (tifffile's own "suspicious" bound)
 MAX_ARRAY_VALUES = 1_000_000  # strip and tile offsets and counts, SubIFDs...: values tifffile keeps as Python ints
 MAX_DESCRIPTION = 1 << 20  # bytes of an ImageDescription, which tifffile parses (OME-XML, JSON, ImageJ text)
 MAX_XML_ELEMENTS = 50_000
 MAX_MODULO_LABELS = 100_000  # an OME modulo annotation's Start..End in Steps, which tifffile expands
+MAX_JPEG_SCANS = 100  # a progressive JPEG has about 10; each scan is a pass over the whole segment
 SEGMENT_SLACK = 64 * 1024  # bytes a compressed strip or tile may hold beyond 4x its pixels (JPEG headers, tables)
 SERIES_KINDS = ("shaped", "ome", "imagej", "uniform")  # what tifffile may recognise; other formats read as pages
 _OTHER_LAYOUTS = "lsm mmstack ndtiff fluoview stk sis svs scn qpi ndpi bif avs eer philips scanimage nih mdgel indica"
@@ -153,7 +157,7 @@ _BUFFER = 16 << 20  # bytes tifffile reads from the file in one pass
 @dataclass
 class _Structure:
     pages: int  # IFDs in the main chain
-    first_size: tuple[int, int]  # (length, width) the first IFD declares, (0, 0) where it declares none
+    sizes: list[tuple[int, int]]  # (length, width) each of them declares, (0, 0) where it declares none
 
 
 class _TooManyIfds(Exception):  # noqa: N818 - control flow inside _Walker
@@ -166,7 +170,8 @@ class _Walker:
     values tifffile keeps as Python ints, an oversized ImageDescription."""
 
     def __init__(self, data: bytes, max_pixels: int) -> None:
-        self.data, self.max_ifds = data, max(1, max_pixels // 256)  # an admissible page holds 16x16 pixels or more
+        self.data = data
+        self.max_ifds = min(max(1, max_pixels // 256), MAX_IFDS)  # an admissible page holds 16x16 pixels or more
         order = "<" if data[:2] == b"II" else ">"
         self.order, self.big = order, data[2:4] in (b"+\x00", b"\x00+")
         if self.big:
@@ -182,17 +187,18 @@ class _Walker:
         self.array_values = 0
 
     def walk(self) -> _Structure:
-        structure = _Structure(0, (0, 0))
+        structure = _Structure(0, [])
         offset = self.first
         try:
             while 8 <= offset < len(self.data):  # tifffile stops at an offset outside the file too
                 following, subifds, size = self.ifd(offset)
-                if structure.pages == 0:
-                    structure.first_size = size
+                structure.sizes.append(size)
                 structure.pages += 1
                 self.sub(subifds)
                 offset = following
         except _TooManyIfds:
+            if self.max_ifds == MAX_IFDS:
+                raise ImageTooLargeError(f"the TIFF holds more than {MAX_IFDS:,} pages and SubIFDs") from None
             structure.pages = self.max_ifds + 1
         if structure.pages == 0:
             raise InvalidImageError("the TIFF has no readable IFD")
@@ -265,7 +271,7 @@ def _unpack(data: bytes, offset: int, fmt: str) -> tuple:
 def _open(data: bytes, max_pixels: int) -> Iterator[tuple[tifffile.TiffFile, _Structure]]:
     structure = _Walker(data, max_pixels).walk()
     if structure.pages > max(1, max_pixels // 256):
-        height, width = structure.first_size
+        height, width = structure.sizes[0]
         raise _Declared(TiffShape(max(height, 16), max(width, 16), structure.pages))
     # One file only (OME-XML may name others: never opened here), and only the series layouts the README promises.
     with tifffile.TiffFile(io.BytesIO(data), _multifile=False, **_EXOTIC) as tif:
@@ -278,9 +284,10 @@ def _open(data: bytes, max_pixels: int) -> Iterator[tuple[tifffile.TiffFile, _St
 
 
 def _check_ome(xml: str, structure: _Structure, max_pixels: int) -> None:
-    """The OME-XML's images, checked before tifffile lays them out (tifffile allocates a list entry per declared
-    plane, and an array for a modulo's labels): InvalidImageError for what is not valid OME; _Declared where the
-    images declare more pixels than the limit."""
+    """The OME-XML's images, checked before tifffile lays them out (tifffile allocates a list entry per plane
+    declared, or per declared pixel over the size of the page the image starts at, and an array for a modulo's
+    labels): InvalidImageError for what is not valid OME or does not fit the file; _Declared where the images
+    declare more pixels than the limit."""
     if xml.count("<") > MAX_XML_ELEMENTS:
         raise InvalidImageError(f"the OME-XML has over {MAX_XML_ELEMENTS:,} elements")
     try:
@@ -292,7 +299,7 @@ def _check_ome(xml: str, structure: _Structure, max_pixels: int) -> None:
     for element in root.iter():
         tag = element.tag.rsplit("}", 1)[-1]
         if tag == "Pixels":
-            shape = _ome_pixels(element, structure)
+            shape = _ome_pixels(element, structure, root.attrib.get("UUID"))
             declared += shape.height * shape.width * shape.planes
             first = first or shape
         elif tag.startswith("Along") and "Start" in element.attrib:
@@ -302,30 +309,45 @@ def _check_ome(xml: str, structure: _Structure, max_pixels: int) -> None:
         raise _Declared(TiffShape(first.height, first.width, planes))
 
 
-def _ome_pixels(pixels: ElementTree.Element, structure: _Structure) -> TiffShape:
+def _ome_pixels(pixels: ElementTree.Element, structure: _Structure, root_uuid: str | None) -> TiffShape:
     order = pixels.attrib.get("DimensionOrder", "")
     if order not in _DIMENSION_ORDERS:
         raise InvalidImageError(f"the OME-XML's DimensionOrder {order!r} is not one of {sorted(_DIMENSION_ORDERS)}")
     sizes = {axis: _ome_int(pixels, f"Size{axis}", 1) for axis in "XYZCT"}
-    planes = sizes["Z"] * sizes["C"] * sizes["T"]
     for child in pixels:
         tag = child.tag.rsplit("}", 1)[-1]
         if tag == "Channel":
             _ome_int(child, "SamplesPerPixel", 1, default=1)
-        elif tag == "TiffData":
-            for name in ("IFD", "NumPlanes", "PlaneCount"):
-                if _ome_int(child, name, 0, default=0) > structure.pages:
-                    raise InvalidImageError(
-                        f"the OME-XML's TiffData declares {name}={child.attrib[name]}, beyond the file's "
-                        f"{structure.pages:,} pages"
-                    )
-            for axis in "ZCT":
-                if _ome_int(child, f"First{axis}", 0, default=0) >= sizes[axis]:
-                    raise InvalidImageError(
-                        f"the OME-XML's TiffData declares First{axis}={child.attrib[f'First{axis}']}, beyond "
-                        f"Size{axis}={sizes[axis]}"
-                    )
-    return TiffShape(sizes["Y"], sizes["X"], planes)
+        elif tag == "TiffData" and not _in_another_file(child, root_uuid):  # tifffile stops at another file's
+            _ome_tiff_data(child, sizes, structure)
+    return TiffShape(sizes["Y"], sizes["X"], sizes["Z"] * sizes["C"] * sizes["T"])
+
+
+def _in_another_file(tiff_data: ElementTree.Element, root_uuid: str | None) -> bool:
+    uuids = [child for child in tiff_data if child.tag.rsplit("}", 1)[-1] == "UUID"]
+    return bool(uuids) and (root_uuid is None or uuids[0].text != root_uuid)
+
+
+def _ome_tiff_data(tiff_data: ElementTree.Element, sizes: dict[str, int], structure: _Structure) -> None:
+    """A TiffData of this file: its pages within the file, and the first of them the image's size."""
+    ifd = _ome_int(tiff_data, "IFD", 0, default=0)
+    planes = max(_ome_int(tiff_data, name, 0, default=0) for name in ("NumPlanes", "PlaneCount"))
+    if ifd + max(planes, 1) > structure.pages:
+        raise InvalidImageError(
+            f"the OME-XML's TiffData declares {max(planes, 1):,} planes from IFD {ifd}, beyond the file's "
+            f"{structure.pages:,} pages"
+        )
+    if structure.sizes[ifd] != (sizes["Y"], sizes["X"]):
+        length, width = structure.sizes[ifd]
+        raise InvalidImageError(
+            f"the OME-XML's image is {sizes['X']}x{sizes['Y']} but its TiffData's IFD {ifd} is {width}x{length}"
+        )
+    for axis in "ZCT":
+        if _ome_int(tiff_data, f"First{axis}", 0, default=0) >= sizes[axis]:
+            raise InvalidImageError(
+                f"the OME-XML's TiffData declares First{axis}={tiff_data.attrib[f'First{axis}']}, beyond "
+                f"Size{axis}={sizes[axis]}"
+            )
 
 
 def _ome_int(element: ElementTree.Element, name: str, least: int, default: int | None = None) -> int:
@@ -513,6 +535,8 @@ def _check_jpeg(data: bytes, offset: int, count: int, layout: _Layout, index: in
     marker, rows, columns, components = frame
     if marker not in _JPEG_FRAMES:
         raise UnsupportedImageError(f"a JPEG strip or tile of the TIFF uses a JPEG process we do not read ({marker:X})")
+    if bytes(segment).count(b"\xff\xda") > MAX_JPEG_SCANS:  # 0xFFDA cannot occur inside entropy-coded data
+        raise InvalidImageError(f"a JPEG strip or tile of the TIFF holds over {MAX_JPEG_SCANS} scans")
     allowed_rows, allowed_columns = layout.allowed(index)
     if rows not in allowed_rows or columns not in allowed_columns or components != layout.samples:
         raise InvalidImageError(

@@ -15,7 +15,7 @@ import tifffile
 
 from app.ml.errors import ImageTooLargeError, InvalidImageError, UnsupportedImageError
 from app.ml.imageio import ImageLimits, check_geometry, declared_shape, decode_stack
-from app.ml.tiffbudget import MAX_SUBIFDS, SAMPLE_BYTES
+from app.ml.tiffbudget import MAX_IFDS, MAX_SUBIFDS, SAMPLE_BYTES
 from tests.ml import hostile_tiffs as hostile
 
 NOTHING_DECODED = 8 * 1024 * 1024  # bytes a refused upload may take in Python (tracemalloc): its metadata only
@@ -59,7 +59,7 @@ def test_an_ome_tiff_declaring_300_million_planes_is_refused_before_tifffile_lay
     assert len(data) < 2_000
     refused, peak = traced(lambda: decode_stack(data))
     assert isinstance(refused, InvalidImageError) and not isinstance(refused, ImageTooLargeError)
-    assert "PlaneCount=300000000, beyond the file's 1 pages" in str(refused)
+    assert "declares 300,000,000 planes from IFD 0, beyond the file's 1 pages" in str(refused)
     assert peak < NOTHING_DECODED
 
 
@@ -70,6 +70,23 @@ def test_an_ome_image_declaring_more_pixels_than_the_limit_stops_at_its_declarat
     refused, peak = traced(lambda: decode_stack(data))
     assert isinstance(refused, ImageTooLargeError) and "16x16 x 200,000 planes" in str(refused)
     assert peak < NOTHING_DECODED
+
+
+def test_an_ome_image_must_be_the_size_of_the_page_it_starts_at():
+    """Else tifffile lays out one list entry per declared pixel over the page's: 384 MB for a 1x1 page."""
+    xml = hostile.ome_xml(4800, 5000, '<TiffData IFD="0" PlaneCount="1"/>')
+    refused, peak = traced(lambda: decode_stack(hostile.write([hostile.Page(1, 1, [b"\x00"], description=xml)])))
+    assert isinstance(refused, InvalidImageError) and "image is 4800x5000 but its TiffData's IFD 0 is 1x1" in str(
+        refused
+    )
+    assert peak < NOTHING_DECODED
+
+
+def test_a_jpeg_segment_of_too_many_scans_is_refused():
+    stream = hostile.jpeg_with_header(16, 16)
+    scans = stream[: stream.index(b"\xff\xd9")] + b"\xff\xda\x00\x08\x01\x01\x00\x00\x3f\x00" * 101 + b"\xff\xd9"
+    with pytest.raises(InvalidImageError, match="over 100 scans"):
+        decode_stack(hostile.write([hostile.Page(16, 16, [scans], compression=7)]))
 
 
 def test_samples_per_pixel_count_2400x2400_with_450_planar_samples():
@@ -190,6 +207,14 @@ def test_more_pages_than_the_limit_could_hold_stop_the_count():
     with pytest.raises(ImageTooLargeError):
         decode_stack(data, ImageLimits(max_pixels=16 * 16 * 40))
     assert len(decode_stack(data, ImageLimits(max_pixels=16 * 16 * 50)).frames) == 50
+
+
+def test_more_than_10000_pages_are_refused_whatever_their_pixels():
+    data = hostile.write([hostile.Page(16, 16, [bytes(256)]) for _ in range(MAX_IFDS + 1)])
+    assert declared_shape(data) is None  # the pipeline admits nothing for it: decoding refuses it at once
+    refused, peak = traced(lambda: decode_stack(data))
+    assert isinstance(refused, ImageTooLargeError) and "more than 10,000 pages" in str(refused)
+    assert peak < NOTHING_DECODED
 
 
 def test_too_many_subifds_are_refused():
