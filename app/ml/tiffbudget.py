@@ -8,16 +8,18 @@ their samples and sample type), after checks that keep tifffile's own reading of
 1. The file's structure, walked here first (`_Structure`): a bounded number of IFDs, no IFD loops, a bounded number
    of tag values tifffile keeps as Python tuples, a bounded ImageDescription (tifffile parses it as OME-XML, JSON or
    ImageJ text).
-2. The OME-XML, checked here before tifffile reads it: valid DimensionOrder, sizes and TiffData within the file,
-   nothing tifffile would allocate in proportion to a declared number. An image declaring more than the limit stops
-   here with its declared size.
+2. The OME-XML, checked here before tifffile reads it: valid DimensionOrder, sizes, TiffData within the file and
+   images the size of the pages they start at, so that tifffile allocates nothing in proportion to a declared
+   number. Images declaring more than the limit stop here with their declared size.
 3. The series: unique axes with Y and X, a sample type we read, every page decoded with the series' own geometry.
 4. Every page decoded: a compression the README promises (uncompressed, LZW, Deflate, Zstandard, PackBits, JPEG),
    the strip or tile count its geometry implies, segments no larger than their pixels could need, and JPEG
    segments whose own header declares the strip's or tile's size (libjpeg decodes a JPEG at its header's size).
 
 LZW, Deflate, Zstandard and PackBits segments are decoded by tifffile into a buffer of the segment's size, so a
-segment that would inflate further is cut there (bounded, and then refused as corrupt).
+segment that would inflate further is cut there (bounded, and then refused as corrupt). The file is opened alone
+(an OME-XML naming other files never opens them) and read as tifffile's shaped, ImageJ or OME layout, or as plain
+pages; the other layouts tifffile knows (LSM, NDPI, SVS, Micro-Manager...) are read as plain pages.
 """
 
 from __future__ import annotations
@@ -60,7 +62,6 @@ MAX_XML_ELEMENTS = 50_000
 MAX_MODULO_LABELS = 100_000  # an OME modulo annotation's Start..End in Steps, which tifffile expands
 MAX_JPEG_SCANS = 100  # a progressive JPEG has about 10; each scan is a pass over the whole segment
 SEGMENT_SLACK = 64 * 1024  # bytes a compressed strip or tile may hold beyond 4x its pixels (JPEG headers, tables)
-SERIES_KINDS = ("shaped", "ome", "imagej", "uniform")  # what tifffile may recognise; other formats read as pages
 _OTHER_LAYOUTS = "lsm mmstack ndtiff fluoview stk sis svs scn qpi ndpi bif avs eer philips scanimage nih mdgel indica"
 _EXOTIC = {f"is_{kind}": False for kind in _OTHER_LAYOUTS.split() if kind in tifffile.TIFF.FILE_FLAGS}
 _TYPE_SIZES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 4, 12: 8, 13: 4, 16: 8, 17: 8, 18: 8}
@@ -138,13 +139,13 @@ class Decodable:
         """The pixels counted, in the series' axes; several series are decoded each into its place in one array."""
         selected = self.selected
         if len(selected.series) == 1:
-            decoded = selected.series[0].asarray(maxworkers=1, buffersize=_BUFFER)
+            decoded = selected.series[0].asarray(buffersize=_BUFFER)
             if decoded.size != math.prod(selected.shape):
                 raise InvalidImageError(f"the TIFF decoded to {decoded.shape}, not the {selected.shape} counted")
             return decoded.reshape(selected.shape)
         out = np.empty(selected.shape, selected.dtype)
         for series, part in zip(selected.series, out, strict=True):
-            series.asarray(out=part, maxworkers=1, buffersize=_BUFFER)
+            series.asarray(out=part, buffersize=_BUFFER)
         return out
 
 
@@ -302,7 +303,7 @@ def _check_ome(xml: str, structure: _Structure, max_pixels: int) -> None:
             shape = _ome_pixels(element, structure, root.attrib.get("UUID"))
             declared += shape.height * shape.width * shape.planes
             first = first or shape
-        elif tag.startswith("Along") and "Start" in element.attrib:
+        elif tag[:-1].endswith("Along") and "Start" in element.attrib:  # ModuloAlongZ, as tifffile finds it
             _ome_modulo(element)
     if first is not None and declared > max_pixels:
         planes = math.ceil(declared / (first.height * first.width))

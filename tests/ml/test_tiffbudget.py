@@ -243,6 +243,25 @@ def test_an_oversized_description_is_refused_before_tifffile_parses_it():
         decode_stack(hostile.write([page]))
 
 
+def test_an_ome_modulo_annotation_over_a_huge_range_is_refused_before_tifffile_expands_it():
+    modulo = (
+        '<StructuredAnnotations><XMLAnnotation ID="Annotation:0" Namespace="openmicroscopy.org/omero/dimension/modulo">'
+        '<Value><Modulo namespace="http://www.openmicroscopy.org/Schemas/Additions/2011-09">'
+        '<ModuloAlongZ Type="other" Start="0" End="1e12" Step="1e-9"/></Modulo></Value></XMLAnnotation>'
+        "</StructuredAnnotations></OME>"
+    )
+    xml = hostile.ome_xml(16, 16, '<TiffData IFD="0" PlaneCount="1"/>').replace("</OME>", modulo)
+    refused, peak = traced(lambda: decode_stack(hostile.write([hostile.small_page(xml)])))
+    assert isinstance(refused, InvalidImageError) and "modulo annotation" in str(refused)
+    assert peak < NOTHING_DECODED
+
+
+def test_ome_xml_of_too_many_elements_is_refused_before_it_is_parsed():
+    xml = hostile.ome_xml(16, 16, '<TiffData IFD="0" PlaneCount="1"/>' + "<a/>" * 60_000)
+    with pytest.raises(InvalidImageError, match="OME-XML has over 50,000 elements"):
+        decode_stack(hostile.write([hostile.small_page(xml)]))
+
+
 def test_ome_xml_never_opens_another_file(tmp_path):
     """An OME-TIFF may name the files that hold its planes; an upload's never opens one on the server."""
     secret = tmp_path / "secret.ome.tif"
