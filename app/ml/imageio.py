@@ -1,8 +1,9 @@
 """Decode uploaded bytes into grayscale float frames, refusing anything unsafe before allocating it.
 
-PNG and JPEG go through Pillow, TIFF through tifffile with imagecodecs (every common compression, OME-TIFF and
-ImageJ hyperstacks with their axes, 16-bit, float). Every reader looks at the header first: dimensions and planes
-are checked before any pixel is decoded, so a decompression bomb costs nothing.
+PNG and JPEG go through Pillow, TIFF through tifffile with imagecodecs (the compressions the README promises,
+OME-TIFF and ImageJ hyperstacks with their axes, 16-bit, float). Every reader looks at the header first: dimensions
+and planes are checked before any pixel is decoded, so a decompression bomb costs nothing. For a TIFF, "the header"
+is what tifffile will decode: its series, every page and sample of it, and every strip or tile (app.ml.tiffbudget).
 
 A TIFF's axes decide what its planes are: Y and X are the image; C (channels) or S (samples, such as RGB) are
 reduced to one gray plane (the chosen channel, or the luminance of RGB); every other axis (Z, T, pages...) makes
@@ -19,6 +20,7 @@ import numpy as np
 import tifffile
 from PIL import Image, UnidentifiedImageError
 
+from app.ml import tiffbudget
 from app.ml.errors import ImageTooLargeError, InvalidImageError, UnsupportedImageError
 
 MAX_PIXELS = 24_000_000  # sized to fit the service in a 2 GB container: docs/reliability.md
@@ -100,14 +102,15 @@ def image_size(path: str | Path) -> tuple[int, int]:
     return shape[0], shape[1]
 
 
-def declared_shape(data: bytes) -> tuple[int, int, int] | None:
-    """(height, width, planes) as the image file's header declares them, without decoding any pixel; None when
-    the header cannot be read (decoding the file then says what is wrong). Planes counts frames and channels."""
+def declared_shape(data: bytes, limits: ImageLimits | None = None) -> tuple[int, int, int] | None:
+    """(height, width, planes) that decoding the image file will allocate, without decoding any pixel; None when
+    it cannot be read (decoding the file then says what is wrong). Planes counts frames and channels (and, in a
+    TIFF, samples beyond tiffbudget.SAMPLE_BYTES per pixel): check_geometry counts height x width x planes. A TIFF is
+    counted from the series tifffile will decode, not its first page; `limits` bounds the work of counting it."""
     try:
         if data[:4] in _TIFF_MAGIC:
-            with tifffile.TiffFile(io.BytesIO(data)) as tif:
-                page = tif.pages.first
-                return int(page.imagelength), int(page.imagewidth), _tiff_planes(tif)
+            shape = tiffbudget.declared_tiff_shape(data, (limits or ImageLimits()).max_pixels)
+            return shape.height, shape.width, shape.planes
         with Image.open(io.BytesIO(data)) as img:
             return img.height, img.width, getattr(img, "n_frames", 1)
     except Exception:
@@ -123,7 +126,7 @@ def check_geometry(height: int, width: int, planes: int, limits: ImageLimits) ->
     """InvalidImageError (ImageTooLargeError when too large) for a shape the limits refuse; every plane of a stack
     counts against the pixel limit, as every plane is decoded."""
     if height * width * planes > limits.max_pixels:
-        in_planes = f" x {planes} planes" if planes > 1 else ""
+        in_planes = f" x {planes:,} planes" if planes > 1 else ""
         raise ImageTooLargeError(
             f"the image declares {width}x{height}{in_planes} = {width * height * planes:,} pixels, over the limit "
             f"of {limits.max_pixels:,}. {ACCEPTED}"
@@ -163,40 +166,22 @@ def _pillow_pixels(img: Image.Image) -> np.ndarray:
 
 
 def _decode_tiff(data: bytes, limits: ImageLimits, channel: str | None) -> ImageStack:
+    def admit(shape: tiffbudget.TiffShape) -> None:
+        check_geometry(shape.height, shape.width, shape.planes, limits)
+
     try:
-        with tifffile.TiffFile(io.BytesIO(data)) as tif:
-            page = tif.pages.first
-            check_geometry(int(page.imagelength), int(page.imagewidth), _tiff_planes(tif), limits)
-            pixels, axes = _tiff_pixels(tif)
-            names = _ome_channel_names(tif) if "C" in axes else _RGB_NAMES if "S" in axes else ()
-    except InvalidImageError:
-        raise
+        with tiffbudget.opened(data, limits.max_pixels, admit) as tiff:
+            pixels, axes = tiff.decode(), tiff.axes
+            names = _ome_channel_names(tiff.tif) if "C" in axes else _RGB_NAMES if "S" in axes else ()
+    except InvalidImageError as exc:
+        if ACCEPTED in str(exc):
+            raise
+        raise type(exc)(f"{exc}. {ACCEPTED}") from exc
     except Exception as exc:  # tifffile raises many types for broken files; all mean "not readable"
         if "imagecodecs" in str(exc):  # a codec this installation lacks: the file is fine
             raise UnsupportedImageError(f"this TIFF's compression cannot be decoded here ({exc}). {ACCEPTED}") from exc
         raise InvalidImageError(f"the TIFF is truncated or corrupt ({exc}). {ACCEPTED}") from exc
     return _frames(pixels, axes, channel, names)
-
-
-def _tiff_pixels(tif: tifffile.TiffFile) -> tuple[np.ndarray, str]:
-    """The TIFF's pixels and their axes: its one series, or pages written one by one (several series of the same
-    shape) stacked along a page axis "I"."""
-    series = tif.series
-    if len(series) == 1:
-        return series[0].asarray(), series[0].axes
-    if len({(s.shape, s.axes, s.dtype) for s in series}) > 1:
-        shapes = ", ".join(str(s.shape) for s in series[:4])
-        raise InvalidImageError(f"the TIFF holds {len(series)} images of different shapes ({shapes}). {ACCEPTED}")
-    return np.stack([s.asarray() for s in series]), "I" + series[0].axes
-
-
-def _tiff_planes(tif: tifffile.TiffFile) -> int:
-    """Pages, or planes of a stack stored in one page: every axis but height, width and samples."""
-    planes = len(tif.pages)
-    for series in tif.series[:1]:
-        sizes = [size for size, axis in zip(series.shape, series.axes, strict=True) if axis not in "YXS"]
-        planes = max(planes, int(np.prod(sizes)) if sizes else 1)
-    return planes
 
 
 def _ome_channel_names(tif: tifffile.TiffFile) -> tuple[str, ...]:
@@ -223,9 +208,11 @@ def _frames(pixels: np.ndarray, axes: str, channel: str | None, names: tuple[str
     pixels, taken = _pick_channel(pixels, rest, channel, names)
     layout = FrameLayout(frame_axes, frame_shape, taken)
     if pixels.ndim == 4:  # RGB(A) samples left: their luminance
-        gray = np.tensordot(_scale_to_unit(pixels[..., :3]), _LUMA, axes=([3], [0]))
-        return ImageStack(np.ascontiguousarray(gray, dtype=np.float32), layout)
-    return ImageStack(np.stack([_scale_to_unit(frame) for frame in pixels]), layout)
+        return ImageStack(_luminance(pixels[..., :3]), layout)
+    frames = np.empty(pixels.shape, np.float32)  # filled frame by frame: one frame's floats at a time beside it
+    for index, frame in enumerate(pixels):
+        frames[index] = _scale_to_unit(frame)
+    return ImageStack(frames, layout)
 
 
 def _pick_channel(
@@ -256,7 +243,7 @@ def _channel_index(channel: str, count: int, names: tuple[str, ...]) -> int:
     lowered = [name.lower() for name in names[:count]]
     if channel.lower() in lowered:
         return lowered.index(channel.lower())
-    if channel.isdigit() and int(channel) < count:
+    if channel.isascii() and channel.isdigit() and int(channel) < count:  # not "²": isdigit() yet not int()
         return int(channel)
     known = f" ({', '.join(names[:count])})" if names else ""
     raise InvalidImageError(
@@ -264,19 +251,49 @@ def _channel_index(channel: str, count: int, names: tuple[str, ...]) -> int:
     )
 
 
+def _luminance(rgb: np.ndarray) -> np.ndarray:
+    """(..., 3) RGB -> (...) float32 luminance in [0, 1], the three scaled as one; one colour's floats at a time."""
+    low, span = _unit_range(rgb)
+    gray = np.zeros(rgb.shape[:-1], np.float32)
+    if span == 0:
+        return gray
+    for index, weight in enumerate(_LUMA):
+        channel = _to_unit(rgb[..., index], low, span)
+        channel *= weight
+        gray += channel
+    return gray
+
+
 def _scale_to_unit(pixels: np.ndarray) -> np.ndarray:
+    low, span = _unit_range(pixels)
+    return _to_unit(pixels, low, span) if span else np.zeros(pixels.shape, np.float32)
+
+
+def _to_unit(pixels: np.ndarray, low: float, span: float) -> np.ndarray:
+    unit = pixels.astype(np.float32)
+    if low:
+        unit -= low
+    if span != 1:
+        unit /= np.float32(span) if np.issubdtype(pixels.dtype, np.integer) else span
+    return np.clip(unit, 0.0, 1.0, out=unit)
+
+
+def _unit_range(pixels: np.ndarray) -> tuple[float, float]:
+    """(low, span) that map the pixels to [0, 1] as (pixels - low) / span, then clipped; span 0: all zero.
+    Integers: their type's range; floats already in [0, 1]: as they are; other floats: their own minimum to
+    maximum."""
     if pixels.dtype == np.bool_:
-        return pixels.astype(np.float32)
+        return 0.0, 1.0
     if np.issubdtype(pixels.dtype, np.integer):
         top = np.iinfo(pixels.dtype).max
         if pixels.dtype in (np.int32, np.uint32, np.int64, np.uint64):
             # Pillow stores 16-bit PNGs as int32 ("I" mode): use the range the values can really take.
             top = 65535 if pixels.max(initial=0) <= 65535 else top
-        return np.clip(pixels.astype(np.float32) / np.float32(top), 0.0, 1.0)
-    pixels = pixels.astype(np.float32)
-    if not np.isfinite(pixels).all():
+        return 0.0, float(top)
+    with np.errstate(over="ignore"):  # the range as float32, which the pixels become: beyond it is infinite
+        low, high = float(np.float32(pixels.min())), float(np.float32(pixels.max()))
+    if not (np.isfinite(low) and np.isfinite(high)):  # NaN too: min and max carry it
         raise InvalidImageError(f"the image contains NaN or infinite values. {ACCEPTED}")
-    low, high = float(pixels.min()), float(pixels.max())
     if low >= 0.0 and high <= 1.0:  # already in [0, 1], the usual float convention: kept, as 8-bit / 255 would be
-        return pixels
-    return (pixels - low) / (high - low) if high > low else np.zeros_like(pixels)
+        return 0.0, 1.0
+    return (low, high - low) if high > low else (0.0, 0.0)

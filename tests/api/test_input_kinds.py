@@ -70,8 +70,10 @@ KINDS: dict[str, Kind] = {
     "8-bit PNG": Kind("Pillow", lambda: png(GRAY), "the reference: the cells every other kind is compared with"),
     "TIFF, uncompressed": Kind("`imwrite(a)`", lambda: tiff(GRAY), "the same cells"),
     **{f"TIFF, {name}": Kind(f"`compression={value!r}`", lambda v=value: tiff(GRAY, compression=v), "the same cells")
-       for name, value in [("LZW", "lzw"), ("Deflate", "zlib"), ("PackBits", "packbits"), ("Zstandard", "zstd"),
-                           ("LZMA", "lzma")]},
+       for name, value in [("LZW", "lzw"), ("Deflate", "zlib"), ("PackBits", "packbits"), ("Zstandard", "zstd")]},
+    "TIFF, LZMA": Kind("`compression='lzma'`", lambda: tiff(GRAY, compression="lzma"),
+                       "415: the TIFF's compression LZMA (34925) is not one we read: uncompressed, LZW, Deflate, "
+                       "Zstandard, PackBits or JPEG", same_cells=None, status=415),
     "TIFF, tiled, LZW": Kind("`tile=(64, 64), compression='lzw'`", lambda: tiff(GRAY, tile=(64, 64), compression="lzw"),
                              "the same cells"),
     "BigTIFF": Kind("`bigtiff=True`", lambda: tiff(GRAY, bigtiff=True), "the same cells"),

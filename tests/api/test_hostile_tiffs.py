@@ -1,0 +1,111 @@
+"""Issue 26's hostile TIFFs against a real server (the bundled model, CELLSEG_MAX_PIXELS lowered to 4 M so the
+files stay small): each answered with a JSON 4xx before decoding, the server's peak memory unchanged; then fuzzed
+TIFFs, every one a 200 or a JSON 4xx. docs/reliability.md has the same files at the issue's own sizes, measured."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from app.bench.localserver import LocalServer, running_server
+from app.ml.imageio import ImageLimits
+from tests.conftest import MODEL_STORE
+from tests.ml import hostile_tiffs as hostile
+from tests.ml import tiff_fuzz
+
+pytestmark = pytest.mark.slow
+
+MAX_PIXELS = 4_000_000
+UNCHANGED_MIB = 48  # the most a refused upload may add to the server's peak: parsing its upload, not its pixels
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServer]:
+    log = tmp_path_factory.mktemp("hostile") / "server.log"
+    settings = {"model_store": str(MODEL_STORE), "compile": "false", "torch_threads": "2", "max_pixels": "4000000"}
+    with running_server(log, timeout=300, **settings) as running:
+        httpx.post(f"{running.url}/segment", files={"file": ("a.tif", hostile.two_channels())}, params={"channel": "0"})
+        yield running
+
+
+def peak_mib(server: LocalServer) -> float:
+    return server.memory_kib()["VmHWM"] / 1024
+
+
+CASES = {
+    # 1. a 16x16 first page; the OME-XML's image is the 3000x2000 second page (6 MPx, over the 4 MPx limit)
+    "ome-hidden-page": (lambda: hostile.ome_hidden_page(3000, 2000), {}, 413, "3000x2000 = 6,000,000 pixels"),
+    # 2. 300,000,000 planes declared in 1.6 KB
+    "ome-plane-count": (hostile.ome_plane_count, {}, 422, "declares 300,000,000 planes from IFD 0, beyond the file's"),
+    # 3. 1000x1000 (1 MPx) with 450 planar samples
+    "planar-samples": (lambda: hostile.planar_samples(1000, 1000, 450), {}, 413, "1000x1000 x 57 planes"),
+    # 4. image codecs inside a 16x16 TIFF
+    "png-strip": (lambda: hostile.png_strip(20_000), {}, 415, "compression PNG (34933) is not one we read"),
+    "jpeg2000-strip": (hostile.jpeg2000_strip, {}, 415, "compression JPEG2000 (34712) is not one we read"),
+    "jpeg-strip-lying": (
+        lambda: hostile.jpeg_strip_lying(20_000, 20_000),
+        {},
+        422,
+        "declares 20000x20000 pixels of 1 samples in its own header",
+    ),
+    # 8. values that reached the code unchecked (plain-text 500s before)
+    "bits-per-sample-0": (lambda: hostile.bits_per_sample(0), {}, 415, "(0-bit, SampleFormat 1) are not a type"),
+    "bits-per-sample-128": (lambda: hostile.bits_per_sample(128), {}, 415, "(128-bit, SampleFormat 1) are not"),
+    "shaped-axes-YYX": (hostile.shaped_axes, {}, 422, "axes 'YYX'"),
+    "ome-order-XYZZT": (lambda: hostile.ome_dimension_order("XYZZT"), {}, 422, "DimensionOrder 'XYZZT'"),
+    "ome-order-XYXYT": (lambda: hostile.ome_dimension_order("XYXYT"), {}, 422, "DimensionOrder 'XYXYT'"),
+    **{
+        f"channel-{name}": (hostile.two_channels, {"channel": text}, 422, f"channel={text!r} is not in this image")
+        for name, text in [("superscript-2", "²"), ("superscript-1", "¹"), ("circled-1", "①"), ("ethiopic-1", "፩")]
+    },
+    "channel-superscript-0-streamed": (hostile.two_channels, {"channel": "⁰"}, 422, "channel='⁰' is not in this"),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_each_hostile_tiff_gets_a_json_4xx_before_decoding(server, name):
+    make, params, status, detail = CASES[name]
+    data = make()
+    before = peak_mib(server)
+    headers = {"X-Request-ID": f"hostile-{name}"}
+    streamed = name.endswith("-streamed")
+    if streamed:
+        headers["Accept"] = "text/event-stream"
+    started = time.perf_counter()
+    answer = httpx.post(
+        f"{server.url}/segment", params=params, files={"file": ("h.tif", data)}, headers=headers, timeout=120
+    )
+    seconds = time.perf_counter() - started
+    if streamed:  # the stream has begun (200): the error is its last event
+        assert answer.status_code == 200
+        event, data = answer.text.strip().split("\n\n")[-1].split("\n")
+        error = json.loads(data.removeprefix("data: "))
+        assert event == "event: error" and error["status"] == status and detail in error["detail"], answer.text
+    else:
+        assert answer.status_code == status, answer.text
+        assert detail in answer.json()["detail"]
+    assert answer.headers["x-request-id"] == f"hostile-{name}"
+    assert seconds < 10
+    assert peak_mib(server) - before < UNCHANGED_MIB, f"{len(data):,} bytes raised the peak to {peak_mib(server)}"
+    assert httpx.get(f"{server.url}/health", timeout=5).status_code == 200
+
+
+def test_fuzzed_tiffs_get_a_200_or_a_json_4xx_and_never_more_than_the_budget(server):
+    before = peak_mib(server)
+    statuses: dict[int, int] = {}
+    for index, data in enumerate(tiff_fuzz.corpus(120, seed=260)):
+        answer = httpx.post(f"{server.url}/segment", files={"file": (f"{index}.tif", data)}, timeout=120)
+        statuses[answer.status_code] = statuses.get(answer.status_code, 0) + 1
+        assert answer.status_code == 200 or 400 <= answer.status_code < 500, (index, answer.text)
+        assert answer.headers["content-type"] == "application/json", (index, answer.text)
+        body = answer.json()
+        expected = {"detail"} if answer.status_code != 200 else {"frames"} if "frames" in body else {"cells"}
+        assert expected <= body.keys(), (index, answer.text[:300])
+    print(statuses, f"peak {before:.0f} -> {peak_mib(server):.0f} MiB")
+    assert statuses.get(200, 0) >= 10 and sum(statuses.values()) == 120
+    budget_mib = tiff_fuzz.budget_bytes(b"", ImageLimits(max_pixels=MAX_PIXELS)) / 2**20
+    assert peak_mib(server) - before < budget_mib
