@@ -12,7 +12,7 @@ micro-batcher and pipeline. The pixel budget is one for all of them, so no model
   network's forward, shared by every model of the architecture: each compiled load adds two (one per input shape),
   and from the fourth load on the new ones ran eagerly with a warning; what it compiled also stays in memory after
   an unload (docs/operations.md has the figures). So a loaded model runs uncompiled (PyTorch eager, or ONNX Runtime
-  where the backend's `auto` picks it without compiling), and loads in about a second instead of about 20.
+  where the backend's `auto` picks it without compiling), and loads without the compile's wait.
 - A load that fails (a name that is no version, a version not in the store, a bad model.json, a missing or corrupt
   weights file, a failed warm-up) raises with the reason and changes nothing.
 - Unloading takes the model out at once (new requests for it are refused); the requests already using it finish on
