@@ -1,7 +1,8 @@
 """What the Docker image and docker-compose.yml run must exist in the installed package.
 
-There is no Docker engine on CI machines: the Dockerfile is linted by hadolint and the compose file validated by
-docker-compose in .ci/run; this test checks that every command they name is a real entrypoint that starts.
+The Dockerfile is linted by hadolint and the compose file validated by docker-compose in .ci/run; this test checks,
+without a Docker engine, that every command they name is a real entrypoint that starts. tests/test_image.py builds
+and runs the image itself (`.ci/docker`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,10 @@ from app.main import create_app
 from tests.conftest import REPO
 
 SCRIPTS = {e.name for e in entry_points(group="console_scripts") if e.value.startswith("app.")}
+
+
+# The image's own two scripts (deploy/): the entrypoint runs the command it is given, the healthcheck asks /ready.
+CONTAINER_SCRIPTS = {"cellseg-entrypoint": "deploy/entrypoint.sh", "cellseg-healthcheck": "deploy/healthcheck.py"}
 
 
 def dockerfile_commands() -> list[list[str]]:
@@ -44,11 +49,16 @@ def test_the_package_declares_every_entrypoint():
 
 @pytest.mark.parametrize("command", dockerfile_commands() + compose_commands(), ids=lambda c: " ".join(c)[:40])
 def test_every_command_of_the_image_and_compose_file_exists(command):
+    if command[0] in CONTAINER_SCRIPTS:
+        source = CONTAINER_SCRIPTS[command[0]]
+        assert f"COPY {source} /usr/local/bin/{command[0]}" in (REPO / "Dockerfile").read_text()
+        if command[0] == "cellseg-healthcheck":
+            assert "/ready" in (REPO / source).read_text(), "healthy means ready"
+            assert "/ready" in create_app().openapi()["paths"], "the healthcheck polls a real route"
+        command = command[1:]
+        if not command:
+            return
     program = command[0]
-    if program == "python":
-        assert "http://127.0.0.1:8000/health" in command[-1]
-        assert "/health" in create_app().openapi()["paths"], "the healthcheck polls a real route"
-        return
     assert program in SCRIPTS, f"{program} is not a console script of the package"
     executable = shutil.which(program, path=sysconfig.get_path("scripts"))
     assert executable, f"{program} is declared but not installed beside this Python"
@@ -59,6 +69,6 @@ def test_every_command_of_the_image_and_compose_file_exists(command):
 
 def test_the_dockerfile_serves_by_default_as_a_non_root_user():
     text = (REPO / "Dockerfile").read_text()
-    assert dockerfile_commands()[-1] == ["serve"]
+    assert dockerfile_commands()[-2:] == [["cellseg-entrypoint"], ["serve"]]
     assert re.search(r"^USER (?!root|0\b)\S+", text, re.M)
-    assert "COPY model_store" in text
+    assert re.search(r"^COPY (--chown=10001:10001 )?model_store ", text, re.M)

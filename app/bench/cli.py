@@ -38,8 +38,10 @@ from app.bench.service import latency_figures, memory_figures, throughput_figure
 from app.bench.soak import run_soak
 from app.cli import add_model_arguments, inference_options, model_folder, tune_malloc
 from app.ml.serving.runner import pick_device
+from app.samples import path as sample_path
 
-DEFAULT_IMAGE = Path(__file__).resolve().parents[3] / "shared/data/sartorius/test/7ae19de7bc2a.png"
+# A real competition test image shipped inside the package, so bench runs from any install and in the image.
+DEFAULT_IMAGE = sample_path("cells.png")
 
 
 def main(argv: list[str] | None = None) -> None:
