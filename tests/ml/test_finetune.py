@@ -10,7 +10,9 @@ import pytest
 
 from app.evaluate import main as evaluate
 from app.ml.data.kaggle import Sample
-from app.ml.errors import CheckpointError
+from app.ml.data.labelled import open_labelled
+from app.ml.data.split import Split, load_split
+from app.ml.errors import CheckpointError, DatasetError
 from app.ml.training.config import TrainConfig
 from app.ml.training.finetune import MAX_STEPS, MIN_STEPS, LabelledSet, finetune_plan, plan_for
 from app.ml.training.folds import fold_splits
@@ -148,3 +150,9 @@ def test_fine_tuning_with_cross_validation_records_where_it_started_and_its_out_
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["validation"] == pytest.approx(
         validation["score"], abs=1e-3
     )
+
+
+def test_a_split_naming_images_the_folders_lack_says_which_and_what_to_give(synth_dataset):
+    data = open_labelled([synth_dataset])
+    with pytest.raises(DatasetError, match=r"1 image\(s\) these folders do not hold, e.g. \['elsewhere'\]"):
+        load_split(data, Split("sample", data.image_ids[:2], ["elsewhere"]))

@@ -9,6 +9,7 @@ from typing import Protocol
 import numpy as np
 
 from app.ml.data.kaggle import Sample
+from app.ml.errors import DatasetError
 
 
 class Records(Protocol):
@@ -87,8 +88,14 @@ def _rows(sample: Sample, rows: slice) -> Sample:
 
 
 def load_split(dataset: Records, split: Split) -> tuple[list[Sample], list[Sample]]:
-    """Load the (train, validation) Samples a split names."""
+    """Load the (train, validation) Samples a split names; DatasetError naming the images the data lacks."""
     index = {image_id: i for i, image_id in enumerate(dataset.image_ids)}
+    missing = [i for i in (*split.train_ids, *split.val_ids) if i not in index]
+    if missing:
+        raise DatasetError(
+            f"the split names {len(missing)} image(s) these folders do not hold, e.g. {missing[:3]}: give the folders "
+            "the model was trained on (its model.json lists them under training.data.paths)"
+        )
     if split.kind == "rows":
         parts = [split_rows(dataset.load(index[i]), split.holdout_rows) for i in split.train_ids]
         return [p[0] for p in parts], [p[1] for p in parts]
