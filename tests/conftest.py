@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
+import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -82,3 +86,16 @@ def trained_model(synth_train_data: Path, tmp_path_factory: pytest.TempPathFacto
         "--val-fraction", "0.34", "--val-every", "4", "--torch-threads", "2",
     ])  # fmt: skip
     return store / "synth-v1"
+
+
+def wait_until_nginx_listens(process: subprocess.Popen, port: int, log: Path, seconds: float = 10.0) -> None:
+    """Return once the nginx just started listens on 127.0.0.1:`port`; fail with its error log if it exits first or
+    takes longer than `seconds`."""
+    deadline = time.monotonic() + seconds
+    while True:
+        if process.poll() is not None:
+            pytest.fail(f"nginx exited with code {process.returncode}:\n{log.read_text()}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+            return
+        assert time.monotonic() < deadline, f"nginx did not listen within {seconds:.0f} s:\n{log.read_text()}"
+        time.sleep(0.05)

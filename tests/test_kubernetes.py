@@ -18,7 +18,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -29,7 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from app.api.metrics import Metrics
 from app.config import Settings
-from tests.conftest import REPO
+from tests.conftest import REPO, wait_until_nginx_listens
 
 KUBERNETES = REPO / "deploy" / "kubernetes"
 VARIANTS = ("base", "gpu", "store", "train")  # every kustomization a person applies (docs/scale.md)
@@ -436,14 +435,7 @@ def metrics_proxy(tmp: Path, upstream_port: int) -> Iterator[str]:
                    "-g", "daemon off;"]  # fmt: skip
         process = subprocess.Popen(command, stdout=errors, stderr=errors)
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"nginx exited with code {process.returncode}:\n{log.read_text()}")
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
-            assert time.monotonic() < deadline, f"nginx did not listen within 10 s:\n{log.read_text()}"
-            time.sleep(0.05)
+        wait_until_nginx_listens(process, port, log)
         yield f"http://127.0.0.1:{port}"
     finally:
         process.send_signal(signal.SIGQUIT)

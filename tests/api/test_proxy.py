@@ -30,7 +30,7 @@ from app.ml.data.synth import generate_image
 from app.ml.imageio import to_uint8
 from tests.api.conftest import png
 from tests.api.test_segment import decode_cells
-from tests.conftest import REPO
+from tests.conftest import REPO, wait_until_nginx_listens
 
 pytestmark = pytest.mark.slow
 
@@ -100,14 +100,7 @@ def running_nginx(tmp: Path, upstream: str, **directives: str) -> Iterator[Proxy
         command = [nginx_binary(), "-e", "stderr", "-p", str(tmp), "-c", str(conf), "-g", "daemon off;"]
         process = subprocess.Popen(command, stdout=requests, stderr=errors)
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"nginx exited with code {process.returncode}:\n{log.read_text()}")
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
-            assert time.monotonic() < deadline, f"nginx did not listen within 10 s:\n{log.read_text()}"
-            time.sleep(0.05)
+        wait_until_nginx_listens(process, port, log)
         yield Proxy(f"http://127.0.0.1:{port}", port, access_log)
     finally:
         process.send_signal(signal.SIGQUIT)
