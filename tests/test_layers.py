@@ -95,10 +95,9 @@ def test_importing_the_settings_does_not_load_torch():
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
 
 
-def test_the_readmes_layout_names_every_module_of_the_app():
-    """README.md's Layout section is the map of app/: each module's name is in it."""
-    readme = (REPO / "README.md").read_text()
-    layout = readme[readme.index("## Layout") :]
-    layout = layout[: layout.index("```", layout.index("```") + 3)]
+def test_the_layout_names_every_module_of_the_app():
+    """docs/layout.md is the map of app/: each module's name is in it."""
+    text = (REPO / "docs" / "layout.md").read_text()
+    layout = text[: text.index("```", text.index("```") + 3)]
     names = {p.stem for p in APP.rglob("*.py") if p.stem not in ("__init__", "__main__")}
     assert not {n for n in names if not re.search(rf"\b{n}\b", layout)}
