@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -86,6 +89,37 @@ def trained_model(synth_train_data: Path, tmp_path_factory: pytest.TempPathFacto
         "--val-fraction", "0.34", "--val-every", "4", "--torch-threads", "2",
     ])  # fmt: skip
     return store / "synth-v1"
+
+
+def nginx_binary() -> str:
+    """nginx on PATH or in /usr/sbin (often not on a user's PATH); skipped without it, except in CI."""
+    found = shutil.which("nginx", path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"]))
+    if found:
+        return found
+    message = "nginx not found (PATH, /usr/sbin): install it, e.g. `apt-get install -y nginx-light` on Debian"
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@contextlib.contextmanager
+def started_nginx(conf: Path, prefix: Path, port: int, access_log: Path | None = None) -> Iterator[Path]:
+    """A real nginx with `conf` (prefix `prefix`), listening on 127.0.0.1:`port`: yields its error log (stderr), and
+    its access log goes to `access_log` (stdout) where given; stopped gracefully (SIGQUIT) after."""
+    log = prefix / "error.log"
+    command = [nginx_binary(), "-e", "stderr", "-p", str(prefix), "-c", str(conf), "-g", "daemon off;"]
+    with log.open("w") as errors, (access_log or log).open("a") as requests:
+        process = subprocess.Popen(command, stdout=requests, stderr=errors)
+    try:
+        wait_until_nginx_listens(process, port, log)
+        yield log
+    finally:
+        process.send_signal(signal.SIGQUIT)
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def wait_until_nginx_listens(process: subprocess.Popen, port: int, log: Path, seconds: float = 10.0) -> None:

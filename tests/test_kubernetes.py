@@ -13,7 +13,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -28,7 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from app.api.metrics import Metrics
 from app.config import Settings
-from tests.conftest import REPO, wait_until_nginx_listens
+from tests.conftest import REPO, started_nginx
 
 KUBERNETES = REPO / "deploy" / "kubernetes"
 VARIANTS = ("base", "gpu", "store", "train")  # every kustomization a person applies (docs/scale.md)
@@ -407,13 +406,6 @@ def test_every_part_runs_the_same_image(manifests):
 # ---------------------------------------------------------------------------------------------- the metrics proxy
 
 
-def nginx_binary() -> str:
-    found = shutil.which("nginx", path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"]))
-    if not found:
-        in_ci_fail_else_skip("nginx not found (PATH, /usr/sbin): install it, e.g. `apt-get install -y nginx-light`")
-    return found
-
-
 @contextlib.contextmanager
 def metrics_proxy(tmp: Path, upstream_port: int) -> Iterator[str]:
     """deploy/kubernetes/base/metrics-proxy.conf in a real nginx, its upstream, port and /tmp paths moved."""
@@ -429,21 +421,8 @@ def metrics_proxy(tmp: Path, upstream_port: int) -> Iterator[str]:
         assert text.count(old) == count, old
         text = text.replace(old, new)
     (tmp / "metrics-proxy.conf").write_text(text)
-    log = tmp / "error.log"
-    with log.open("w") as errors:
-        command = [nginx_binary(), "-e", "stderr", "-p", str(tmp), "-c", str(tmp / "metrics-proxy.conf"),
-                   "-g", "daemon off;"]  # fmt: skip
-        process = subprocess.Popen(command, stdout=errors, stderr=errors)
-    try:
-        wait_until_nginx_listens(process, port, log)
+    with started_nginx(tmp / "metrics-proxy.conf", tmp, port):
         yield f"http://127.0.0.1:{port}"
-    finally:
-        process.send_signal(signal.SIGQUIT)
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def test_the_metrics_proxy_hands_the_bearer_token_on_as_the_api_key(stand_in, tmp_path):

@@ -8,12 +8,8 @@ expected, so the config tested is the one compose runs.
 from __future__ import annotations
 
 import contextlib
-import os
 import re
-import shutil
-import signal
 import socket
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -30,7 +26,7 @@ from app.ml.data.synth import generate_image
 from app.ml.imageio import to_uint8
 from tests.api.conftest import png
 from tests.api.test_segment import decode_cells
-from tests.conftest import REPO, wait_until_nginx_listens
+from tests.conftest import REPO, started_nginx
 
 pytestmark = pytest.mark.slow
 
@@ -39,17 +35,6 @@ LIMIT = 64 * 1024  # the rendered body limit, so a refused upload is small
 TIMEOUT = 2  # seconds, the rendered client_header_timeout and client_body_timeout
 IMAGE = png(to_uint8(generate_image(np.random.default_rng(5), 256, 256, "cort").image))
 ACCEPTED = "send a smaller image (PNG, JPEG or TIFF)"
-
-
-def nginx_binary() -> str:
-    """nginx on PATH or in /usr/sbin (often not on a user's PATH); skipped without it, except in CI."""
-    found = shutil.which("nginx", path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"]))
-    if found:
-        return found
-    message = "nginx not found (PATH, /usr/sbin): install it, e.g. `apt-get install -y nginx` on Debian or Ubuntu"
-    if os.environ.get("CI"):
-        pytest.fail(message)
-    pytest.skip(message)
 
 
 def render(tmp: Path, upstream: str, port: int, **directives: str) -> str:
@@ -95,20 +80,9 @@ def running_nginx(tmp: Path, upstream: str, **directives: str) -> Iterator[Proxy
     port = free_port()
     conf = tmp / "nginx.conf"
     conf.write_text(render(tmp, upstream, port, **directives))
-    log, access_log = tmp / "error.log", tmp / "access.log"  # nginx's stderr and its stdout
-    with log.open("w") as errors, access_log.open("w") as requests:
-        command = [nginx_binary(), "-e", "stderr", "-p", str(tmp), "-c", str(conf), "-g", "daemon off;"]
-        process = subprocess.Popen(command, stdout=requests, stderr=errors)
-    try:
-        wait_until_nginx_listens(process, port, log)
+    access_log = tmp / "access.log"  # nginx's stdout
+    with started_nginx(conf, tmp, port, access_log):
         yield Proxy(f"http://127.0.0.1:{port}", port, access_log)
-    finally:
-        process.send_signal(signal.SIGQUIT)
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 @pytest.fixture(scope="module")
