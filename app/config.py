@@ -92,9 +92,16 @@ class Settings(BaseSettings):
     max_active_requests: int = Field(
         64,
         gt=0,
-        description="most /segment requests in progress at once (uploading or being worked on); beyond them, and "
+        description="most /segment requests in progress at once (uploading or being worked on, not while their "
+        "answer is sent); beyond them, and "
         "while the pixels in flight or the queue are full, a request gets 503 with Retry-After before its body "
         "is read",
+    )
+    request_timeout_seconds: float = Field(
+        600.0,
+        gt=0,
+        description="longest a /segment request is worked on once its upload is in, its answer's encoding included; "
+        "past it the work stops and the answer is 504",
     )
 
     max_batch: int = Field(

@@ -4,6 +4,7 @@ the headers that describe it."""
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import quote
 
 from fastapi.responses import Response
 
@@ -43,7 +44,7 @@ def file_response(result: SegmentedFile, output: OutputFormat, version: str) -> 
         headers["X-Cell-Type"] = instances.cell_type
         headers["X-Cell-Type-Probability"] = f"{instances.cell_type_probability:.4f}"
     if layout.channel is not None:
-        headers["X-Channel"] = layout.channel
+        headers["X-Channel"] = header_text(layout.channel)
     return Response(result.file, media_type=output.media_type, headers=headers)
 
 
@@ -84,6 +85,17 @@ def frame_cells(frame: SegmentedFrame) -> dict[str, Any]:
         "cell_type_probability": None if probability is None else round(probability, 4),
         "timings": {f"{stage}_ms": round(seconds * 1000, 2) for stage, seconds in frame.timings.items()},
     }
+
+
+# Printable ASCII but "%": what a header value may hold as it is. Anything else (a channel named "Ca²⁺", or one
+# holding CR LF) is percent-encoded UTF-8, as in a URL, which no header parser can misread.
+_HEADER_SAFE = "".join(chr(code) for code in range(0x20, 0x7F) if chr(code) != "%")
+
+
+def header_text(text: str) -> str:
+    """`text` as a header value: itself where it is printable ASCII, its other characters percent-encoded (UTF-8);
+    `urllib.parse.unquote` reads it back."""
+    return quote(text, safe=_HEADER_SAFE)
 
 
 def server_timing(timings: dict[str, float]) -> str:

@@ -37,6 +37,15 @@ STATUS_OF: list[tuple[type[CellSegError], int]] = [
 RETRY_AFTER = {QueueFullError: "1", ModelNotReadyError: "2"}  # seconds
 
 
+MAX_DETAIL = 2000  # characters of an error's reason an answer holds; what a file names is echoed, and files lie
+
+
+def public_detail(exc: CellSegError) -> str:
+    """The error's reason as an answer gives it: shortened where a file made it long."""
+    text = str(exc)
+    return text if len(text) <= MAX_DETAIL else text[: MAX_DETAIL - 1] + "…"
+
+
 def status_of(exc: CellSegError) -> int:
     return next((status for cls, status in STATUS_OF if isinstance(exc, cls)), 500)
 
@@ -47,7 +56,7 @@ async def handle_cellseg_error(request: Request, exc: CellSegError) -> JSONRespo
     headers = {"Retry-After": retry_after} if retry_after else None
     if status >= 500 and not retry_after:
         log.error("unexpected error: %s", exc, exc_info=exc)
-    return JSONResponse({"detail": str(exc)}, status_code=status, headers=headers)
+    return JSONResponse({"detail": public_detail(exc)}, status_code=status, headers=headers)
 
 
 async def handle_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -7,6 +7,7 @@ then writes its values there, and /metrics, whichever worker answers it, adds up
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
@@ -80,6 +81,7 @@ class Metrics:
         """The metrics in Prometheus' text format: this app's, or every worker's together (see the module's doc)."""
         if MULTIPROCESS_FOLDER not in os.environ:
             return generate_latest(self.registry)
+        forget_dead_workers(Path(os.environ[MULTIPROCESS_FOLDER]))
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
         return generate_latest(registry)
@@ -95,3 +97,23 @@ class Metrics:
 
     def observe_stage(self, stage: str, seconds: float) -> None:
         self.stage.labels(stage).observe(seconds)
+
+
+def forget_dead_workers(folder: Path) -> None:
+    """Drop the live gauges of workers that are gone without a word (SIGKILL, the OOM killer): their files would
+    keep adding their last values (a queue depth of 1 on an idle service) until the service restarts. The supervisor
+    reaps a dead worker when it replaces it, so its pid no longer exists."""
+    for path in folder.glob("gauge_live*_*.db"):
+        pid = int(path.stem.rsplit("_", 1)[1])
+        if not _exists(pid):
+            multiprocess.mark_process_dead(pid, str(folder))
+
+
+def _exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: it exists
+        return True
+    return True

@@ -67,12 +67,25 @@ class ApiKeyMiddleware:
         )
 
 
+RELEASE_SLOT = "cellseg.release_slot"  # the scope's key for the function that frees a request's admission slot
+
+
+def release_slot(scope: Scope) -> None:
+    """Free the admission slot of the request `scope` belongs to, as its work has ended (a no-op if freed)."""
+    if RELEASE_SLOT in scope:
+        scope[RELEASE_SLOT]()
+
+
 class AdmissionMiddleware:
     """Refuses a POST /segment the service cannot take now before reading a byte of its body: when `max_active`
     such requests are already in progress (uploading or being worked on), or the work in flight fills the service
     or the queue of the model the request names (`is_full(model)`, None for the default), it gets 503 with
     Retry-After at once. A crowd of clients then costs each refused one a header's worth of work, and the admitted
-    ones keep their pace."""
+    ones keep their pace.
+
+    A request holds its slot until its work ends, not until its answer is read: a client that never reads its
+    answer keeps its socket, not a slot. That end is the answer's start, but for a progress stream, which starts
+    before its work: its route frees the slot (`release_slot`) as the work ends."""
 
     def __init__(self, app: ASGIApp, max_active: int, is_full: Callable[[str | None], bool]) -> None:
         self.app, self.max_active, self.is_full, self.active = app, max_active, is_full, 0
@@ -91,10 +104,28 @@ class AdmissionMiddleware:
             )
             return
         self.active += 1
+        held = True
+
+        def release() -> None:
+            nonlocal held
+            if held:
+                held = False
+                self.active -= 1
+
+        async def send_releasing(message: Message) -> None:
+            if message["type"] == "http.response.start" and not _is_event_stream(message):
+                release()
+            await send(message)
+
+        scope[RELEASE_SLOT] = release
         try:
-            await self.app(scope, receive, send)
+            await self.app(scope, receive, send_releasing)
         finally:
-            self.active -= 1
+            release()
+
+
+def _is_event_stream(start: Message) -> bool:
+    return any(name == b"content-type" and value.startswith(b"text/event-stream") for name, value in start["headers"])
 
 
 def _query_value(scope: Scope, name: str) -> str | None:
@@ -102,11 +133,36 @@ def _query_value(scope: Scope, name: str) -> str | None:
     return values[-1] if values else None
 
 
+# What a browser may do with each answer: the page runs its own script and style only and shows the overlay it
+# fetched (a blob: URL); Swagger UI at /docs starts from an inline script and styles its own elements; the JSON and
+# files may do nothing. No answer may be framed by another site (clickjacking) or sniffed into another type.
+_PAGE_POLICY = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob:; connect-src 'self'; "
+    "form-action 'none'; base-uri 'none'; frame-ancestors 'none'"
+)
+_DOCS_POLICY = (
+    "default-src 'none'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
+    "connect-src 'self'; form-action 'none'; base-uri 'none'; frame-ancestors 'none'"
+)
+_ANSWER_POLICY = "default-src 'none'; frame-ancestors 'none'"
+
+
+def security_headers(path: str) -> list[tuple[bytes, bytes]]:
+    policy = _PAGE_POLICY if path == "/" or path.startswith("/static/page/") else _ANSWER_POLICY
+    if path == "/docs" or path.startswith("/static/docs/"):
+        policy = _DOCS_POLICY
+    return [
+        (b"content-security-policy", policy.encode()),
+        (b"x-content-type-options", b"nosniff"),
+        (b"x-frame-options", b"DENY"),
+    ]
+
+
 class RequestContextMiddleware:
-    """Gives every request an id (the client's X-Request-ID when sane), returns it as a header, logs one line
-    per request and counts it in the metrics by route template, method and status. A request the server cancels
-    while shutting down (an upload still coming in when the grace period ends) is answered 503, not left to
-    uvicorn's plain-text 500."""
+    """Gives every request an id (the client's X-Request-ID when sane), returns it as a header beside the security
+    headers, logs one line per request and counts it in the metrics by route template, method and status. A request
+    the server cancels while shutting down (an upload still coming in when the grace period ends) is answered 503,
+    and an unexpected error a JSON 500 naming the request id, not uvicorn's plain-text 500."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app, self.metrics = app, metrics
@@ -124,7 +180,8 @@ class RequestContextMiddleware:
             nonlocal status, answered
             if message["type"] == "http.response.start":
                 status, answered = message["status"], True
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
+                added = [(b"x-request-id", rid.encode()), *security_headers(scope["path"])]
+                message["headers"] = [*message.get("headers", []), *added]
             await send(message)
 
         try:
@@ -139,6 +196,11 @@ class RequestContextMiddleware:
                 "the service is shutting down; retry in a moment, maybe elsewhere",
                 [(b"retry-after", b"5")],
             )
+        except Exception as exc:
+            if answered:  # the answer has begun; the connection is cut and uvicorn logs it
+                raise
+            log.error("unexpected error: %s", exc, exc_info=exc)
+            await send_json(send_with_id, 500, f"internal error; the service's log has it under request id {rid}")
         finally:
             self._record(scope, status, time.perf_counter() - started)
             request_id.reset(token)

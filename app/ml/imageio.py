@@ -25,6 +25,8 @@ from app.ml.errors import ImageTooLargeError, InvalidImageError, UnsupportedImag
 
 MAX_PIXELS = 24_000_000  # sized to fit the service in a 2 GB container: docs/reliability.md
 MIN_SIDE = 16
+MAX_CHANNEL_NAME = 100  # characters; the longest `channel=` a request may send
+LISTED_CHANNELS = 20  # an error lists this many channels of a file, and how many more
 ACCEPTED = (
     "Accepted: one PNG, JPEG or TIFF image (TIFF also as a Z or time stack, OME-TIFF or ImageJ hyperstack), "
     f"8-, 16-bit or float, grayscale, RGB or RGBA, at least {MIN_SIDE}x{MIN_SIDE} pixels and at most the service's "
@@ -192,7 +194,13 @@ def _ome_channel_names(tif: tifffile.TiffFile) -> tuple[str, ...]:
     pixels = (image[0] if isinstance(image, list) else image)["Pixels"]
     channels = pixels.get("Channel", [])
     channels = channels if isinstance(channels, list) else [channels]
-    return tuple(str(c.get("Name") or index) for index, c in enumerate(channels))
+    return tuple(_shortened(str(c.get("Name") or index)) for index, c in enumerate(channels))
+
+
+def _shortened(name: str) -> str:
+    """A channel's name as far as a request can name it (`channel=` takes 100 characters): a file's 5 MB name is
+    not echoed back in errors and headers."""
+    return name if len(name) <= MAX_CHANNEL_NAME else name[: MAX_CHANNEL_NAME - 1] + "…"
 
 
 def _frames(pixels: np.ndarray, axes: str, channel: str | None, names: tuple[str, ...]) -> ImageStack:
@@ -224,9 +232,10 @@ def _pick_channel(
     count = pixels.shape[3 + rest.index(channel_axis)] if channel_axis else 1
     is_rgb = channel_axis == "S" and count in (3, 4)
     if channel is None and count > 1 and channel_axis == "C":
+        shown = min(count, LISTED_CHANNELS)
         listed = ", ".join(
-            f"{i} ({names[i]})" if i < len(names) and names[i] != str(i) else str(i) for i in range(count)
-        )
+            f"{i} ({names[i]})" if i < len(names) and names[i] != str(i) else str(i) for i in range(shown)
+        ) + (f", ... ({count - shown} more)" if count > shown else "")
         raise InvalidImageError(f"the image has {count} channels: {listed}; choose one with channel=<index or name>")
     index = None if channel is None else _channel_index(channel, count, names)
     for axis in reversed(rest):  # the last axis first, so the position of the one before stays right
@@ -245,7 +254,8 @@ def _channel_index(channel: str, count: int, names: tuple[str, ...]) -> int:
         return lowered.index(channel.lower())
     if channel.isascii() and channel.isdigit() and int(channel) < count:  # not "²": isdigit() yet not int()
         return int(channel)
-    known = f" ({', '.join(names[:count])})" if names else ""
+    named, shown = names[:count], names[: min(count, LISTED_CHANNELS)]
+    known = f" ({', '.join(shown)}{', ...' * (len(named) > len(shown))})" if names else ""
     raise InvalidImageError(
         f"channel={channel!r} is not in this image: it has {count} channel{'s' * (count > 1)}, 0..{count - 1}{known}"
     )

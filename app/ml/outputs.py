@@ -27,7 +27,7 @@ from pycocotools import mask as coco_mask
 from scipy import ndimage
 from skimage import measure
 
-from app.ml import rle
+from app.ml import rle, stopping
 from app.ml.errors import InvalidOptionError
 from app.ml.imageio import to_uint8
 from app.ml.postprocess import Instances
@@ -193,6 +193,7 @@ def label_tiff(labels: np.ndarray, axes: str = "", frame_shape: tuple[int, ...] 
 def cell_outlines(labels: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
     """(label, (N, 2) x, y vertices of its outline in image coordinates, closed: first == last) for every cell."""
     for index, window in enumerate(ndimage.find_objects(labels), start=1):
+        stopping.check()
         if window is None:
             continue
         mask = np.pad(labels[window] == index, 1)  # padded, so cells at the window's edge get closed outlines
@@ -227,15 +228,18 @@ def geojson(instances: Instances) -> bytes:
 
 def coco(instances: Instances, file_name: str = "image.png") -> bytes:
     """COCO instance annotations for one image: one annotation per cell with compressed RLE (column-major, as
-    pycocotools encodes it), bbox [x, y, width, height], area and score."""
+    pycocotools encodes it), bbox [x, y, width, height], area and score. Every cell's runs come from one pass over
+    the image, so the cost follows the pixels, not cells x pixels."""
     labels = instances.labels
     height, width = labels.shape
+    runs = rle.label_runs(labels.T)  # the transposed map's rows are the image's columns: COCO's pixel order
+    boxes = rle.bounding_boxes(runs, height)[:, [1, 0, 3, 2]].tolist()  # transposed back: [x, y, width, height]
     annotations = []
-    for label, window in enumerate(ndimage.find_objects(labels), start=1):
-        if window is None:
-            continue
-        compressed = coco_mask.encode(np.asfortranarray(labels == label, dtype=np.uint8))
-        rows, cols = window
+    for index, label in enumerate(runs.labels.tolist()):
+        stopping.check()
+        first, last = runs.bounds[index], runs.bounds[index + 1]
+        counts = _coco_counts(runs.starts[first:last], runs.lengths[first:last], height * width)
+        compressed = coco_mask.frPyObjects({"size": [height, width], "counts": counts}, height, width)
         annotations.append(
             {
                 "id": label,
@@ -244,7 +248,7 @@ def coco(instances: Instances, file_name: str = "image.png") -> bytes:
                 "iscrowd": 0,
                 "segmentation": {"size": compressed["size"], "counts": compressed["counts"].decode("ascii")},
                 "area": int(instances.areas[label - 1]),
-                "bbox": [cols.start, rows.start, cols.stop - cols.start, rows.stop - rows.start],
+                "bbox": boxes[index],
                 "score": round(float(instances.scores[label - 1]), 4),
             }
         )
@@ -254,6 +258,17 @@ def coco(instances: Instances, file_name: str = "image.png") -> bytes:
         "annotations": annotations,
     }
     return json.dumps(document).encode()
+
+
+def _coco_counts(starts: np.ndarray, lengths: np.ndarray, size: int) -> list[int]:
+    """One cell's runs (0-indexed starts, in order) -> COCO's uncompressed counts: background and cell pixels in
+    turn, beginning with background, to the image's end."""
+    ends = starts + lengths
+    counts = np.empty(2 * starts.size + 1, dtype=np.int64)
+    counts[0:-1:2] = starts - np.concatenate(([0], ends[:-1]))
+    counts[1::2] = lengths
+    counts[-1] = size - ends[-1]
+    return counts.tolist()
 
 
 def imagej_rois(labels: np.ndarray) -> bytes:

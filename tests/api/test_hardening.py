@@ -5,17 +5,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
 
 from app.bench.localserver import free_port
+from app.bench.localserver import running_server as start_server
+from app.ml.data.synth import generate_image
+from app.ml.imageio import to_uint8
 from tests.api.conftest import png, running_server
 from tests.api.test_operations import metric
 
@@ -191,8 +196,6 @@ def test_a_small_request_is_served_in_turn_beside_a_large_one_not_after_it(train
 
 
 def test_an_upload_still_coming_in_at_shutdown_gets_a_503_not_a_500(trained_model):
-    from app.bench.localserver import running_server as start_server  # noqa: PLC0415 - its pid, to signal it
-
     with start_server(model_store=str(trained_model.parent), warmup="false") as server:
         port = int(server.url.rsplit(":", 1)[1])
         upload = socket.create_connection(("127.0.0.1", port))
@@ -207,3 +210,91 @@ def test_an_upload_still_coming_in_at_shutdown_gets_a_503_not_a_500(trained_mode
         upload.close()
     assert answer.startswith("HTTP/1.1 503"), answer
     assert "application/json" in answer and "the service is shutting down" in answer
+
+
+def scene_png(side: int, seed: int = 5) -> bytes:
+    """A synthetic scene of many cells, as the test model was trained on: its answers are megabytes."""
+    return png(to_uint8(generate_image(np.random.default_rng(seed), side, side, "shsy5y", density=2.0).image))
+
+
+def multipart(image: bytes, query: str, accept: str = "application/json", copies: int = 0) -> bytes:
+    """A raw POST /segment of `image` as `file`, or of `copies` of it as `files`."""
+    field = f'name="{"files" if copies else "file"}"; filename="a.png"'.encode()
+    part = b"--b\r\nContent-Disposition: form-data; " + field + b"\r\nContent-Type: image/png\r\n\r\n" + image + b"\r\n"
+    body = part * max(copies, 1) + b"--b--\r\n"
+    head = (
+        f"POST /segment?{query} HTTP/1.1\r\nHost: x\r\nAccept: {accept}\r\n"
+        f"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+def test_answers_nobody_reads_hold_their_sockets_not_the_services_slots(trained_model):
+    """Issue 26, point 5: with one slot, a client that never reads its large answer (a file, or a progress stream's
+    result) must not make every other request a 503: the slot is freed when the work ends."""
+    image = scene_png(1200)
+    requests = {
+        "overlay file": multipart(image, "format=overlay&mode=tile"),
+        "progress stream": multipart(image, "mode=tile", accept="text/event-stream", copies=4),
+    }
+    with running_server(trained_model.parent, max_active_requests="1", max_queue="1024") as url:
+        port = int(url.rsplit(":", 1)[1])
+        for name, request in requests.items():
+            unread = socket.socket()
+            unread.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # so the server's sends block
+            unread.connect(("127.0.0.1", port))
+            unread.sendall(request)
+            try:
+                statuses, deadline = [], time.monotonic() + 90
+                while (not statuses or statuses[-1] != 200) and time.monotonic() < deadline:
+                    time.sleep(0.5)
+                    answer = httpx.post(f"{url}/segment", files={"file": ("a.png", SMALL)}, timeout=60)
+                    statuses.append(answer.status_code)
+                assert statuses[-1] == 200, f"{name}: {statuses[-8:]}"
+                assert set(statuses) <= {200, 503}
+                unread.settimeout(30)
+                received = _read_some(unread, 2 << 20)
+                assert len(received) >= 2 << 20, f"{name}: the unread answer was small enough to be sent at once"
+            finally:
+                unread.close()
+
+
+def _read_some(sock: socket.socket, size: int) -> bytes:
+    data = bytearray()
+    while len(data) < size and (chunk := sock.recv(1 << 16)):
+        data += chunk
+    return bytes(data)
+
+
+def test_work_past_its_deadline_stops_and_answers_504(trained_model):
+    """Issue 26, point 6: a deadline covers the whole work, the encoding of the answer included; past it the work
+    stops (no CPU spent on it afterwards), its pixels are freed, and the answer is a JSON 504."""
+    image = scene_png(2000)
+    with start_server(model_store=str(trained_model.parent), request_timeout_seconds="1", max_batch="1") as server:
+        files = {"file": ("a.png", image)}
+        answer = httpx.post(f"{server.url}/segment", params={"format": "coco", "mode": "tile"}, files=files, timeout=60)
+        assert answer.status_code == 504, answer.text
+        assert "CELLSEG_REQUEST_TIMEOUT_SECONDS" in answer.json()["detail"]
+        assert cpu_seconds_over(server.pid, 2.0) < 0.5, "the work went on after its answer"
+
+        headers = {"Accept": "text/event-stream"}
+        streamed = httpx.post(
+            f"{server.url}/segment", params={"mode": "tile"}, files=files, headers=headers, timeout=60
+        )
+        error = json.loads(streamed.text.strip().split("\n\n")[-1].split("\n")[1].removeprefix("data: "))
+        assert error["status"] == 504 and "limit of 1 s" in error["detail"]
+        assert cpu_seconds_over(server.pid, 2.0) < 0.5
+        assert httpx.post(f"{server.url}/segment", files={"file": ("a.png", SMALL)}, timeout=60).status_code == 200
+
+
+def cpu_seconds_over(pid: int, seconds: float) -> float:
+    """CPU seconds the process spends in the next `seconds`, after a short settling pause."""
+    time.sleep(0.5)
+    before = _cpu_seconds(pid)
+    time.sleep(seconds)
+    return _cpu_seconds(pid) - before
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime

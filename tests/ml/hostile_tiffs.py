@@ -185,3 +185,22 @@ def two_channels() -> bytes:
     buffer = io.BytesIO()
     tifffile.imwrite(buffer, np.zeros((2, 32, 32), np.uint8), imagej=True, metadata={"axes": "CYX"})
     return buffer.getvalue()
+
+
+# Points 5 and 9: an OME-TIFF of 32x32 channels named as given, every character kept (CR and LF as XML character
+# references, as every character beyond printable ASCII, which the XML parser turns back into themselves).
+def named_channels(*names: str) -> bytes:
+    pixels = np.zeros((len(names), 32, 32), np.uint8)
+    placeholders = [f"channel-{index}" for index in range(len(names))]
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, pixels, ome=True, metadata={"axes": "CYX", "Channel": {"Name": placeholders}})
+    with tifffile.TiffFile(io.BytesIO(buffer.getvalue())) as tif:
+        xml = tif.ome_metadata
+    for placeholder, name in zip(placeholders, names, strict=True):
+        escaped = "".join(c if c.isascii() and c.isprintable() and c not in '"&<>' else f"&#{ord(c)};" for c in name)
+        xml = xml.replace(f'Name="{placeholder}"', f'Name="{escaped}"')
+    buffer = io.BytesIO()
+    with tifffile.TiffWriter(buffer) as tif:
+        for index, plane in enumerate(pixels):  # one page per channel, the first with the edited OME-XML
+            tif.write(plane, description=xml if index == 0 else None, metadata=None, contiguous=False)
+    return buffer.getvalue()

@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated
 
 from fastapi import APIRouter, File, HTTPException, Query, Request, UploadFile
@@ -15,9 +15,12 @@ from fastapi.responses import Response, StreamingResponse
 
 from app.api import answers, schemas
 from app.api.deps import MetricsDep, ModelDep, SettingsDep
-from app.api.errors import status_of
+from app.api.errors import public_detail, status_of
+from app.api.logs import request_id
 from app.api.metrics import Metrics
+from app.api.middleware import release_slot
 from app.ml.errors import CellSegError
+from app.ml.imageio import MAX_CHANNEL_NAME
 from app.ml.options import Mode
 from app.ml.outputs import OutputFormat
 from app.ml.postprocess import THRESHOLD_RANGES
@@ -75,7 +78,7 @@ async def segment(
     channel: Annotated[
         str | None,
         Query(
-            max_length=100,
+            max_length=MAX_CHANNEL_NAME,
             description="the channel to segment, by index (0, 1, ...) or name (an OME-TIFF's channel names; red, "
             "green or blue of an RGB image); needed where a file has several channels",
         ),
@@ -103,56 +106,80 @@ async def segment(
     if stream and output is not OutputFormat.JSON:
         raise HTTPException(400, "progress events come with format=json; ask for a file without them")
     images = [await _read(upload) for upload in uploads]
+    deadline = settings.request_timeout_seconds
     with contextlib.ExitStack() as held:
-        held.enter_context(pipeline.admit(images, mode))  # 413 or 503 before any image is decoded
-        if stream:  # the stream holds the admission and the model from here on
+        held.enter_context(await pipeline.admit(images, mode))  # 413 or 503 before any image is decoded
+        if stream:  # the stream's work holds the admission and the model from here on
             held.enter_context(model.in_use())
             how = (mode, rules, channel)
-            return _event_stream(metrics, pipeline, uploads, images, held.pop_all(), how, single=file is not None)
+            work = _stream_work(metrics, pipeline, uploads, images, how, single=file is not None)
+            return _event_stream(request, work, held.pop_all(), deadline)
         # Several images go through the pipeline together, so their network inputs can share micro-batches.
         work = all_or_none([pipeline.segment(data, mode, rules, channel, output) for data in images])
-        results = await _cancel_on_disconnect(request, metrics, work)
+        results = await _cancel_on_disconnect(request, metrics, work, deadline)
         return _answer(metrics, pipeline, uploads, results, output, single=file is not None)
 
 
-def _event_stream(
+Event = tuple[str, object]  # a server-sent event's name and its JSON data
+
+
+def _stream_work(
     metrics: Metrics,
     pipeline: SegmentationPipeline,
     uploads: list[UploadFile],
     images: list[bytes],
-    admitted: contextlib.ExitStack,
     how: tuple[Mode, InstanceRules, str | None],
     single: bool,
+) -> Callable[[Callable[[Event], None]], Awaitable[Event]]:
+    """The work of a progress stream: given where to put its `progress` events, it ends with the `result` event."""
+
+    async def work(emit: Callable[[Event], None]) -> Event:
+        progress = TileProgress(lambda done, total: emit(("progress", {"tiles_done": done, "tiles_total": total})))
+        results = await all_or_none([pipeline.segment(data, *how, OutputFormat.JSON, progress) for data in images])
+        answer = _answer(metrics, pipeline, uploads, results, OutputFormat.JSON, single)
+        return "result", json.loads(answer.body)
+
+    return work
+
+
+def _event_stream(
+    request: Request,
+    work: Callable[[Callable[[Event], None]], Awaitable[Event]],
+    admitted: contextlib.ExitStack,
+    deadline: float,
 ) -> StreamingResponse:
     """Server-sent events: `progress` ({"tiles_done", "tiles_total"}) as the network inputs come back, then one
-    `result` (the JSON answer) or `error` ({"status", "detail"}). The client going away cancels the work."""
-    events: asyncio.Queue[tuple[str, object]] = asyncio.Queue()
+    `result` (the JSON answer) or `error` ({"status", "detail"}). The work starts at once and frees what it holds
+    (the pixel budget, the model, the request's slot) as soon as it ends, whether or not its events are read; the
+    client going away cancels it, and it has `deadline` seconds."""
+    events: asyncio.Queue[Event] = asyncio.Queue()
 
-    def report(done: int, total: int) -> None:
-        events.put_nowait(("progress", {"tiles_done": done, "tiles_total": total}))
-
-    async def work() -> None:
+    async def run() -> None:
         try:
-            progress = TileProgress(report)
-            results = await all_or_none([pipeline.segment(data, *how, OutputFormat.JSON, progress) for data in images])
-            answer = _answer(metrics, pipeline, uploads, results, OutputFormat.JSON, single)
-            events.put_nowait(("result", json.loads(answer.body)))
+            async with asyncio.timeout(deadline):
+                events.put_nowait(await work(events.put_nowait))
+        except TimeoutError:
+            events.put_nowait(("error", {"status": 504, "detail": _too_long(deadline)}))
         except CellSegError as exc:
-            events.put_nowait(("error", {"status": status_of(exc), "detail": str(exc)}))
+            events.put_nowait(("error", {"status": status_of(exc), "detail": public_detail(exc)}))
         except Exception as exc:  # the stream has begun, so the error goes in it; the log has the details
             log.error("unexpected error in a progress stream: %s", exc, exc_info=exc)
-            events.put_nowait(("error", {"status": 500, "detail": "internal error; the service's log has it"}))
+            detail = f"internal error; the service's log has it under request id {request_id.get()}"
+            events.put_nowait(("error", {"status": 500, "detail": detail}))
+        finally:
+            admitted.close()
+            release_slot(request.scope)
+
+    task = asyncio.ensure_future(run())
 
     async def stream() -> AsyncIterator[str]:
-        with admitted:
-            task = asyncio.ensure_future(work())
-            try:
-                name = "progress"
-                while name == "progress":  # work() always ends with a result or an error event
-                    name, data = await events.get()
-                    yield f"event: {name}\ndata: {json.dumps(data)}\n\n"
-            finally:
-                task.cancel()  # the client went away, or the stream ended: no work outlives it
+        try:
+            name = "progress"
+            while name == "progress":  # run() always ends with a result or an error event
+                name, data = await events.get()
+                yield f"event: {name}\ndata: {json.dumps(data)}\n\n"
+        finally:
+            task.cancel()  # the client went away, or the stream ended: no work outlives it
 
     return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
@@ -199,23 +226,33 @@ async def _read(upload: UploadFile) -> bytes:
 
 
 async def _cancel_on_disconnect(
-    request: Request, metrics: Metrics, work: Awaitable[list[SegmentedFile]]
+    request: Request, metrics: Metrics, work: Awaitable[list[SegmentedFile]], deadline: float
 ) -> list[SegmentedFile]:
-    """Run `work`, but cancel it (and its queued network inputs) if the client goes away meanwhile."""
+    """Run `work`, but cancel it (its queued network inputs, and its threads at their next step) if the client goes
+    away meanwhile, or once `deadline` seconds have passed (504)."""
     task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(_wait_for_disconnect(request))
     try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({task, watcher}, timeout=deadline, return_when=asyncio.FIRST_COMPLETED)
     except asyncio.CancelledError:  # the server itself is cancelling this request (e.g. shutting down)
         task.cancel()
         raise
     finally:
         watcher.cancel()
-    if not task.done():
-        task.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    if watcher.done():
         metrics.disconnects.inc()
         raise HTTPException(499, "client closed the request")
-    return task.result()
+    raise HTTPException(504, _too_long(deadline))
+
+
+def _too_long(deadline: float) -> str:
+    return (
+        f"the work took longer than this service's limit of {deadline:g} s (CELLSEG_REQUEST_TIMEOUT_SECONDS) and was "
+        "stopped; send a smaller image, or fewer"
+    )
 
 
 async def _wait_for_disconnect(request: Request) -> None:

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from app.ml import stopping
 from app.ml.errors import InvalidImageError
 from app.ml.imageio import FrameLayout, ImageLimits, ImageStack, check_geometry, declared_shape, decode_stack
 from app.ml.options import Mode
@@ -123,14 +124,16 @@ class SegmentationPipeline:
         wait longer than the queue allows."""
         return self.budget.used >= self.budget.in_flight or self.batcher.tiles_ahead(1) > self.batcher.max_queue
 
-    def admit(self, images: list[bytes], mode: Mode) -> contextlib.AbstractContextManager[None]:
-        """Hold the images' cost in the service's pixel budget while inside (see PixelBudget)."""
-        return self.budget.reserve(sum(self.cost(data, mode) for data in images))
+    async def admit(self, images: list[bytes], mode: Mode) -> contextlib.AbstractContextManager[None]:
+        """The images' cost held in the service's pixel budget while inside (see PixelBudget). Their headers are
+        read in a thread: a TIFF of many pages takes seconds to count, and the event loop serves others meanwhile."""
+        pixels = await stopping.in_thread(lambda: sum(self.cost(data, mode) for data in images))
+        return self.budget.reserve(pixels)
 
     def cost(self, data: bytes, mode: Mode) -> int:
         """Pixels an image will occupy, from its header: its own, or its network inputs' if they are more (an
         image of extreme shape makes many tiles from few pixels)."""
-        shape = declared_shape(data)
+        shape = declared_shape(data, self.limits)
         if shape is None:
             return 0
         height, width, frames = shape
@@ -155,7 +158,7 @@ class SegmentationPipeline:
         network inputs. Raises InvalidImageError for bad bytes or a stack asked for in a one-image format, and
         QueueFullError when the service is overloaded."""
         timings: dict[str, float] = {}
-        decoded = await asyncio.to_thread(self._decode, data, channel, timings)
+        decoded = await stopping.in_thread(self._decode, data, channel, timings)
         if decoded.layout.is_stack and output not in STACK_FORMATS:
             raise InvalidImageError(
                 f"the image is a stack of {len(decoded.frames)} frames (axes {decoded.layout.axes}); "
@@ -164,7 +167,7 @@ class SegmentationPipeline:
         work = [self._segment_frame(image, mode, rules, dict(timings), output, progress) for image in decoded.frames]
         segmented = SegmentedFile(await all_or_none(work), decoded.layout)
         if output is not OutputFormat.JSON:
-            segmented.file = await asyncio.to_thread(self._encode_file, segmented, output)
+            segmented.file = await stopping.in_thread(self._encode_file, segmented, output)
         return segmented
 
     async def _segment_frame(
@@ -176,16 +179,16 @@ class SegmentationPipeline:
         output: OutputFormat,
         progress: TileProgress | None,
     ) -> SegmentedFrame:
-        prepared = await asyncio.to_thread(self._prepare, image, mode, timings)
+        prepared = await stopping.in_thread(self._prepare, image, mode, timings)
         started = time.perf_counter()
         if progress is not None:
             progress.expect(len(prepared.tiles))
         outputs = await self.batcher.submit(prepared.tiles, progress and progress.tile_done)
         self._record(timings, "network", started)
-        instances = await asyncio.to_thread(self._instances, prepared, outputs, rules, timings)
+        instances = await stopping.in_thread(self._instances, prepared, outputs, rules, timings)
         frame = SegmentedFrame(image=image, instances=instances, mode=prepared.mode, timings=timings)
         if output is OutputFormat.JSON:
-            frame.cells = await asyncio.to_thread(self._encode_cells, frame)
+            frame.cells = await stopping.in_thread(self._encode_cells, frame)
         return frame
 
     def _decode(self, data: bytes, channel: str | None, timings: dict[str, float]) -> ImageStack:
