@@ -3,22 +3,30 @@
     with CellsegClient("http://localhost:8000") as cellseg:
         labels = cellseg.labels("cells.png")  # (H, W) uint16: 0 = background, 1..N = cells
 
-Both clients share everything but the waiting: requests are built, retried and read by the helpers below, so
-the two cannot drift apart. It needs httpx, numpy, Pillow and tifffile, never torch or the web stack; RLEs are
-decoded by the service's own `app.ml.rle`, so client and server agree on the Kaggle convention by construction.
+There is one implementation, the async one: the blocking client runs it on an event loop in a thread of its own,
+so the two cannot drift apart, and each request runs under one deadline (`asyncio.timeout`) that bounds its whole
+time, connect, upload and every byte of the answer, which httpx's own timeouts (per read) cannot. Nothing the
+answer says is trusted: its size is capped while it streams, and its claims are checked before anything is
+allocated from them. It needs httpx, numpy, Pillow and tifffile, never torch or the web stack; RLEs are parsed by
+the service's own `app.ml.rle`, so client and server agree on the Kaggle convention by construction.
 """
 
 from __future__ import annotations
 
 import asyncio
 import io
+import json
 import math
 import os
+import threading
 import time
 import warnings
+import weakref
+from collections.abc import Coroutine
 from dataclasses import dataclass
+from http import HTTPStatus
 from pathlib import Path
-from typing import Any, Literal, Self, TypedDict, Unpack, get_args, overload
+from typing import Any, Literal, Self, TypedDict, TypeVar, Unpack, get_args, overload
 from urllib.parse import quote
 
 import httpx
@@ -27,15 +35,24 @@ import tifffile
 from PIL import Image
 
 from app.ml import rle
+from app.ml.errors import InvalidRLEError
 
 FileFormat = Literal["png", "mask", "overlay", "tiff", "roi", "geojson", "coco"]
 Format = Literal["json", FileFormat]
+T = TypeVar("T")
 ImageInput = str | os.PathLike[str] | bytes | np.ndarray
 """A path to an image file, the file's bytes, or the pixels as an (H, W) array (sent as a PNG or TIFF)."""
 
 # Retried besides 503s (answered before any work): failures where the request cannot have reached the service.
 # Neither can have segmented the image, so retrying never does the work twice.
 CONNECTION_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout)
+# A wait's floor: a Retry-After of 0 must not make a busy loop of requests.
+MIN_WAIT = 0.25
+# A label image is at most this many pixels (all frames together) unless the client is told otherwise: over twice the
+# service's own default limit (CELLSEG_MAX_PIXELS, 24 M), 128 MB of uint16 labels.
+MAX_ANSWER_PIXELS = 64 * 2**20
+# The largest answer read unless the client is told otherwise; a JSON one takes a few times this once parsed.
+MAX_ANSWER_BYTES = 256 * 2**20
 # What `save` writes when no format is given, by the file name's ending.
 FORMAT_OF_SUFFIX: dict[str, Format] = {
     ".json": "json",
@@ -59,9 +76,38 @@ class Options(TypedDict, total=False):
     min_cell_area: int
 
 
+class ClientOptions(TypedDict, total=False):
+    """How a client reaches the service and what it puts up with; docs/client.md has the defaults.
+
+    `timeout` bounds each request's whole time in seconds: connect, upload and the whole answer (a large image takes
+    a while). `retries` and `max_wait` bound the retries after a 503 or a refused connection: how many, and the
+    seconds from a call's start after which no new try begins (so a call ends within `max_wait` + `timeout`).
+    `max_answer_bytes` caps an answer's size, `max_answer_pixels` the label images (width x height x frames) an
+    answer may claim: beyond either the answer is refused with ServiceError before it is read or allocated."""
+
+    api_key: str | None
+    timeout: float
+    retries: int
+    max_wait: float
+    max_answer_bytes: int
+    max_answer_pixels: int
+
+
+@dataclass(frozen=True)
+class _Limits:
+    """ClientOptions but the key, with their defaults."""
+
+    timeout: float = 120.0
+    retries: int = 3
+    max_wait: float = 30.0
+    max_answer_bytes: int = MAX_ANSWER_BYTES
+    max_answer_pixels: int = MAX_ANSWER_PIXELS
+
+
 class ServiceError(Exception):
-    """The service refused (`status` is its HTTP status, `detail` its reason), or could not be reached
-    (`status` is None)."""
+    """The service refused (`status` is its HTTP status, `detail` its reason), could not be reached or did not
+    answer in time (`status` None), or answered what the client cannot take (too large, not JSON, cells it cannot
+    paint: `status` is the answer's)."""
 
     def __init__(self, status: int | None, detail: str) -> None:
         super().__init__(detail if status is None else f"cellseg answered {status}: {detail}")
@@ -84,15 +130,26 @@ class SegmentResult:
     raw: dict[str, Any]
 
     @classmethod
-    def from_json(cls, body: dict[str, Any]) -> SegmentResult:
-        frames = [frame["cells"] for frame in body["frames"]] if "frames" in body else [body["cells"]]
+    def from_json(cls, body: dict[str, Any], max_pixels: int = MAX_ANSWER_PIXELS) -> SegmentResult:
+        """ValueError naming what is wrong where `body` is not the service's answer, or claims label images of
+        more than `max_pixels` in all (`labels` would allocate them)."""
+        if "frames" in body:
+            frames = [_field(frame, "cells", list) for frame in _field(body, "frames", list)]
+        else:
+            frames = [_field(body, "cells", list)]
+        width, height = _field(body, "width", int), _field(body, "height", int)
+        if min(width, height) < 1 or width * height * len(frames) > max_pixels:
+            raise ValueError(
+                f"it claims {len(frames)} label image(s) of {width}x{height} pixels: more than max_answer_pixels "
+                f"({max_pixels}) or none at all"
+            )
         return cls(
-            width=body["width"],
-            height=body["height"],
-            model_version=body["model_version"],
-            mode=body["mode"],
+            width=width,
+            height=height,
+            model_version=_field(body, "model_version", str),
+            mode=_field(body, "mode", str),
             cell_type=body.get("cell_type"),
-            cell_count=body["cell_count"],
+            cell_count=_field(body, "cell_count", int),
             cells=[cell for frame in frames for cell in frame],
             frames=frames,
             raw=body,
@@ -105,9 +162,19 @@ class SegmentResult:
     @property
     def labels(self) -> np.ndarray:
         """The label image, as `format=png` gives it: (H, W), or (N, H, W) for a stack; 0 = background, 1..N =
-        cells. uint16, or int32 where a frame has more than 65535 cells."""
-        images = [label_image(cells, (self.height, self.width)) for cells in self.frames]
-        return np.stack(images) if self.is_stack else images[0]
+        cells. uint16, or int32 where a cell's id passes 65535. ServiceError if the cells cannot be painted."""
+        images = np.zeros((len(self.frames), self.height, self.width), dtype=_label_dtype(self.cells))
+        for image, cells in zip(images, self.frames, strict=True):
+            _paint(image.reshape(-1), cells)
+        return images if self.is_stack else images[0]
+
+
+def _field(body: Any, name: str, kind: type) -> Any:
+    """body[name], checked to be a `kind` (bool is no int here)."""
+    value = body.get(name) if isinstance(body, dict) else None
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ValueError(f"its {name!r} is missing or not {'a list' if kind is list else kind.__name__}")
+    return value
 
 
 # The names these classes had before they were renamed (two other classes of the package have them): still
@@ -124,19 +191,63 @@ def __getattr__(name: str) -> type:
 
 
 def label_image(cells: list[dict[str, Any]], shape: tuple[int, int]) -> np.ndarray:
-    """Cells (each with `id` and a Kaggle `rle`) -> (H, W) label image. Raises ServiceError if two overlap: the
-    service promises they never do, and a label image could not show both."""
-    dtype = np.uint16 if max((cell["id"] for cell in cells), default=0) <= np.iinfo(np.uint16).max else np.int32
-    flat = np.zeros(shape[0] * shape[1], dtype=dtype)
-    for cell in cells:
-        starts, lengths = rle.parse(cell["rle"], shape)
-        # Every pixel of every run, in one go: each run's first pixel, repeated, plus 0, 1, ... along the run.
-        offsets = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-        pixels = np.repeat(starts - 1, lengths) + offsets
-        if flat[pixels].any():
-            raise ServiceError(None, f"cell {cell['id']} overlaps cell {flat[pixels].max()} in the answer")
-        flat[pixels] = cell["id"]
-    return flat.reshape(shape)
+    """Cells (each with `id` and a Kaggle `rle`) -> (H, W) label image. Raises ServiceError if a cell is malformed
+    or two overlap: the service promises they never do, and a label image could not show both."""
+    image = np.zeros(shape, dtype=_label_dtype(cells))
+    _paint(image.reshape(-1), cells)
+    return image
+
+
+# A SegmentResult is only made from a 200 answer: errors found painting it are that answer's.
+_PAINTED = HTTPStatus.OK
+_MAX_ID = np.iinfo(np.int32).max
+
+
+def _label_dtype(cells: list[dict[str, Any]]) -> type:
+    ids = [cell.get("id") for cell in cells if isinstance(cell, dict)]
+    largest = max((i for i in ids if isinstance(i, int)), default=0)
+    return np.uint16 if largest <= np.iinfo(np.uint16).max else np.int32
+
+
+def _paint(flat: np.ndarray, cells: list[dict[str, Any]]) -> None:
+    """Paint `cells` into the zeros of `flat` (one image, row-major) in place, using no memory per pixel beyond it:
+    each run adds its id where it starts and takes it off where it ends, and a running sum fills the runs (the
+    sum wraps around in uint16, which still leaves exactly the ids). Runs that overlap are found sorted, not drawn."""
+    ids, starts, ends = _runs(cells, flat.size)
+    order = np.argsort(starts, kind="stable")
+    clash = np.flatnonzero(starts[order][1:] < ends[order][:-1])
+    if clash.size:
+        first, second = ids[order][clash[0]], ids[order][clash[0] + 1]
+        raise ServiceError(_PAINTED, f"cell {second} overlaps cell {first} in the answer")
+    steps = np.zeros(flat.size + 1, dtype=flat.dtype)
+    steps[starts] += ids.astype(flat.dtype)  # starts are distinct, ends too: no index twice in one statement
+    steps[ends] -= ids.astype(flat.dtype)
+    np.cumsum(steps[:-1], dtype=flat.dtype, out=flat)
+
+
+def _runs(cells: list[dict[str, Any]], size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every run of every cell as (id, 0-indexed start, end past it); ServiceError naming a malformed cell."""
+    ids, starts, ends = [], [], []
+    for index, cell in enumerate(cells):
+        try:
+            cell_id, first, lengths = _cell_runs(cell, size)
+        except (InvalidRLEError, ValueError, OverflowError) as exc:  # OverflowError: a number past int64
+            raise ServiceError(_PAINTED, f"cell {index} of the answer cannot be painted: {exc}") from exc
+        ids.append(np.full(first.size, cell_id, dtype=np.int64))
+        starts.append(first - 1)
+        ends.append(first - 1 + lengths)
+    return tuple(np.concatenate(part) if part else np.zeros(0, dtype=np.int64) for part in (ids, starts, ends))
+
+
+def _cell_runs(cell: Any, size: int) -> tuple[int, np.ndarray, np.ndarray]:
+    cell_id, text = _field(cell, "id", int), _field(cell, "rle", str)
+    if not 1 <= cell_id <= _MAX_ID:
+        raise ValueError(f"its id {cell_id} is not in 1..{_MAX_ID}")
+    starts, lengths = rle.parse(text, (1, size))
+    # Checked again here: rle.parse adds start and length, which wraps around past int64 and passes its checks.
+    if starts.size and max(starts.max(), lengths.max()) > size:
+        raise ValueError(f"a run lies past the image's {size} pixels")
+    return cell_id, starts, lengths
 
 
 def _encode(pixels: np.ndarray) -> tuple[str, bytes]:
@@ -184,21 +295,74 @@ def _model_url(version: str, action: Literal["load", "unload"]) -> str:
     return f"/models/{quote(version, safe='')}/{action}"
 
 
-def _checked(response: httpx.Response, also_ok: tuple[int, ...] = ()) -> httpx.Response:
-    """The response if it succeeded, else ServiceError with the service's own explanation."""
-    if response.is_success or response.status_code in also_ok:
-        return response
+@dataclass(frozen=True)
+class _Answer:
+    """A whole answer, read within its request's deadline and the size cap."""
+
+    status: int
+    headers: httpx.Headers
+    content: bytes
+
+    @property
+    def is_success(self) -> bool:
+        return 200 <= self.status < 300
+
+    def json(self) -> Any:
+        try:
+            return json.loads(self.content)
+        except ValueError as exc:  # JSONDecodeError, or bytes that are not UTF-8 at all
+            raise ServiceError(self.status, f"the answer is not JSON ({exc}): {self.content[:80]!r}") from exc
+
+
+def _checked(answer: _Answer, also_ok: tuple[int, ...] = ()) -> _Answer:
+    """The answer if it succeeded, else ServiceError with the service's own explanation."""
+    if answer.is_success or answer.status in also_ok:
+        return answer
     try:
-        body = response.json()
-    except ValueError:  # not JSON: a proxy's page, say
+        body = answer.json()
+    except ServiceError:  # not JSON: a proxy's page, say
         body = None
     body = body if isinstance(body, dict) else {}
-    detail = body.get("detail") or body.get("status") or response.text or response.reason_phrase  # /ready: status
-    raise ServiceError(response.status_code, str(detail))
+    text = answer.content.decode(errors="replace")[:1000] or _phrase(answer.status)
+    detail = body.get("detail") or body.get("status") or text  # /ready: status
+    raise ServiceError(answer.status, str(detail))
 
 
-def _answer(response: httpx.Response, output: Format) -> SegmentResult | bytes:
-    return SegmentResult.from_json(response.json()) if output == "json" else response.content
+def _phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:  # a status no standard names
+        return f"HTTP {status}"
+
+
+def _object(answer: _Answer) -> dict[str, Any]:
+    """The answer's JSON object: what health(), models() and the others promise."""
+    body = answer.json()
+    if not isinstance(body, dict):
+        raise ServiceError(answer.status, f"the answer is JSON but not an object: {answer.content[:80]!r}")
+    return body
+
+
+def _answer(answer: _Answer, output: Format, max_pixels: int) -> SegmentResult | bytes:
+    if output != "json":
+        return answer.content
+    try:
+        return SegmentResult.from_json(_object(answer), max_pixels)
+    except ValueError as exc:
+        raise ServiceError(answer.status, f"the answer is not a segmentation: {exc}") from exc
+
+
+async def _read(response: httpx.Response, limit: int) -> bytes:
+    """The whole body, stopping (ServiceError) as soon as it passes `limit` bytes, or at once if it says it will."""
+    declared = response.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise ServiceError(response.status_code, f"the answer is {declared} bytes, over max_answer_bytes ({limit})")
+    body = io.BytesIO()
+    async for chunk in response.aiter_bytes():  # decoded: a compressed answer counts at its full size
+        if body.tell() + len(chunk) > limit:
+            raise ServiceError(response.status_code, f"the answer is over max_answer_bytes ({limit} bytes)")
+        body.write(chunk)
+    return body.getvalue()
 
 
 def _format_of(path: Path, output: Format | None) -> Format:
@@ -211,161 +375,55 @@ def _format_of(path: Path, output: Format | None) -> Format:
 
 class _Retry:
     """When to try a request again: after a 503 (busy, or still warming up) or a refused connection (the
-    service is starting), at most `retries` times and `max_wait` seconds of waiting in all. A 503 says how long
-    to wait in its Retry-After header; without one the wait doubles from half a second up to two."""
+    service is starting), at most `retries` times, and only while the wait ends before `max_wait` seconds from the
+    call's start (wall time, the tries included). A 503 says how long to wait in its Retry-After header; without
+    a usable one the wait doubles from half a second up to two. With `bounds_tries`, the tries themselves end by
+    then too: `max_wait` bounds the whole call (wait_until_ready's `timeout`)."""
 
-    def __init__(self, retries: float, max_wait: float) -> None:
-        self.left, self.budget, self.backoff = retries, max_wait, 0.5
+    def __init__(self, retries: float, max_wait: float, *, bounds_tries: bool = False) -> None:
+        self.left, self.backoff, self.bounds_tries = retries, 0.5, bounds_tries
+        self.until = time.monotonic() + max_wait
 
-    def delay(self, response: httpx.Response | None) -> float | None:
-        """Seconds to wait before trying again after `response` (None: no connection), or None to stop."""
-        if response is not None and response.status_code != 503:
+    def time_for_try(self, timeout: float) -> float:
+        """Seconds the next try may take in all."""
+        return min(timeout, self.until - time.monotonic()) if self.bounds_tries else timeout
+
+    def delay(self, answer: _Answer | None) -> float | None:
+        """Seconds to wait before trying again after `answer` (None: no connection), or None to stop."""
+        if answer is not None and answer.status != 503:
             return None
-        if self.left <= 0 or self.budget <= 0:
-            return None
-        wanted = _retry_after(response) if response is not None else None
+        wanted = _retry_after(answer) if answer is not None else None
         if wanted is None:
             wanted, self.backoff = self.backoff, min(self.backoff * 2, 2.0)
-        delay = min(wanted, self.budget)
-        self.left, self.budget = self.left - 1, self.budget - delay
-        return delay
+        wait = max(wanted, MIN_WAIT)
+        if self.left <= 0 or time.monotonic() + wait >= self.until:
+            return None
+        self.left -= 1
+        return wait
 
 
-def _retry_after(response: httpx.Response) -> float | None:
+def _retry_after(answer: _Answer) -> float | None:
+    """Retry-After in seconds, or None where it is absent or no usable number (an HTTP date, nan, inf, -5)."""
     try:
-        return max(0.0, float(response.headers["retry-after"]))
-    except (KeyError, ValueError):  # absent, or an HTTP date: fall back to backing off
+        seconds = float(answer.headers["retry-after"])
+    except (KeyError, ValueError):
         return None
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
 
 
 def _unreachable(base_url: httpx.URL, exc: Exception) -> ServiceError:
     return ServiceError(None, f"cannot reach cellseg at {base_url}: {exc}")
 
 
-class _Client:
-    """What both clients keep: where the service is, how to authenticate, how long to wait and retry."""
+class AsyncCellsegClient:
+    """The service over HTTP, for asyncio: the same methods as CellsegClient, awaited; use `async with` (or
+    `aclose`). Options: ClientOptions."""
 
-    def __init__(
-        self,
-        base_url: str = "http://localhost:8000",
-        *,
-        api_key: str | None = None,
-        timeout: float = 120.0,
-        retries: int = 3,
-        max_wait: float = 30.0,
-    ) -> None:
-        """`timeout` bounds each request in seconds (a large image takes a while); `retries` and `max_wait`
-        bound the retries after a 503 or a refused connection: how many, and how many seconds of waiting in all."""
-        self.retries, self.max_wait = retries, max_wait
+    def __init__(self, base_url: str = "http://localhost:8000", **options: Unpack[ClientOptions]) -> None:
+        api_key = options.pop("api_key", None)
+        self.limits = _Limits(**options)
         headers = {"X-API-Key": api_key.encode()} if api_key else {}  # bytes: a key need not be ASCII
-        self._http = self._open(base_url=base_url, headers=headers, timeout=timeout)
-
-    def _open(self, **options: Any) -> Any:
-        raise NotImplementedError
-
-    def _retry(self) -> _Retry:
-        return _Retry(self.retries, self.max_wait)
-
-
-class CellsegClient(_Client):
-    """The service over HTTP, blocking. Use it as a context manager (or call `close`) to free its connections."""
-
-    _http: httpx.Client
-
-    def _open(self, **options: Any) -> httpx.Client:
-        return httpx.Client(**options)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self._http.close()
-
-    @overload
-    def segment(
-        self, image: ImageInput, *, format: Literal["json"] = "json", **options: Unpack[Options]
-    ) -> SegmentResult: ...
-    @overload
-    def segment(self, image: ImageInput, *, format: FileFormat, **options: Unpack[Options]) -> bytes: ...
-    def segment(
-        self, image: ImageInput, *, format: Format = "json", **options: Unpack[Options]
-    ) -> SegmentResult | bytes:
-        """Every cell of one image: a SegmentResult for `format="json"`, else the answered file's bytes."""
-        return _answer(self._post(image, format, options), format)
-
-    def labels(self, image: ImageInput, **options: Unpack[Options]) -> np.ndarray:
-        """The (H, W) label image (0 = background, 1..N = cells), or (N, H, W) for a stack; see SegmentResult."""
-        return self.segment(image, format="json", **options).labels
-
-    def save(
-        self,
-        image: ImageInput,
-        path: str | os.PathLike[str],
-        *,
-        format: Format | None = None,
-        **options: Unpack[Options],
-    ) -> Path:
-        """Write the answer in `format` (default: from the file name, e.g. .zip -> an ImageJ ROI set) to `path`."""
-        path = Path(path)
-        path.write_bytes(self._post(image, _format_of(path, format), options).content)
-        return path
-
-    def health(self) -> dict[str, Any]:
-        """Whether the process answers (open even with an API key)."""
-        return self._get("/health", self._retry())
-
-    def ready(self) -> dict[str, Any]:
-        """Whether the model is loaded and warm (`ready`), and what the service is doing (`status`); asks once."""
-        return self._get("/ready", _Retry(0, 0), also_ok=(503,))
-
-    def wait_until_ready(self, timeout: float = 120.0) -> dict[str, Any]:
-        """Block until /ready answers 200, through refused connections while the service starts; ServiceError
-        saying what it was still doing once `timeout` seconds of waiting are spent."""
-        return self._get("/ready", _Retry(math.inf, timeout))
-
-    def models(self) -> dict[str, Any]:
-        """The versions loaded (`loaded`: each with its state and a summary of its model.json), the `default` one,
-        and those in the store (`available`)."""
-        return self._get("/models", self._retry())
-
-    def load_model(self, version: str) -> dict[str, Any]:
-        """Have the service load `version` from its store and serve it (a no-op if it is loaded): what it did, and
-        which version it unloaded to make room (`evicted`). ServiceError with the reason if it cannot."""
-        return _checked(self._send("POST", _model_url(version, "load"), self._retry())).json()
-
-    def unload_model(self, version: str) -> dict[str, Any]:
-        """Have the service stop serving `version` and free its memory (never the default model)."""
-        return _checked(self._send("POST", _model_url(version, "unload"), self._retry())).json()
-
-    def _post(self, image: ImageInput, output: Format, options: Options) -> httpx.Response:
-        return _checked(self._send("POST", "/segment", self._retry(), **_segment_request(image, output, options)))
-
-    def _get(self, url: str, retry: _Retry, also_ok: tuple[int, ...] = ()) -> dict[str, Any]:
-        return _checked(self._send("GET", url, retry), also_ok).json()
-
-    def _send(self, method: str, url: str, retry: _Retry, **request: Any) -> httpx.Response:
-        while True:
-            try:
-                response = self._http.request(method, url, **request)
-            except CONNECTION_ERRORS as exc:
-                if (delay := retry.delay(None)) is None:
-                    raise _unreachable(self._http.base_url, exc) from exc
-            else:
-                if (delay := retry.delay(response)) is None:
-                    return response
-            time.sleep(delay)
-
-
-class AsyncCellsegClient(_Client):
-    """The same as CellsegClient, for asyncio: every method is awaited; use `async with` (or `aclose`)."""
-
-    _http: httpx.AsyncClient
-
-    def _open(self, **options: Any) -> httpx.AsyncClient:
-        return httpx.AsyncClient(**options)
+        self._http = httpx.AsyncClient(base_url=base_url, headers=headers, timeout=self.limits.timeout)
 
     async def __aenter__(self) -> Self:
         return self
@@ -385,7 +443,7 @@ class AsyncCellsegClient(_Client):
     async def segment(
         self, image: ImageInput, *, format: Format = "json", **options: Unpack[Options]
     ) -> SegmentResult | bytes:
-        return _answer(await self._post(image, format, options), format)
+        return _answer(await self._post(image, format, options), format, self.limits.max_answer_pixels)
 
     async def labels(self, image: ImageInput, **options: Unpack[Options]) -> np.ndarray:
         return (await self.segment(image, format="json", **options)).labels
@@ -409,32 +467,152 @@ class AsyncCellsegClient(_Client):
         return await self._get("/ready", _Retry(0, 0), also_ok=(503,))
 
     async def wait_until_ready(self, timeout: float = 120.0) -> dict[str, Any]:
-        return await self._get("/ready", _Retry(math.inf, timeout))
+        return await self._get("/ready", _Retry(math.inf, timeout, bounds_tries=True))
 
     async def models(self) -> dict[str, Any]:
         return await self._get("/models", self._retry())
 
     async def load_model(self, version: str) -> dict[str, Any]:
-        return _checked(await self._send("POST", _model_url(version, "load"), self._retry())).json()
+        return _object(_checked(await self._send("POST", _model_url(version, "load"), self._retry())))
 
     async def unload_model(self, version: str) -> dict[str, Any]:
-        return _checked(await self._send("POST", _model_url(version, "unload"), self._retry())).json()
+        return _object(_checked(await self._send("POST", _model_url(version, "unload"), self._retry())))
 
-    async def _post(self, image: ImageInput, output: Format, options: Options) -> httpx.Response:
+    def _retry(self) -> _Retry:
+        return _Retry(self.limits.retries, self.limits.max_wait)
+
+    async def _post(self, image: ImageInput, output: Format, options: Options) -> _Answer:
         request = _segment_request(image, output, options)
         return _checked(await self._send("POST", "/segment", self._retry(), **request))
 
     async def _get(self, url: str, retry: _Retry, also_ok: tuple[int, ...] = ()) -> dict[str, Any]:
-        return _checked(await self._send("GET", url, retry), also_ok).json()
+        return _object(_checked(await self._send("GET", url, retry), also_ok))
 
-    async def _send(self, method: str, url: str, retry: _Retry, **request: Any) -> httpx.Response:
+    async def _send(self, method: str, url: str, retry: _Retry, **request: Any) -> _Answer:
         while True:
             try:
-                response = await self._http.request(method, url, **request)
+                answer = await self._fetch(method, url, retry.time_for_try(self.limits.timeout), **request)
             except CONNECTION_ERRORS as exc:
                 if (delay := retry.delay(None)) is None:
                     raise _unreachable(self._http.base_url, exc) from exc
             else:
-                if (delay := retry.delay(response)) is None:
-                    return response
+                if (delay := retry.delay(answer)) is None:
+                    return answer
             await asyncio.sleep(delay)
+
+    async def _fetch(self, method: str, url: str, seconds: float, **request: Any) -> _Answer:
+        """One request, its whole time bounded by `seconds`; httpx's failures as ServiceError but the connection
+        errors that the caller retries."""
+        status = None  # until the answer's status line is in
+        try:
+            async with asyncio.timeout(seconds), self._http.stream(method, url, **request) as response:
+                status = response.status_code
+                return _Answer(status, response.headers, await _read(response, self.limits.max_answer_bytes))
+        except CONNECTION_ERRORS:
+            raise
+        except (TimeoutError, httpx.TimeoutException) as exc:
+            raise ServiceError(status, f"no whole answer from cellseg within {seconds:.3g} s") from exc
+        except httpx.HTTPError as exc:  # the connection broke, a malformed answer, one that cannot be decoded
+            raise ServiceError(status, f"the exchange with cellseg failed: {type(exc).__name__}: {exc}") from exc
+
+
+class _Loop:
+    """An event loop in a thread of its own, which runs the blocking client's calls (so a notebook's own loop,
+    running or not, is never in the way)."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="cellseg-client", daemon=True)
+        self.thread.start()
+
+    def run(self, call: Coroutine[Any, Any, T]) -> T:
+        future = asyncio.run_coroutine_threadsafe(call, self.loop)
+        try:
+            return future.result()
+        except BaseException:  # KeyboardInterrupt, say: the request stops too
+            future.cancel()
+            raise
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join()
+        self.loop.close()
+
+
+class CellsegClient:
+    """The service over HTTP, blocking. Use it as a context manager (or call `close`) to free its connections and
+    its thread. Options: ClientOptions."""
+
+    def __init__(self, base_url: str = "http://localhost:8000", **options: Unpack[ClientOptions]) -> None:
+        self._async = AsyncCellsegClient(base_url, **options)
+        self._loop = _Loop()
+        self._stop = weakref.finalize(self, self._loop.close)  # a client dropped unclosed frees its thread
+
+    @property
+    def limits(self) -> _Limits:
+        return self._async.limits
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._stop.alive:
+            self._loop.run(self._async.aclose())
+            self._stop()
+
+    @overload
+    def segment(
+        self, image: ImageInput, *, format: Literal["json"] = "json", **options: Unpack[Options]
+    ) -> SegmentResult: ...
+    @overload
+    def segment(self, image: ImageInput, *, format: FileFormat, **options: Unpack[Options]) -> bytes: ...
+    def segment(
+        self, image: ImageInput, *, format: Format = "json", **options: Unpack[Options]
+    ) -> SegmentResult | bytes:
+        """Every cell of one image: a SegmentResult for `format="json"`, else the answered file's bytes."""
+        return self._loop.run(self._async.segment(image, format=format, **options))
+
+    def labels(self, image: ImageInput, **options: Unpack[Options]) -> np.ndarray:
+        """The (H, W) label image (0 = background, 1..N = cells), or (N, H, W) for a stack; see SegmentResult."""
+        return self.segment(image, format="json", **options).labels
+
+    def save(
+        self,
+        image: ImageInput,
+        path: str | os.PathLike[str],
+        *,
+        format: Format | None = None,
+        **options: Unpack[Options],
+    ) -> Path:
+        """Write the answer in `format` (default: from the file name, e.g. .zip -> an ImageJ ROI set) to `path`."""
+        return self._loop.run(self._async.save(image, path, format=format, **options))
+
+    def health(self) -> dict[str, Any]:
+        """Whether the process answers (open even with an API key)."""
+        return self._loop.run(self._async.health())
+
+    def ready(self) -> dict[str, Any]:
+        """Whether the model is loaded and warm (`ready`), and what the service is doing (`status`); asks once."""
+        return self._loop.run(self._async.ready())
+
+    def wait_until_ready(self, timeout: float = 120.0) -> dict[str, Any]:
+        """Block until /ready answers 200, through refused connections and 503s while the service starts;
+        ServiceError with the last reason once `timeout` seconds (wall time, the requests included) are spent."""
+        return self._loop.run(self._async.wait_until_ready(timeout))
+
+    def models(self) -> dict[str, Any]:
+        """The versions loaded (`loaded`: each with its state and a summary of its model.json), the `default` one,
+        and those in the store (`available`)."""
+        return self._loop.run(self._async.models())
+
+    def load_model(self, version: str) -> dict[str, Any]:
+        """Have the service load `version` from its store and serve it (a no-op if it is loaded): what it did, and
+        which version it unloaded to make room (`evicted`). ServiceError with the reason if it cannot."""
+        return self._loop.run(self._async.load_model(version))
+
+    def unload_model(self, version: str) -> dict[str, Any]:
+        """Have the service stop serving `version` and free its memory (never the default model)."""
+        return self._loop.run(self._async.unload_model(version))
