@@ -14,6 +14,7 @@ the service's own `app.ml.rle`, so client and server agree on the Kaggle convent
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import math
@@ -357,11 +358,12 @@ async def _read(response: httpx.Response, limit: int) -> bytes:
     declared = response.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise ServiceError(response.status_code, f"the answer is {declared} bytes, over max_answer_bytes ({limit})")
-    body = io.BytesIO()
-    async for chunk in response.aiter_bytes():  # decoded: a compressed answer counts at its full size
-        if body.tell() + len(chunk) > limit:
-            raise ServiceError(response.status_code, f"the answer is over max_answer_bytes ({limit} bytes)")
-        body.write(chunk)
+    body = io.BytesIO()  # getvalue() hands its buffer over: the answer is held once, not twice
+    async with contextlib.aclosing(response.aiter_bytes()) as chunks:  # closed here, not left to the loop's GC
+        async for chunk in chunks:  # decoded: a compressed answer counts at its full size
+            if body.tell() + len(chunk) > limit:
+                raise ServiceError(response.status_code, f"the answer is over max_answer_bytes ({limit} bytes)")
+            body.write(chunk)
     return body.getvalue()
 
 
@@ -511,7 +513,8 @@ class AsyncCellsegClient:
         except CONNECTION_ERRORS:
             raise
         except (TimeoutError, httpx.TimeoutException) as exc:
-            raise ServiceError(status, f"no whole answer from cellseg within {seconds:.3g} s") from exc
+            left = "" if seconds >= self.limits.timeout else " (what was left of the call's time)"
+            raise ServiceError(status, f"no whole answer from cellseg within {seconds:.3g} s{left}") from exc
         except httpx.HTTPError as exc:  # the connection broke, a malformed answer, one that cannot be decoded
             raise ServiceError(status, f"the exchange with cellseg failed: {type(exc).__name__}: {exc}") from exc
 
@@ -534,6 +537,10 @@ class _Loop:
             raise
 
     def close(self) -> None:
+        if threading.current_thread() is self.thread:  # dropped by a call of its own: it cannot wait for itself
+            self.loop.stop()
+            return
+        asyncio.run_coroutine_threadsafe(self.loop.shutdown_asyncgens(), self.loop).result()
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join()
         self.loop.close()
