@@ -272,3 +272,39 @@ def test_an_answer_past_max_answer_bytes_stops_being_read(call, hostile, scenari
     assert outcome.peak_bytes < 30 * MIB, outcome.peak_bytes
     time.sleep(0.2)  # the server notices the hang-up
     assert hostile.sent[scenario] < 40 * MIB, "the client stopped reading (what it sent is in socket buffers)"
+
+
+def measure() -> None:
+    """The figures of docs/reliability.md's client rows: `python -m tests.api.test_client_hostile`."""
+    server = HostileServer()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    cases = [
+        *[(f"wait_until_ready(2), Retry-After {after}", f"busy_{after}", "wait_until_ready", (2,), {}, {})
+          for after in ("0", "nan", "-5")],
+        ("wait_until_ready(2), 503s taking 1.5 s", "slowbusy", "wait_until_ready", (2,), {}, {}),
+        ("models(), max_wait=2, 503s taking 1.5 s", "slowbusy", "models", (), {}, {"max_wait": 2, "retries": 100}),
+        ("segment, timeout=3, body a byte a second", "trickle", "segment", (GRAY,), {}, {"timeout": 3}),
+        ("segment, timeout=3, headers a byte a second", "tricklehead", "segment", (GRAY,), {}, {"timeout": 3}),
+        ("segment, timeout=3, 64 MB upload never read", "slowread", "segment", (bytes(64 * MIB),), {}, {"timeout": 3}),
+        ("labels, 10000x10000 claimed in a small body", "hugedims", "labels", (GRAY,), {}, {}),
+        ("segment png, Content-Length 1.5 GB", "hugelength", "segment", (GRAY,), {"format": "png"}, {}),
+        ("segment png, endless body", "endless", "segment", (GRAY,), {"format": "png"}, {}),
+    ]  # fmt: skip
+    for label, scenario, method, args, kwargs, client in cases:
+        server.requests.clear()
+        server.sent.clear()
+        tracemalloc.start()
+        start = time.monotonic()
+        try:
+            sync_call(server.url(scenario), method, args, kwargs, client)
+        except ServiceError as exc:
+            error = exc
+        seconds, peak = time.monotonic() - start, tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        time.sleep(0.3)  # the server notices the hang-up
+        print(f"{label}: {seconds:.2f} s, {server.requests[scenario]} request(s), server sent "
+              f"{server.sent[scenario] / MIB:.1f} MiB, peak {peak / MIB:.1f} MiB: {error}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    measure()
