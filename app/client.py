@@ -3,12 +3,13 @@
     with CellsegClient("http://localhost:8000") as cellseg:
         labels = cellseg.labels("cells.png")  # (H, W) uint16: 0 = background, 1..N = cells
 
-There is one implementation, the async one: the blocking client runs it on an event loop in a thread of its own,
-so the two cannot drift apart, and each request runs under one deadline (`asyncio.timeout`) that bounds its whole
-time, connect, upload and every byte of the answer, which httpx's own timeouts (per read) cannot. Nothing the
-answer says is trusted: its size is capped while it streams, and its claims are checked before anything is
-allocated from them. It needs httpx, numpy, Pillow and tifffile, never torch or the web stack; RLEs are parsed by
-the service's own `app.ml.rle`, so client and server agree on the Kaggle convention by construction.
+Both clients share everything but the waiting: requests are built, retried, bounded and read by the helpers
+below, so the two cannot drift apart. Each request's whole time (connect, upload, every byte of the answer) is
+bounded by one deadline, which httpx's own timeouts (per read) cannot do: `asyncio.timeout` in the async client, a
+watchdog that shuts the request's socket in the blocking one. Nothing the answer says is trusted: its size is
+capped while it streams, and its claims are checked before anything is allocated from them. It needs httpx, numpy,
+Pillow and tifffile, never torch or the web stack; RLEs are parsed by the service's own `app.ml.rle`, so client
+and server agree on the Kaggle convention by construction.
 """
 
 from __future__ import annotations
@@ -19,15 +20,14 @@ import io
 import json
 import math
 import os
+import socket
 import threading
 import time
 import warnings
-import weakref
-from collections.abc import Coroutine
 from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any, Literal, Self, TypedDict, TypeVar, Unpack, get_args, overload
+from typing import Any, Literal, Self, TypedDict, Unpack, get_args, overload
 from urllib.parse import quote
 
 import httpx
@@ -40,7 +40,6 @@ from app.ml.errors import InvalidRLEError
 
 FileFormat = Literal["png", "mask", "overlay", "tiff", "roi", "geojson", "coco"]
 Format = Literal["json", FileFormat]
-T = TypeVar("T")
 ImageInput = str | os.PathLike[str] | bytes | np.ndarray
 """A path to an image file, the file's bytes, or the pixels as an (H, W) array (sent as a PNG or TIFF)."""
 
@@ -353,18 +352,77 @@ def _answer(answer: _Answer, output: Format, max_pixels: int) -> SegmentResult |
         raise ServiceError(answer.status, f"the answer is not a segmentation: {exc}") from exc
 
 
-async def _read(response: httpx.Response, limit: int) -> bytes:
-    """The whole body, stopping (ServiceError) as soon as it passes `limit` bytes, or at once if it says it will."""
-    declared = response.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise ServiceError(response.status_code, f"the answer is {declared} bytes, over max_answer_bytes ({limit})")
-    body = io.BytesIO()  # getvalue() hands its buffer over: the answer is held once, not twice
-    async with contextlib.aclosing(response.aiter_bytes()) as chunks:  # closed here, not left to the loop's GC
-        async for chunk in chunks:  # decoded: a compressed answer counts at its full size
-            if body.tell() + len(chunk) > limit:
-                raise ServiceError(response.status_code, f"the answer is over max_answer_bytes ({limit} bytes)")
-            body.write(chunk)
-    return body.getvalue()
+class _Exchange:
+    """One request under its deadline: the answer read up to the size cap, and httpx's failures as ServiceError
+    (status: the answer's where it had begun, else None). Connection errors pass: the caller retries those."""
+
+    def __init__(self, seconds: float, limits: _Limits) -> None:
+        self.seconds, self.limits = seconds, limits
+        self.status: int | None = None  # until the answer's status line is in
+        self.expired = False  # the blocking client's watchdog shut the socket
+        self.body = io.BytesIO()  # getvalue() hands its buffer over: the answer is held once, not twice
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, traceback: object) -> None:
+        if exc is None or isinstance(exc, (ServiceError, *CONNECTION_ERRORS)):
+            return
+        if self.expired or isinstance(exc, (TimeoutError, httpx.TimeoutException)):
+            left = "" if self.seconds >= self.limits.timeout else " (what was left of the call's time)"
+            raise ServiceError(self.status, f"no whole answer from cellseg within {self.seconds:.3g} s{left}") from exc
+        if isinstance(exc, httpx.HTTPError):  # the connection broke, a malformed answer, one that cannot be decoded
+            raise ServiceError(self.status, f"the exchange with cellseg failed: {type(exc).__name__}: {exc}") from exc
+
+    def begin(self, response: httpx.Response) -> None:
+        """The answer has begun: refuse it at once if it says it will pass the cap."""
+        self.status, limit = response.status_code, self.limits.max_answer_bytes
+        declared = response.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise ServiceError(self.status, f"the answer is {declared} bytes, over max_answer_bytes ({limit})")
+
+    def add(self, chunk: bytes) -> None:
+        """One more piece of the answer (decoded: a compressed answer counts at its full size)."""
+        if self.body.tell() + len(chunk) > self.limits.max_answer_bytes:
+            raise ServiceError(
+                self.status, f"the answer is over max_answer_bytes ({self.limits.max_answer_bytes} bytes)"
+            )
+        self.body.write(chunk)
+
+    def answer(self, response: httpx.Response) -> _Answer:
+        return _Answer(response.status_code, response.headers, self.body.getvalue())
+
+
+class _Watchdog:
+    """Shuts a blocking request's socket at its deadline, so a send or recv blocked in it returns at once: httpx's
+    timeouts bound each operation, and a server trickling a byte a second never trips them. httpx lends the socket
+    through its `trace` extension as it connects (so the blocking client keeps no connection between requests)."""
+
+    def __init__(self, seconds: float, exchange: _Exchange) -> None:
+        self.exchange, self.socket, self.lock = exchange, None, threading.Lock()
+        self.timer = threading.Timer(seconds, self.expire)
+
+    def __enter__(self) -> Self:
+        self.timer.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.timer.cancel()
+
+    def trace(self, event: str, info: dict[str, Any]) -> None:
+        # TLS wraps the connected socket in another (the first is then detached): the last one is the one to shut.
+        if event in ("connection.connect_tcp.complete", "connection.start_tls.complete"):
+            with self.lock:
+                self.socket = info["return_value"].get_extra_info("socket")
+            if self.exchange.expired:  # connected only after the deadline
+                self.expire()
+
+    def expire(self) -> None:
+        with self.lock:
+            self.exchange.expired = True
+            if self.socket is not None:
+                with contextlib.suppress(OSError):  # closed already: the request ended as the timer fired
+                    self.socket.shutdown(socket.SHUT_RDWR)
 
 
 def _format_of(path: Path, output: Format | None) -> Format:
@@ -417,15 +475,131 @@ def _unreachable(base_url: httpx.URL, exc: Exception) -> ServiceError:
     return ServiceError(None, f"cannot reach cellseg at {base_url}: {exc}")
 
 
-class AsyncCellsegClient:
-    """The service over HTTP, for asyncio: the same methods as CellsegClient, awaited; use `async with` (or
-    `aclose`). Options: ClientOptions."""
+class _Client:
+    """What both clients keep: where the service is, how to authenticate, what to put up with (ClientOptions)."""
 
     def __init__(self, base_url: str = "http://localhost:8000", **options: Unpack[ClientOptions]) -> None:
         api_key = options.pop("api_key", None)
         self.limits = _Limits(**options)
         headers = {"X-API-Key": api_key.encode()} if api_key else {}  # bytes: a key need not be ASCII
-        self._http = httpx.AsyncClient(base_url=base_url, headers=headers, timeout=self.limits.timeout)
+        self._http = self._open(base_url=base_url, headers=headers, timeout=self.limits.timeout)
+
+    def _open(self, **options: Any) -> Any:
+        raise NotImplementedError
+
+    def _retry(self) -> _Retry:
+        return _Retry(self.limits.retries, self.limits.max_wait)
+
+
+class CellsegClient(_Client):
+    """The service over HTTP, blocking. Use it as a context manager (or call `close`) to free its connections."""
+
+    _http: httpx.Client
+
+    def _open(self, **options: Any) -> httpx.Client:
+        # No connection kept between requests: each request's own socket is the one its watchdog may shut.
+        return httpx.Client(limits=httpx.Limits(max_keepalive_connections=0), **options)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    @overload
+    def segment(
+        self, image: ImageInput, *, format: Literal["json"] = "json", **options: Unpack[Options]
+    ) -> SegmentResult: ...
+    @overload
+    def segment(self, image: ImageInput, *, format: FileFormat, **options: Unpack[Options]) -> bytes: ...
+    def segment(
+        self, image: ImageInput, *, format: Format = "json", **options: Unpack[Options]
+    ) -> SegmentResult | bytes:
+        """Every cell of one image: a SegmentResult for `format="json"`, else the answered file's bytes."""
+        return _answer(self._post(image, format, options), format, self.limits.max_answer_pixels)
+
+    def labels(self, image: ImageInput, **options: Unpack[Options]) -> np.ndarray:
+        """The (H, W) label image (0 = background, 1..N = cells), or (N, H, W) for a stack; see SegmentResult."""
+        return self.segment(image, format="json", **options).labels
+
+    def save(
+        self,
+        image: ImageInput,
+        path: str | os.PathLike[str],
+        *,
+        format: Format | None = None,
+        **options: Unpack[Options],
+    ) -> Path:
+        """Write the answer in `format` (default: from the file name, e.g. .zip -> an ImageJ ROI set) to `path`."""
+        path = Path(path)
+        path.write_bytes(self._post(image, _format_of(path, format), options).content)
+        return path
+
+    def health(self) -> dict[str, Any]:
+        """Whether the process answers (open even with an API key)."""
+        return self._get("/health", self._retry())
+
+    def ready(self) -> dict[str, Any]:
+        """Whether the model is loaded and warm (`ready`), and what the service is doing (`status`); asks once."""
+        return self._get("/ready", _Retry(0, 0), also_ok=(503,))
+
+    def wait_until_ready(self, timeout: float = 120.0) -> dict[str, Any]:
+        """Block until /ready answers 200, through refused connections and 503s while the service starts;
+        ServiceError with the last reason once `timeout` seconds (wall time, the requests included) are spent."""
+        return self._get("/ready", _Retry(math.inf, timeout, bounds_tries=True))
+
+    def models(self) -> dict[str, Any]:
+        """The versions loaded (`loaded`: each with its state and a summary of its model.json), the `default` one,
+        and those in the store (`available`)."""
+        return self._get("/models", self._retry())
+
+    def load_model(self, version: str) -> dict[str, Any]:
+        """Have the service load `version` from its store and serve it (a no-op if it is loaded): what it did, and
+        which version it unloaded to make room (`evicted`). ServiceError with the reason if it cannot."""
+        return _object(_checked(self._send("POST", _model_url(version, "load"), self._retry())))
+
+    def unload_model(self, version: str) -> dict[str, Any]:
+        """Have the service stop serving `version` and free its memory (never the default model)."""
+        return _object(_checked(self._send("POST", _model_url(version, "unload"), self._retry())))
+
+    def _post(self, image: ImageInput, output: Format, options: Options) -> _Answer:
+        return _checked(self._send("POST", "/segment", self._retry(), **_segment_request(image, output, options)))
+
+    def _get(self, url: str, retry: _Retry, also_ok: tuple[int, ...] = ()) -> dict[str, Any]:
+        return _object(_checked(self._send("GET", url, retry), also_ok))
+
+    def _send(self, method: str, url: str, retry: _Retry, **request: Any) -> _Answer:
+        while True:
+            try:
+                answer = self._fetch(method, url, retry.time_for_try(self.limits.timeout), **request)
+            except CONNECTION_ERRORS as exc:
+                if (delay := retry.delay(None)) is None:
+                    raise _unreachable(self._http.base_url, exc) from exc
+            else:
+                if (delay := retry.delay(answer)) is None:
+                    return answer
+            time.sleep(delay)
+
+    def _fetch(self, method: str, url: str, seconds: float, **request: Any) -> _Answer:
+        with _Exchange(seconds, self.limits) as exchange, _Watchdog(seconds, exchange) as watchdog:
+            trace = {"trace": watchdog.trace}
+            with self._http.stream(method, url, timeout=seconds, extensions=trace, **request) as response:
+                exchange.begin(response)
+                for chunk in response.iter_bytes():
+                    exchange.add(chunk)
+                return exchange.answer(response)
+
+
+class AsyncCellsegClient(_Client):
+    """The same as CellsegClient, for asyncio: every method is awaited; use `async with` (or `aclose`)."""
+
+    _http: httpx.AsyncClient
+
+    def _open(self, **options: Any) -> httpx.AsyncClient:
+        return httpx.AsyncClient(**options)
 
     async def __aenter__(self) -> Self:
         return self
@@ -480,9 +654,6 @@ class AsyncCellsegClient:
     async def unload_model(self, version: str) -> dict[str, Any]:
         return _object(_checked(await self._send("POST", _model_url(version, "unload"), self._retry())))
 
-    def _retry(self) -> _Retry:
-        return _Retry(self.limits.retries, self.limits.max_wait)
-
     async def _post(self, image: ImageInput, output: Format, options: Options) -> _Answer:
         request = _segment_request(image, output, options)
         return _checked(await self._send("POST", "/segment", self._retry(), **request))
@@ -503,123 +674,10 @@ class AsyncCellsegClient:
             await asyncio.sleep(delay)
 
     async def _fetch(self, method: str, url: str, seconds: float, **request: Any) -> _Answer:
-        """One request, its whole time bounded by `seconds`; httpx's failures as ServiceError but the connection
-        errors that the caller retries."""
-        status = None  # until the answer's status line is in
-        try:
-            async with asyncio.timeout(seconds), self._http.stream(method, url, **request) as response:
-                status = response.status_code
-                return _Answer(status, response.headers, await _read(response, self.limits.max_answer_bytes))
-        except CONNECTION_ERRORS:
-            raise
-        except (TimeoutError, httpx.TimeoutException) as exc:
-            left = "" if seconds >= self.limits.timeout else " (what was left of the call's time)"
-            raise ServiceError(status, f"no whole answer from cellseg within {seconds:.3g} s{left}") from exc
-        except httpx.HTTPError as exc:  # the connection broke, a malformed answer, one that cannot be decoded
-            raise ServiceError(status, f"the exchange with cellseg failed: {type(exc).__name__}: {exc}") from exc
-
-
-class _Loop:
-    """An event loop in a thread of its own, which runs the blocking client's calls (so a notebook's own loop,
-    running or not, is never in the way)."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="cellseg-client", daemon=True)
-        self.thread.start()
-
-    def run(self, call: Coroutine[Any, Any, T]) -> T:
-        future = asyncio.run_coroutine_threadsafe(call, self.loop)
-        try:
-            return future.result()
-        except BaseException:  # KeyboardInterrupt, say: the request stops too
-            future.cancel()
-            raise
-
-    def close(self) -> None:
-        if threading.current_thread() is self.thread:  # dropped by a call of its own: it cannot wait for itself
-            self.loop.stop()
-            return
-        asyncio.run_coroutine_threadsafe(self.loop.shutdown_asyncgens(), self.loop).result()
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join()
-        self.loop.close()
-
-
-class CellsegClient:
-    """The service over HTTP, blocking. Use it as a context manager (or call `close`) to free its connections and
-    its thread. Options: ClientOptions."""
-
-    def __init__(self, base_url: str = "http://localhost:8000", **options: Unpack[ClientOptions]) -> None:
-        self._async = AsyncCellsegClient(base_url, **options)
-        self._loop = _Loop()
-        self._stop = weakref.finalize(self, self._loop.close)  # a client dropped unclosed frees its thread
-
-    @property
-    def limits(self) -> _Limits:
-        return self._async.limits
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        if self._stop.alive:
-            self._loop.run(self._async.aclose())
-            self._stop()
-
-    @overload
-    def segment(
-        self, image: ImageInput, *, format: Literal["json"] = "json", **options: Unpack[Options]
-    ) -> SegmentResult: ...
-    @overload
-    def segment(self, image: ImageInput, *, format: FileFormat, **options: Unpack[Options]) -> bytes: ...
-    def segment(
-        self, image: ImageInput, *, format: Format = "json", **options: Unpack[Options]
-    ) -> SegmentResult | bytes:
-        """Every cell of one image: a SegmentResult for `format="json"`, else the answered file's bytes."""
-        return self._loop.run(self._async.segment(image, format=format, **options))
-
-    def labels(self, image: ImageInput, **options: Unpack[Options]) -> np.ndarray:
-        """The (H, W) label image (0 = background, 1..N = cells), or (N, H, W) for a stack; see SegmentResult."""
-        return self.segment(image, format="json", **options).labels
-
-    def save(
-        self,
-        image: ImageInput,
-        path: str | os.PathLike[str],
-        *,
-        format: Format | None = None,
-        **options: Unpack[Options],
-    ) -> Path:
-        """Write the answer in `format` (default: from the file name, e.g. .zip -> an ImageJ ROI set) to `path`."""
-        return self._loop.run(self._async.save(image, path, format=format, **options))
-
-    def health(self) -> dict[str, Any]:
-        """Whether the process answers (open even with an API key)."""
-        return self._loop.run(self._async.health())
-
-    def ready(self) -> dict[str, Any]:
-        """Whether the model is loaded and warm (`ready`), and what the service is doing (`status`); asks once."""
-        return self._loop.run(self._async.ready())
-
-    def wait_until_ready(self, timeout: float = 120.0) -> dict[str, Any]:
-        """Block until /ready answers 200, through refused connections and 503s while the service starts;
-        ServiceError with the last reason once `timeout` seconds (wall time, the requests included) are spent."""
-        return self._loop.run(self._async.wait_until_ready(timeout))
-
-    def models(self) -> dict[str, Any]:
-        """The versions loaded (`loaded`: each with its state and a summary of its model.json), the `default` one,
-        and those in the store (`available`)."""
-        return self._loop.run(self._async.models())
-
-    def load_model(self, version: str) -> dict[str, Any]:
-        """Have the service load `version` from its store and serve it (a no-op if it is loaded): what it did, and
-        which version it unloaded to make room (`evicted`). ServiceError with the reason if it cannot."""
-        return self._loop.run(self._async.load_model(version))
-
-    def unload_model(self, version: str) -> dict[str, Any]:
-        """Have the service stop serving `version` and free its memory (never the default model)."""
-        return self._loop.run(self._async.unload_model(version))
+        with _Exchange(seconds, self.limits) as exchange:
+            async with asyncio.timeout(seconds), self._http.stream(method, url, timeout=seconds, **request) as response:
+                exchange.begin(response)
+                async with contextlib.aclosing(response.aiter_bytes()) as chunks:  # closed here, not by the GC
+                    async for chunk in chunks:
+                        exchange.add(chunk)
+                return exchange.answer(response)
