@@ -456,7 +456,8 @@ class _Retry:
         if wanted is None:
             wanted, self.backoff = self.backoff, min(self.backoff * 2, 2.0)
         wait = max(wanted, MIN_WAIT)
-        if self.left <= 0 or time.monotonic() + wait >= self.until:
+        # Where the tries are bounded too, the next one needs a moment of its own after the wait.
+        if self.left <= 0 or time.monotonic() + wait + (MIN_WAIT if self.bounds_tries else 0) >= self.until:
             return None
         self.left -= 1
         return wait

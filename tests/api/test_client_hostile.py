@@ -81,7 +81,7 @@ class Hostile(socketserver.StreamRequestHandler):
         self.send(head("503 Service Unavailable", f"Retry-After: {self.name.partition('_')[2]}", "Content-Length: 0"))
 
     def do_slowbusy(self) -> None:
-        time.sleep(1.5)
+        time.sleep(1.2)
         self.send(head("503 Service Unavailable", "Retry-After: 0", "Content-Length: 0"))
 
     def do_trickle(self) -> None:
@@ -201,14 +201,15 @@ def test_wait_until_ready_ends_within_its_timeout_whatever_retry_after_says(call
     scenario = f"busy_{retry_after}"
     outcome = call(hostile.url(scenario), "wait_until_ready", 2)
     raised(outcome, 503, "cellseg answered 503")
-    assert 1.5 < outcome.seconds < 3, outcome.seconds
+    assert 1 < outcome.seconds < 3, outcome.seconds
     assert hostile.requests.pop(scenario) <= 2 / 0.25 + 1, "a wait has a floor: no busy loop"
 
 
 def test_wait_until_ready_bounds_the_requests_too_when_each_503_is_slow(call, hostile):
     outcome = call(hostile.url("slowbusy"), "wait_until_ready", 2)
-    raised(outcome, None, "no whole answer from cellseg within")  # the last try is cut at the timeout
-    assert 1.5 < outcome.seconds < 3, outcome.seconds
+    # The last try is cut at the timeout (None), or, on a loaded machine, none fits after the first 503.
+    assert isinstance(outcome.error, ServiceError) and outcome.error.status in (None, 503), outcome.error
+    assert 1.1 < outcome.seconds < 3, outcome.seconds
 
 
 def test_retries_and_max_wait_hold_in_wall_time(call, hostile):
@@ -219,7 +220,7 @@ def test_retries_and_max_wait_hold_in_wall_time(call, hostile):
     # Slow 503s: no new try after max_wait, and each try is bounded by the timeout: max_wait + timeout at most.
     slow = call(hostile.url("slowbusy"), "models", client={"retries": 100, "max_wait": 2, "timeout": 10})
     raised(slow, 503, "")
-    assert slow.seconds < 2 + 1.5 + 1, slow.seconds
+    assert slow.seconds < 2 + 1.2 + 2, slow.seconds
 
 
 @pytest.mark.parametrize(("scenario", "status"), [("trickle", 200), ("tricklehead", None)])
@@ -281,8 +282,8 @@ def measure() -> None:
     cases = [
         *[(f"wait_until_ready(2), Retry-After {after}", f"busy_{after}", "wait_until_ready", (2,), {}, {})
           for after in ("0", "nan", "-5")],
-        ("wait_until_ready(2), 503s taking 1.5 s", "slowbusy", "wait_until_ready", (2,), {}, {}),
-        ("models(), max_wait=2, 503s taking 1.5 s", "slowbusy", "models", (), {}, {"max_wait": 2, "retries": 100}),
+        ("wait_until_ready(2), 503s taking 1.2 s", "slowbusy", "wait_until_ready", (2,), {}, {}),
+        ("models(), max_wait=2, 503s taking 1.2 s", "slowbusy", "models", (), {}, {"max_wait": 2, "retries": 100}),
         ("segment, timeout=3, body a byte a second", "trickle", "segment", (GRAY,), {}, {"timeout": 3}),
         ("segment, timeout=3, headers a byte a second", "tricklehead", "segment", (GRAY,), {}, {"timeout": 3}),
         ("segment, timeout=3, 64 MB upload never read", "slowread", "segment", (bytes(64 * MIB),), {}, {"timeout": 3}),
