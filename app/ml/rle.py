@@ -100,6 +100,10 @@ def _parse_integers(rle: str) -> np.ndarray:
     bad = [t for t in tokens if not t.isascii() or not t.lstrip("-").isdigit()]
     if bad:
         raise InvalidRLEError(f"RLE contains non-integer values, e.g. {bad[0]!r}; it must be integers only")
+    # No image has 10^18 pixels; below that, a start plus a length cannot overflow int64 either.
+    huge = [t for t in tokens if len(t.lstrip("-")) > 18]
+    if huge:
+        raise InvalidRLEError(f"RLE contains a value of {len(huge[0])} digits; no image has that many pixels")
     return np.array(tokens, dtype=np.int64) if tokens else np.zeros(0, dtype=np.int64)
 
 

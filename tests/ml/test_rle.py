@@ -83,6 +83,8 @@ def test_empty_and_full_masks():
         ("30 10", "past the image"),
         ("10 2 5 2", "increasing order"),
         ("5 4 7 2", "increasing order"),
+        ("1 99999999999999999999", "20 digits"),  # past int64: an OverflowError before
+        ("9223372036854775000 1000", "19 digits"),  # start + length wrapped around int64 and passed the checks
     ],
 )
 def test_malformed_rle_is_refused_with_the_problem_named(bad, message):
