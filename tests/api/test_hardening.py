@@ -17,6 +17,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from app.api.metrics import Metrics
+from app.api.middleware import RequestContextMiddleware
 from app.bench.localserver import free_port
 from app.bench.localserver import running_server as start_server
 from app.ml.data.synth import generate_image
@@ -300,3 +302,46 @@ def cpu_seconds_over(pid: int, seconds: float) -> float:
 def _cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+def test_every_answer_carries_the_security_headers_for_what_it_is(server):
+    """Issue 26, point 11: the page runs only its own files, the docs their inline start-up, the rest nothing; no
+    answer may be framed or sniffed. (tests/api/test_page.py runs the page and the docs under them in Chromium.)"""
+    answers = {
+        "/": httpx.get(f"{server}/"),
+        "/static/page/page.js": httpx.get(f"{server}/static/page/page.js"),
+        "/docs": httpx.get(f"{server}/docs"),
+        "/health": httpx.get(f"{server}/health"),
+        "/openapi.json": httpx.get(f"{server}/openapi.json"),
+        "a 422": httpx.post(f"{server}/segment", files={"file": ("a.png", JUNK)}),
+        "a 404": httpx.get(f"{server}/nowhere"),
+    }
+    for name, answer in answers.items():
+        assert answer.headers["x-content-type-options"] == "nosniff", name
+        assert answer.headers["x-frame-options"] == "DENY", name
+        policy = answer.headers["content-security-policy"]
+        assert "default-src 'none'" in policy and "frame-ancestors 'none'" in policy, name
+        assert ("script-src 'self'" in policy) == (name in ("/", "/static/page/page.js", "/docs")), name
+        assert ("'unsafe-inline'" in policy) == (name == "/docs"), name
+
+
+def test_an_unexpected_error_is_a_json_500_naming_the_request_id(caplog):
+    """Issue 26, point 8: whatever fails unforeseen (here an app that raises) answers JSON with the request id the
+    log line carries, not uvicorn's plain-text 500."""
+
+    async def failing_app(scope, receive, send) -> None:
+        raise RuntimeError("something unforeseen")
+
+    app = RequestContextMiddleware(failing_app, Metrics())
+
+    async def call() -> httpx.Response:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+            return await http.get("/segment", headers={"X-Request-ID": "req-500"})
+
+    with caplog.at_level("ERROR"):
+        answer = asyncio.run(call())
+    assert answer.status_code == 500 and answer.headers["content-type"] == "application/json"
+    assert answer.json() == {"detail": "internal error; the service's log has it under request id req-500"}
+    assert answer.headers["x-request-id"] == "req-500"
+    assert any("something unforeseen" in record.getMessage() for record in caplog.records)

@@ -5,8 +5,10 @@ TIFFs, every one a 200 or a JSON 4xx. docs/reliability.md has the same files at 
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Iterator
+from urllib.parse import unquote
 
 import httpx
 import pytest
@@ -109,3 +111,54 @@ def test_fuzzed_tiffs_get_a_200_or_a_json_4xx_and_never_more_than_the_budget(ser
     assert statuses.get(200, 0) >= 10 and sum(statuses.values()) == 120
     budget_mib = tiff_fuzz.budget_bytes(b"", ImageLimits(max_pixels=MAX_PIXELS)) / 2**20
     assert peak_mib(server) - before < budget_mib
+
+
+def test_channel_names_come_back_percent_encoded_in_x_channel(server):
+    """Point 9: a channel named with non-Latin-1 characters, or holding CR LF, gave a 500 or a cut connection."""
+    names = ("Phase–contrast", "Ca²⁺", "a\r\nX-Evil: 1", "DAPI")
+    data = hostile.named_channels(*names)
+    for index, name in enumerate(names):
+        answer = httpx.post(
+            f"{server.url}/segment", params={"channel": str(index), "format": "png"}, files={"file": ("c.tif", data)}
+        )
+        assert answer.status_code == 200, answer.text
+        assert unquote(answer.headers["x-channel"]) == name
+        assert "x-evil" not in answer.headers
+    assert answer.headers["x-channel"] == "DAPI"  # printable ASCII as it is
+
+
+def test_long_channel_names_are_not_echoed_whole(server):
+    """Point 5: an error listing a file's channels echoed their names whole (5 MB in the attack); now each is cut to
+    what `channel=` could name, and the answer to its error's length."""
+    data = hostile.named_channels("x" * 400_000, "y" * 400_000)
+    answer = httpx.post(f"{server.url}/segment", files={"file": ("c.tif", data)})
+    assert answer.status_code == 422 and "the image has 2 channels: 0 (xxx" in answer.json()["detail"]
+    assert len(answer.content) < 2_000
+    streamed = httpx.post(
+        f"{server.url}/segment", files={"file": ("c.tif", data)}, headers={"Accept": "text/event-stream"}
+    )
+    assert streamed.status_code == 200 and "event: error" in streamed.text and len(streamed.content) < 2_000
+
+
+def test_a_tiff_of_200000_pages_is_refused_while_the_server_keeps_answering(server):
+    """Point 7: the pages of a TIFF are counted in a thread, with a cap on the walk: /health answered after 5.8-8.2 s
+    while a 480,000-page TIFF was counted on the event loop."""
+    data = hostile.write([hostile.small_page() for _ in range(200_000)])  # 23 MB
+    slowest, done = [0.0], threading.Event()
+
+    def poll_health() -> None:
+        while not done.is_set():
+            started = time.perf_counter()
+            httpx.get(f"{server.url}/health", timeout=60)
+            slowest[0] = max(slowest[0], time.perf_counter() - started)
+            time.sleep(0.02)
+
+    poller = threading.Thread(target=poll_health)
+    poller.start()
+    try:
+        answer = httpx.post(f"{server.url}/segment", files={"file": ("pages.tif", data)}, timeout=120)
+    finally:
+        done.set()
+        poller.join()
+    assert answer.status_code == 413 and "more than 10,000 pages" in answer.json()["detail"]
+    assert slowest[0] < 1.0, f"/health took {slowest[0]:.2f} s meanwhile"

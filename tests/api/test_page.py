@@ -48,7 +48,8 @@ IMAGE = png(to_uint8(generate_image(np.random.default_rng(5), 256, 256, "shsy5y"
 
 @contextlib.contextmanager
 def offline_page(base_url: str) -> Iterator[tuple[object, list[str]]]:
-    """A Chromium page whose requests may only go to the service; yields it and the list of refused URLs."""
+    """A Chromium page whose requests may only go to the service; yields it and the list of refused URLs, which
+    also holds what the service's Content-Security-Policy blocked (Chromium's console says)."""
     refused: list[str] = []
     with playwright_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
@@ -61,9 +62,15 @@ def offline_page(base_url: str) -> Iterator[tuple[object, list[str]]]:
                 refused.append(request.url)
                 route.abort()
 
+        def blocked_by_policy(message) -> None:
+            if "Content Security Policy" in message.text:
+                refused.append(message.text)
+
         context.route("**/*", only_local)
+        page = context.new_page()
+        page.on("console", blocked_by_policy)
         try:
-            yield context.new_page(), refused
+            yield page, refused
         finally:
             browser.close()
 

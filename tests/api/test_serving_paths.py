@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
+import time
 from pathlib import Path
 
 import httpx
@@ -18,6 +21,7 @@ from tests.api.test_operations import metric
 pytestmark = pytest.mark.slow
 
 IMAGE = png(np.random.default_rng(2).integers(0, 256, (200, 240)).astype(np.uint8))
+LARGE = png(np.random.default_rng(2).integers(0, 256, (1500, 1500)).astype(np.uint8))  # many network inputs
 
 
 async def post_concurrently(url: str, count: int) -> list[httpx.Response]:
@@ -43,6 +47,30 @@ def test_two_workers_are_warm_answer_alike_and_count_together(trained_model, tmp
         server_process = server.pid
     # running_server's exit is a SIGTERM and a wait: the supervisor stops its workers before it ends.
     assert process_tree(server_process) == [] and not any(_alive(pid) for pid in workers)
+
+
+def test_a_killed_workers_gauges_are_forgotten_once_it_is_replaced(trained_model, tmp_path):
+    """Issue 26, point 12: a worker SIGKILLed mid-burst never marks itself dead, so its last queue depth was added to
+    /metrics' for good (1 on an idle service); /metrics now drops the gauges of workers that are gone."""
+    settings = {"model_store": str(trained_model.parent), "workers": "2", "compile": "false", "log_json": "false"}
+    with running_server(tmp_path / "server.log", **settings) as server:
+        workers = [pid for pid in process_tree(server.pid)[1:] if b"spawn_main" in cmdline(pid)]
+
+        async def burst_then_kill() -> None:
+            async with httpx.AsyncClient(base_url=server.url, timeout=300) as http:
+                files = {"file": ("a.png", LARGE)}
+                posts = [asyncio.ensure_future(http.post("/segment", files=files)) for _ in range(8)]
+                await asyncio.sleep(3)  # both workers busy, inputs queued
+                os.kill(workers[0], signal.SIGKILL)
+                await asyncio.gather(*posts, return_exceptions=True)  # the killed worker's connections fail
+
+        asyncio.run(burst_then_kill())
+        deadline, depth = time.monotonic() + 60, None
+        while time.monotonic() < deadline and depth != 0:
+            time.sleep(0.5)
+            replaced = len([pid for pid in process_tree(server.pid)[1:] if b"spawn_main" in cmdline(pid)]) == 2
+            depth = metric(httpx.get(f"{server.url}/metrics").text, "cellseg_queue_depth") if replaced else None
+        assert depth == 0, f"an idle service reports a queue depth of {depth}"
 
 
 def cmdline(pid: int) -> bytes:
