@@ -25,6 +25,7 @@ from app.ml.errors import ImageTooLargeError, InvalidImageError, UnsupportedImag
 
 MAX_PIXELS = 24_000_000  # sized to fit the service in a 2 GB container: docs/reliability.md
 MIN_SIDE = 16
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")  # the files a folder of images is read for
 ACCEPTED = (
     "Accepted: one PNG, JPEG or TIFF image (TIFF also as a Z or time stack, OME-TIFF or ImageJ hyperstack), "
     f"8-, 16-bit or float, grayscale, RGB or RGBA, at least {MIN_SIDE}x{MIN_SIDE} pixels and at most the service's "
