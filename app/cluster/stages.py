@@ -55,6 +55,8 @@ class ImageWork:
     error: str = ""
     cells: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
+    network_at: float = 0.0  # when its network batch began (time.time(), comparable across nodes with synced clocks)
+    finished_at: float = 0.0  # when its files were written
 
 
 _PREDICTORS: dict[tuple[str, InferenceOptions], Predictor] = {}
@@ -114,7 +116,7 @@ class Network:
         works = [w for w in batch["work"] if not w.error]
         if not works:
             return batch
-        started = time.perf_counter()
+        started, now = time.perf_counter(), time.time()
         tiles = np.concatenate([w.prepared.tiles for w in works])
         steps = self.predictor.steps
         outputs = steps.to_numpy(self.predictor.run_tiles(steps.from_numpy(tiles), self.spec.max_batch))
@@ -124,6 +126,7 @@ class Network:
             work.outputs = part
             work.prepared = replace(work.prepared, tiles=work.prepared.tiles[:0])  # spent: not carried further
             work.seconds["network"] = share * count
+            work.network_at = now
         return batch
 
 
@@ -137,12 +140,15 @@ def finish(batch: Batch, spec: RunSpec) -> Batch:
                     write_outputs(work, predictor, spec)
                 except (CellSegError, OSError) as exc:
                     work.error = f"{type(exc).__name__}: {exc}"
+            work.finished_at = time.time()
     works = batch["work"]
     result: dict[str, list[Any]] = {
         "image_id": [w.image_id for w in works],
         "name": [w.name for w in works],
         "cells": [w.cells for w in works],
         "error": [w.error for w in works],
+        "network_at": [w.network_at for w in works],
+        "finished_at": [w.finished_at for w in works],
     }
     for stage in STAGES:
         result[f"{stage}_s"] = [w.seconds.get(stage, 0.0) for w in works]
