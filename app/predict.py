@@ -65,6 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--batch-size", type=int, default=8, help="with --cluster: images per batch of a network actor (default: 8)"
     )
+    parser.add_argument(
+        "--merge-images",
+        action="store_true",
+        help="with --cluster: network passes across the images of a batch, 8 inputs at a time (feeds a GPU better; "
+        "the cells may differ from predict's in the last bits); by default each image's inputs go through alone, as "
+        "without --cluster, and the cells are the same",
+    )
     return parser
 
 
@@ -119,7 +126,7 @@ def main_on_cluster(args: argparse.Namespace) -> None:
 
     formats = tuple(OutputFormat(name) for name in args.formats)
     job = ClusterJob(args.images, args.out_dir, args.out, model_folder(args), inference_options(args), Mode(args.mode),
-                     formats, args.batch_size)  # fmt: skip
+                     formats, args.batch_size, args.merge_images)  # fmt: skip
     try:
         report = run(args.cluster, job)
     except CellSegError as exc:

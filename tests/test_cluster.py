@@ -177,9 +177,8 @@ def test_a_node_killed_mid_run_leaves_every_image_done_exactly_once(cluster, pla
     cluster.wait_for_nodes()
     out = tmp_path / "out"
     result: dict[str, int] = {}
-    run = threading.Thread(
-        target=lambda: result.update(code=cluster_run(images, out, cluster.address, "--batch-size", "2"))
-    )
+    options = ["--batch-size", "2", "--merge-images"]  # network passes across images: the GPU path
+    run = threading.Thread(target=lambda: result.update(code=cluster_run(images, out, cluster.address, *options)))
     started = time.monotonic()
     run.start()
     try:

@@ -42,6 +42,7 @@ class ClusterJob:
     mode: Mode = Mode.AUTO
     formats: tuple[OutputFormat, ...] = ()
     batch_size: int = 8  # images per call of a network actor
+    merge_images: bool = False  # forward passes across those images (stages.Network)
 
 
 @dataclass
@@ -93,7 +94,8 @@ def run(address: str, job: ClusterJob) -> RunReport:
     connected = connect(address)
     try:
         if todo:
-            spec = RunSpec(ray.put(load_checkpoint(job.model)), job.options, job.mode, job.formats, source, dest)
+            model = ray.put(load_checkpoint(job.model))
+            spec = RunSpec(model, job.options, job.mode, job.formats, source, dest, merge_images=job.merge_images)
             results = pipeline(spec, [(image_id, names[image_id]) for image_id in todo], job.batch_size)
             collect(results.iter_rows(), len(todo), report)
     finally:

@@ -41,6 +41,7 @@ class RunSpec:
     dest: Location
     limits: ImageLimits = field(default_factory=ImageLimits)
     max_batch: int = 8  # network inputs per forward pass, as predict's
+    merge_images: bool = False  # forward passes across the images of a batch (Network)
 
 
 @dataclass
@@ -104,7 +105,15 @@ def decode(batch: Batch, spec: RunSpec) -> Batch:
 
 
 class Network:
-    """The network in an actor, loaded once: every network input of the batch's images in passes of max_batch."""
+    """The network in an actor, loaded once (and compiled, when compiling, for the shapes `predict` runs), over the
+    batches of images Ray Data hands it.
+
+    Each image's network inputs go through as `predict` sends them (max_batch at a time), so the cells are
+    identical to its cells, and the shapes run are those compiled at warm-up: on a CPU batch 1, compiled, is also
+    the fastest (docs/performance.md). `merge_images` sends the inputs of the whole batch of images together,
+    max_batch at a time, which is what feeds a GPU well; the cells may then differ from `predict`'s in the last bits
+    where reduced precision or compiled code computes a batch differently from one input.
+    """
 
     def __init__(self, spec: RunSpec) -> None:
         self.spec = spec
@@ -114,8 +123,11 @@ class Network:
 
     def __call__(self, batch: Batch) -> Batch:
         works = [w for w in batch["work"] if not w.error]
-        if not works:
-            return batch
+        for group in [works] if self.spec.merge_images and works else [[w] for w in works]:
+            self.run(group)
+        return batch
+
+    def run(self, works: list[ImageWork]) -> None:
         started, now = time.perf_counter(), time.time()
         tiles = np.concatenate([w.prepared.tiles for w in works])
         steps = self.predictor.steps
@@ -127,7 +139,6 @@ class Network:
             work.prepared = replace(work.prepared, tiles=work.prepared.tiles[:0])  # spent: not carried further
             work.seconds["network"] = share * count
             work.network_at = now
-        return batch
 
 
 def finish(batch: Batch, spec: RunSpec) -> Batch:
