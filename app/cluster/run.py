@@ -26,6 +26,9 @@ from app.ml.imageio import IMAGE_SUFFIXES
 from app.ml.options import InferenceOptions, Mode
 from app.ml.outputs import OutputFormat, submission_csv
 
+# The names are cut into at most this many blocks: enough to keep every node busy, few enough that a campaign of
+# 10^5 images is not 10^5 objects to track (a block's images are still decoded one at a time, streaming).
+MAX_BLOCKS = 1000
 # An image's bytes, its float32 pixels, the network inputs, the two full-size maps and the labels, with room to spare.
 TASK_BYTES_PER_PIXEL = 20
 
@@ -122,7 +125,7 @@ def pipeline(spec: RunSpec, todo: list[tuple[str, str]], batch_size: int) -> ray
     gpus = int(ray.cluster_resources().get("GPU", 0))
     actors = gpus or max(1, int(ray.cluster_resources().get("CPU", 1)) // 2)  # the other CPUs decode and finish
     return (
-        ray.data.from_items(items, override_num_blocks=len(items))
+        ray.data.from_items(items, override_num_blocks=min(len(items), MAX_BLOCKS))
         .map_batches(decode, fn_kwargs={"spec": spec}, batch_size=1, **tasks)
         .map_batches(
             Network,
