@@ -22,6 +22,7 @@ from PIL import Image
 
 from app.cluster.storage import ROWS_SUFFIX, Location, done_ids, image_names
 from app.ml.imageio import MAX_PIXELS
+from app.ml.options import InferenceOptions, Mode
 from app.predict import main as predict
 from tests.conftest import MODEL_STORE, REPO
 
@@ -130,6 +131,22 @@ def test_a_cluster_run_finds_the_cells_predict_finds_and_records_the_images_it_c
     assert "InvalidImageError" in failures[0]["reason"] or "UnsupportedImageError" in failures[0]["reason"]
     assert "ImageTooLargeError" in failures[1]["reason"]
     assert done_ids(Location.of(str(out))) == set(good)
+
+
+@needs_ray
+def test_decoding_runs_in_cpu_tasks_beside_the_network_actors_not_fused_into_them(cluster, plate, capsys):
+    import ray  # noqa: PLC0415 - only with Ray installed
+
+    from app.cluster.run import pipeline  # noqa: PLC0415
+    from app.cluster.stages import RunSpec  # noqa: PLC0415
+
+    where = Location.of(str(plate))
+    spec = RunSpec(ray.put(None), InferenceOptions(), Mode.AUTO, (), where, where)  # planned only, never run
+    pipeline(spec, [("a", "a.png"), ("b", "b.png")], batch_size=2).explain()
+    optimized = capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
+    assert "TaskPoolMapOperator[MapBatches(finish)]" in optimized
+    assert "ActorPoolMapOperator[MapBatches(Network)]" in optimized
+    assert "TaskPoolMapOperator[MapBatches(decode)]" in optimized
 
 
 @needs_ray
