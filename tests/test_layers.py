@@ -1,6 +1,6 @@
 """The layers are a contract: api/ is HTTP and never touches torch, ml/ never touches the web stack, ml/'s shared
-core never imports its subpackages, serving never imports training, and no module imports another that (directly
-or not) imports it back."""
+core never imports its subpackages, serving never imports training, cluster/ (Ray) sits over ml/ with only predict
+above it, and no module imports another that (directly or not) imports it back."""
 
 from __future__ import annotations
 
@@ -88,6 +88,19 @@ def test_ml_subpackages_import_only_down(module):
     allowed = {"core", part} | ALLOWED.get(part, set())
     reached = {ml_part(i) for i in MODULES[module] if ml_part(i)}
     assert reached <= allowed, f"{module} ({part}) imports {sorted(reached - allowed)}"
+
+
+def test_the_cluster_layer_sits_over_ml_and_only_predict_imports_it():
+    """Ray is an optional extra: nothing but predict (when --cluster is given) may need app.cluster."""
+    for module, found in MODULES.items():
+        ours = {i for i in found if i.startswith("app.")}
+        if module.startswith("app.cluster"):
+            assert all(i.startswith(("app.ml", "app.cluster")) for i in ours), f"{module} imports {sorted(ours)}"
+        else:
+            assert module == "app.predict" or not {i for i in ours if i.startswith("app.cluster")}, module
+    assert not {m for m, found in MODULES.items() if "ray" in {i.split(".")[0] for i in found}} - {
+        m for m in MODULES if m.startswith("app.cluster")
+    }, "only app.cluster imports ray"
 
 
 def test_importing_the_settings_does_not_load_torch():

@@ -27,6 +27,7 @@ MAX_PIXELS = 24_000_000  # sized to fit the service in a 2 GB container: docs/re
 MIN_SIDE = 16
 MAX_CHANNEL_NAME = 100  # characters; the longest `channel=` a request may send
 LISTED_CHANNELS = 20  # an error lists this many channels of a file, and how many more
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")  # the files a folder of images is read for
 ACCEPTED = (
     "Accepted: one PNG, JPEG or TIFF image (TIFF also as a Z or time stack, OME-TIFF or ImageJ hyperstack), "
     f"8-, 16-bit or float, grayscale, RGB or RGBA, at least {MIN_SIDE}x{MIN_SIDE} pixels and at most the service's "

@@ -12,6 +12,7 @@ too.
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import zipfile
@@ -92,6 +93,37 @@ def describe_cells(instances: Instances) -> list[dict[str, Any]]:
         {"id": label, "rle": text, "area": areas[label - 1], "bbox": box, "score": round(scores[label - 1], 4)}
         for label, text, box in cells
     ]
+
+
+KaggleRow = tuple[str, str]  # (image id, one cell's row-major RLE, or "" for an image without cells)
+
+
+def kaggle_rows(image_id: str, instances: Instances) -> list[KaggleRow]:
+    """The Kaggle submission rows of one image: one per cell in label order, or one empty row when it has none,
+    so every image id appears, as the competition expects."""
+    encoded = rle.encode_labels(instances.labels)
+    return [(image_id, encoded[label]) for label in sorted(encoded)] or [(image_id, "")]
+
+
+def submission_csv(rows: list[KaggleRow], header: bool = True) -> bytes:
+    """Kaggle submission rows as CSV (`id,predicted`); without the header for one image's part of a larger file."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    if header:
+        writer.writerow(["id", "predicted"])
+    writer.writerows(rows)
+    return buffer.getvalue().encode()
+
+
+def image_files(
+    image_id: str, image: np.ndarray, instances: Instances, formats: list[OutputFormat]
+) -> dict[str, bytes]:
+    """The files `predict --formats` writes for one image: file name -> bytes (json as its text)."""
+    files = {}
+    for output in formats:
+        data = encode(output, image, instances)
+        files[f"{image_id}{output.file_suffix}"] = data if isinstance(data, bytes) else json.dumps(data).encode()
+    return files
 
 
 # ---------------------------------------------------------------- PNGs
