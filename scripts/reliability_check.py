@@ -1,6 +1,6 @@
 """The cases of docs/reliability.md against the real service with the bundled model and default settings.
 
-Run from the project root with ../shared beside it: python scripts/reliability_check.py (about 2 minutes).
+Run from the project root with ../shared beside it: python scripts/reliability_check.py (about 4 minutes).
 """
 
 from __future__ import annotations
@@ -11,14 +11,21 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import numpy as np
 from PIL import Image
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' hostile files, run from anywhere
+
 from app.bench.localserver import free_port, running_server
+from app.ml.outputs import coco
+from app.ml.postprocess import Instances
+from tests.ml import hostile_tiffs as hostile
 
 REAL = Path("../shared/data/sartorius/test/7ae19de7bc2a.png").read_bytes()
 
@@ -113,6 +120,7 @@ def main() -> None:
         with httpx.Client(base_url=url, timeout=120) as http:
             rows |= uploads(http, process.pid)
             rows |= abuse(http, port)
+            rows |= round_two(http, process.pid)
     finally:
         process.terminate()
         process.wait(30)
@@ -126,6 +134,80 @@ def main() -> None:
         )
     for name, value in rows.items():
         print(f"{name}: {value}")
+
+
+def round_two(http: httpx.Client, pid: int) -> dict[str, object]:
+    """Issue 26's service findings after their fixes: COCO's cost, work left behind by a client that gives up, a TIFF
+    of 430,000 pages beside /health, a channel name no header can hold, the security headers."""
+    noise = png(np.random.default_rng(0).integers(0, 255, (2400, 2400)).astype(np.uint8))
+    started = time.perf_counter()
+    coco = http.post("/segment", params={"format": "coco", "mode": "tile"}, files={"file": ("n.png", noise)})
+    rows: dict[str, object] = {
+        "2400x2400 noise, format=coco, tile mode (status, cells, s)": (
+            coco.status_code,
+            coco.headers.get("x-cell-count"),
+            round(time.perf_counter() - started, 1),
+        )
+    }
+    with contextlib.suppress(httpx.TimeoutException):  # the client gives up after 2 s
+        http.post("/segment", params={"format": "coco", "mode": "tile"}, files={"file": ("n.png", noise)}, timeout=2)
+    rows["CPU seconds the server spends in the 5 s after that client gave up at 2 s"] = cpu_seconds(pid, 5.0)
+
+    pages = hostile.write([hostile.small_page() for _ in range(430_000)])
+    slowest, status = health_beside(http, lambda: http.post("/segment", files={"file": ("p.tif", pages)}))
+    rows[f"a TIFF of 430,000 pages ({len(pages) / 1e6:.0f} MB): status, slowest /health meanwhile (ms)"] = (
+        status,
+        round(slowest * 1000),
+    )
+    named = hostile.named_channels("Phase–contrast", "Ca²⁺", "a\r\nX-Evil: 1")
+    for index in range(3):
+        answer = http.post("/segment", params={"channel": index, "format": "png"}, files={"file": ("c.tif", named)})
+        rows[f"channel {index}: status, X-Channel"] = (answer.status_code, answer.headers.get("x-channel"))
+    rows["COCO of 40,000 cells at 2400x2400, encoded in process (s)"] = coco_seconds()
+    page = http.get("/")
+    rows["/: security headers"] = {k: page.headers.get(k) for k in ("content-security-policy", "x-frame-options")}
+    return rows
+
+
+def coco_seconds() -> float:
+    """The COCO encoder alone on a 2400x2400 label map of 40,000 cells (12x12 squares): the issue's count."""
+    rows, cols = np.indices((2400, 2400)) // 12
+    labels = (rows * 200 + cols + 1).astype(np.int32)
+    instances = Instances(labels, np.ones(40_000), np.full(40_000, 144))
+    started = time.perf_counter()
+    coco(instances)
+    return round(time.perf_counter() - started, 2)
+
+
+def cpu_seconds(pid: int, seconds: float) -> float:
+    def used() -> float:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    before = used()
+    time.sleep(seconds)
+    return round(used() - before, 2)
+
+
+def health_beside(http: httpx.Client, request: Callable[[], httpx.Response]) -> tuple[float, int]:
+    """The slowest /health answer while `request` runs, and its status."""
+    slowest, done = [0.0], threading.Event()
+
+    def poll() -> None:
+        while not done.is_set():
+            started = time.perf_counter()
+            http.get("/health")
+            slowest[0] = max(slowest[0], time.perf_counter() - started)
+            time.sleep(0.02)
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    try:
+        status = request().status_code
+    finally:
+        done.set()
+        poller.join()
+    return slowest[0], status
 
 
 if __name__ == "__main__":
