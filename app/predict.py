@@ -125,19 +125,34 @@ def main_on_cluster(args: argparse.Namespace) -> None:
     from app.cluster.run import ClusterJob, run  # noqa: PLC0415 - Ray is loaded only for a cluster run
 
     formats = tuple(OutputFormat(name) for name in args.formats)
-    job = ClusterJob(args.images, args.out_dir, args.out, model_folder(args), inference_options(args), Mode(args.mode),
-                     formats, args.batch_size, args.merge_images)  # fmt: skip
+    job = ClusterJob(
+        args.images,
+        args.out_dir,
+        args.out,
+        model_folder(args),
+        inference_options(args),
+        Mode(args.mode),
+        formats,
+        args.batch_size,
+        args.merge_images,
+    )
     try:
         report = run(args.cluster, job)
     except CellSegError as exc:
         print(f"predict: {exc}", file=sys.stderr)
         raise SystemExit(2) from exc
-    print(f"{len(report.done)} images done in {report.seconds:.1f} s ({report.rate:.2f} images/s), "
-          f"{report.already_done} done before, {len(report.failures)} failed; wrote {args.out}")  # fmt: skip
+    print(
+        f"{len(report.done)} images done in {report.seconds:.1f} s ({report.rate:.2f} images/s), "
+        f"{report.already_done} done before, {len(report.failures)} failed; wrote {args.out}"
+    )
     if report.failures:
         reasons = [f"{image_id}: {reason}" for image_id, reason in sorted(report.failures.items())]
-        print(f"predict: {len(reasons)} images failed (also in {args.out_dir}/failures.jsonl):", *reasons,
-              sep="\n  ", file=sys.stderr)  # fmt: skip
+        print(
+            f"predict: {len(reasons)} images failed (also in {args.out_dir}/failures.jsonl):",
+            *reasons,
+            sep="\n  ",
+            file=sys.stderr,
+        )
         raise SystemExit(1)
 
 

@@ -61,8 +61,13 @@ def on_cluster(images: Path, nodes: int, cpus: int, store_mb: int, compile_netwo
     cluster.wait_for_nodes()
     try:
         with tempfile.TemporaryDirectory() as out:
-            job = ClusterJob(str(images), out, f"{out}/all.csv", resolve_model_folder(REPO / "model_store"),
-                             InferenceOptions(compile=compile_network))  # fmt: skip
+            job = ClusterJob(
+                str(images),
+                out,
+                f"{out}/all.csv",
+                resolve_model_folder(REPO / "model_store"),
+                InferenceOptions(compile=compile_network),
+            )
             started = time.time()
             report = run(cluster.address, job)
     finally:

@@ -303,8 +303,10 @@ def measure() -> None:
         seconds, peak = time.monotonic() - start, tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
         time.sleep(0.3)  # the server notices the hang-up
-        print(f"{label}: {seconds:.2f} s, {server.requests[scenario]} request(s), server sent "
-              f"{server.sent[scenario] / MIB:.1f} MiB, peak {peak / MIB:.1f} MiB: {error}")  # fmt: skip
+        print(
+            f"{label}: {seconds:.2f} s, {server.requests[scenario]} request(s), server sent "
+            f"{server.sent[scenario] / MIB:.1f} MiB, peak {peak / MIB:.1f} MiB: {error}"
+        )
 
 
 if __name__ == "__main__":
