@@ -345,3 +345,19 @@ def test_an_unexpected_error_is_a_json_500_naming_the_request_id(caplog):
     assert answer.json() == {"detail": "internal error; the service's log has it under request id req-500"}
     assert answer.headers["x-request-id"] == "req-500"
     assert any("something unforeseen" in record.getMessage() for record in caplog.records)
+
+
+def test_a_request_given_up_mid_step_answers_once_its_threads_have_stopped(trained_model):
+    """Issue 26, attacked again: a step in a thread (decoding, the instance step at full size) cannot be stopped
+    midway. The 504 used to be sent, and the request's pixels freed, while the step went on: a client leaving in
+    that step (or a deadline there), again and again, got more memory in use than the budget admits. Now the answer
+    waits for the step to end, so no stage ends after it."""
+    image = png((np.random.default_rng(5).random((4000, 4000)) * 255).astype(np.uint8))  # resize mode: threads
+    with running_server(trained_model.parent, request_timeout_seconds="0.8") as url, httpx.Client(base_url=url) as http:
+        files, stream = {"file": ("a.png", image)}, {"Accept": "text/event-stream"}
+        for headers in ({}, stream):
+            answer = http.post("/segment", params={"mode": "resize"}, files=files, headers=headers, timeout=60)
+            assert answer.status_code == 504 or "504" in answer.text, answer.text[-300:]
+            ended = metric(http.get("/metrics").text, "cellseg_stage_seconds_count")
+            time.sleep(2.0)
+            assert metric(http.get("/metrics").text, "cellseg_stage_seconds_count") == ended, "a step outlived it"
