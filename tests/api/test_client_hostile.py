@@ -123,6 +123,15 @@ class Hostile(socketserver.StreamRequestHandler):
         self.server.encodings.append(self.request_headers.get("accept-encoding", ""))
         self.send(head("200 OK", "Content-Encoding: gzip", f"Content-Length: {len(BOMB)}") + BOMB)
 
+    def do_redirect(self) -> None:  # to itself, for ever
+        self.send(head("302 Found", f"Location: /{self.name}", "Content-Length: 0"))
+
+    def do_hugeheader(self) -> None:  # a header of 1 MiB
+        self.send(head("200 OK", "X-Big: " + "a" * MIB, "Content-Length: 2") + b"{}")
+
+    def do_chunklie(self) -> None:  # a chunk of 2**60 bytes announced, 1 KB sent, then the end
+        self.send(head("200 OK", "Transfer-Encoding: chunked") + b"fffffffffffffff\r\n" + b"{" * 1000)
+
     def do_cut(self) -> None:
         self.send(head("200 OK", "Content-Length: 1000") + b'{"width": ')
 
@@ -298,6 +307,26 @@ def test_a_compressed_answer_is_refused_before_it_is_inflated(call, hostile):
     raised(outcome, 200, "the answer is compressed (gzip)")
     assert outcome.peak_bytes < 20 * MIB, outcome.peak_bytes
     assert hostile.encodings.pop() == "identity"
+
+
+@pytest.mark.parametrize(
+    ("scenario", "status", "message"),
+    [
+        ("busy_1e308", 503, "cellseg answered 503"),
+        ("redirect", 302, "cellseg answered 302"),
+        ("hugeheader", None, "RemoteProtocolError"),
+        ("chunklie", 200, "RemoteProtocolError"),
+    ],
+)
+def test_a_redirect_loop_an_endless_retry_after_a_huge_header_or_a_lying_chunk_end_at_once(
+    call, hostile, scenario, status, message
+):
+    """Issue 26's fixes attacked again, and they hold: one request each, a ServiceError, no wait, little memory."""
+    hostile.requests.clear()
+    outcome = call(hostile.url(scenario), "segment", GRAY)
+    raised(outcome, status, message)
+    assert outcome.seconds < 1 and outcome.peak_bytes < 8 * MIB, outcome
+    assert hostile.requests[scenario] == 1
 
 
 def measure() -> None:
