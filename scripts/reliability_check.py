@@ -219,7 +219,8 @@ def health_beside(http: httpx.Client, request: Callable[[], httpx.Response]) -> 
 
 def round_three(port: int, pid: int) -> dict[str, object]:
     """Issue 26's fixes attacked again: 3 clients each send a 4800x4800 noise PNG (resize mode, as PNG) and leave
-    after 1.7, 1.9 or 2.1 s, in the middle of a step in a thread, until each has left 6 times; peak memory after."""
+    after 1.7, 1.9 or 2.1 s, in the middle of a step in a thread, until each has left 6 times; peak memory after.
+    Before that, a 422 whose request's inputs are 40 MB of text where files belong."""
     image = png((np.random.default_rng(5).random((4800, 4800)) * 255).astype(np.uint8))
     field = b'name="file"; filename="n.png"'
     body = b"--b\r\nContent-Disposition: form-data; " + field + b"\r\n\r\n" + image + b"\r\n--b--\r\n"
@@ -242,6 +243,22 @@ def round_three(port: int, pid: int) -> dict[str, object]:
                     answers.append(b"reset")
 
     rows: dict[str, object] = {"peak memory after start-up (MiB)": peak_mib(pid)}
+    part = b'--b\r\nContent-Disposition: form-data; name="files"\r\n\r\n' + b"\x01" * 1_000_000 + b"\r\n"
+    started, answer = (
+        time.perf_counter(),
+        httpx.post(
+            f"http://127.0.0.1:{port}/segment",
+            content=part * 40 + b"--b--\r\n",
+            headers={"content-type": "multipart/form-data; boundary=b"},
+            timeout=120,
+        ),
+    )
+    rows["40 text parts of 1 MB of \\x01 as `files`: status, answer bytes, s, peak memory (MiB)"] = (
+        answer.status_code,
+        len(answer.content),
+        round(time.perf_counter() - started, 2),
+        peak_mib(pid),
+    )
     clients = [threading.Thread(target=leaver, args=(patience,)) for patience in (1.7, 1.9, 2.1)]
     for client in clients:
         client.start()

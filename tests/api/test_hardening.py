@@ -25,6 +25,7 @@ from app.ml.data.synth import generate_image
 from app.ml.imageio import to_uint8
 from tests.api.conftest import png, running_server
 from tests.api.test_operations import metric
+from tests.conftest import MODEL_STORE
 
 SMALL = png(np.random.default_rng(3).integers(0, 256, (300, 400)).astype(np.uint8))  # 120,000 pixels
 JUNK = b"this is not an image at all"
@@ -361,3 +362,19 @@ def test_a_request_given_up_mid_step_answers_once_its_threads_have_stopped(train
             ended = metric(http.get("/metrics").text, "cellseg_stage_seconds_count")
             time.sleep(2.0)
             assert metric(http.get("/metrics").text, "cellseg_stage_seconds_count") == ended, "a step outlived it"
+
+
+def test_a_validation_error_echoes_a_bounded_sample_of_what_was_sent(tmp_path):
+    """Issue 26's fixes attacked again: error details were capped, but not the 422s of request validation, which
+    echo each bad input whole, as repr: 40 text parts of 1 MB of \\x01 in `files` (40 MB, under the upload limit)
+    came back as a 200 MB 422, the server's peak memory up 688 MiB, with no admission cost."""
+    part = b'--b\r\nContent-Disposition: form-data; name="files"\r\n\r\n' + b"\x01" * 1_000_000 + b"\r\n"
+    body, headers = part * 10 + b"--b--\r\n", {"content-type": "multipart/form-data; boundary=b"}
+    with start_server(tmp_path / "server.log", model_store=str(MODEL_STORE), compile="false") as server:
+        before = server.memory_kib()["VmHWM"]
+        answer = httpx.post(f"{server.url}/segment", content=body, headers=headers, timeout=60)
+        assert answer.status_code == 422 and len(answer.content) < 2500, len(answer.content)
+        assert answer.json()["detail"].startswith("body parameter 'files.0': Value error, Expected UploadFile")
+        assert server.memory_kib()["VmHWM"] - before < 40 * 1024
+        long_format = httpx.post(f"{server.url}/segment", params={"format": "x" * 60_000}, files={"file": SMALL})
+        assert long_format.status_code == 422 and len(long_format.content) < 2500
