@@ -377,9 +377,14 @@ class _Exchange:
         declared = response.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
             raise ServiceError(self.status, f"the answer is {declared} bytes, over max_answer_bytes ({limit})")
+        # httpx inflates each piece read whole, before the cap sees it (64 KiB of gzip: 64 MiB); the service never
+        # compresses, and the client asks for no compression, so an answer that is compressed is refused unread.
+        encoding = response.headers.get("content-encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            raise ServiceError(self.status, f"the answer is compressed ({encoding}), which the client did not ask for")
 
     def add(self, chunk: bytes) -> None:
-        """One more piece of the answer (decoded: a compressed answer counts at its full size)."""
+        """One more piece of the answer (never compressed: see begin)."""
         if self.body.tell() + len(chunk) > self.limits.max_answer_bytes:
             raise ServiceError(
                 self.status, f"the answer is over max_answer_bytes ({self.limits.max_answer_bytes} bytes)"
@@ -479,7 +484,9 @@ class _Client:
     def __init__(self, base_url: str = "http://localhost:8000", **options: Unpack[ClientOptions]) -> None:
         api_key = options.pop("api_key", None)
         self.limits = _Limits(**options)
-        headers = {"X-API-Key": api_key.encode()} if api_key else {}  # bytes: a key need not be ASCII
+        headers = {"Accept-Encoding": b"identity"}  # the service never compresses; see _Exchange.begin
+        if api_key:
+            headers["X-API-Key"] = api_key.encode()  # bytes: a key need not be ASCII
         self._http = self._open(base_url=base_url, headers=headers, timeout=self.limits.timeout)
 
     def _open(self, **options: Any) -> Any:

@@ -39,7 +39,7 @@ def file_response(result: SegmentedFile, output: OutputFormat, version: str) -> 
     }
     layout = result.layout
     if layout.is_stack:
-        headers |= {"X-Frame-Count": str(len(result.frames)), "X-Frame-Axes": layout.axes}
+        headers |= {"X-Frame-Count": str(len(result.frames)), "X-Frame-Axes": header_text(layout.axes)}
     elif (instances := result.frames[0].instances).cell_type is not None:
         headers["X-Cell-Type"] = instances.cell_type
         headers["X-Cell-Type-Probability"] = f"{instances.cell_type_probability:.4f}"
@@ -87,8 +87,8 @@ def frame_cells(frame: SegmentedFrame) -> dict[str, Any]:
     }
 
 
-# Printable ASCII but "%": what a header value may hold as it is. Anything else (a channel named "Ca²⁺", or one
-# holding CR LF) is percent-encoded UTF-8, as in a URL, which no header parser can misread.
+# Printable ASCII but "%": what a header value may hold as it is. Anything else a file names (a channel "Ca²⁺", a frame
+# axis "€", either holding CR LF) is percent-encoded UTF-8, as in a URL, which no header parser can misread.
 _HEADER_SAFE = "".join(chr(code) for code in range(0x20, 0x7F) if chr(code) != "%")
 
 

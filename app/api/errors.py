@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import reprlib
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -42,8 +43,16 @@ MAX_DETAIL = 2000  # characters of an error's reason an answer holds; what a fil
 
 def public_detail(exc: CellSegError) -> str:
     """The error's reason as an answer gives it: shortened where a file made it long."""
-    text = str(exc)
+    return _capped(str(exc))
+
+
+def _capped(text: str) -> str:
     return text if len(text) <= MAX_DETAIL else text[: MAX_DETAIL - 1] + "…"
+
+
+# A sample of a bad input, not all of it: a request may hold megabytes of text parts, and repr makes a byte 4.
+_ECHO = reprlib.Repr()
+_ECHO.maxstring, _ECHO.maxother, _ECHO.maxlist, _ECHO.maxtuple = 60, 60, 3, 3
 
 
 def status_of(exc: CellSegError) -> int:
@@ -61,13 +70,20 @@ async def handle_cellseg_error(request: Request, exc: CellSegError) -> JSONRespo
 
 async def handle_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     """FastAPI's list of validation errors -> one readable sentence per problem."""
-    problems = []
+    problems, length = [], 0
     for error in exc.errors():
         where, *path = error.get("loc", ("request",))
         name = ".".join(str(p) for p in path) or where
-        got = f" (got {error['input']!r})" if "input" in error and not isinstance(error["input"], dict) else ""
-        problems.append(f"{where} parameter '{name}': {error.get('msg', 'invalid')}{got}")
-    return JSONResponse({"detail": "; ".join(problems)}, status_code=422)
+        problems.append(f"{where} parameter '{name}': {error.get('msg', 'invalid')}{_got(error)}")
+        length += len(problems[-1]) + 2
+        if length > MAX_DETAIL:  # a thousand bad fields make no longer an answer
+            break
+    return JSONResponse({"detail": _capped("; ".join(problems))}, status_code=422)
+
+
+def _got(error: dict) -> str:
+    shown = "input" in error and not isinstance(error["input"], dict)
+    return f" (got {_ECHO.repr(error['input'])})" if shown else ""
 
 
 def install_error_handlers(app: FastAPI) -> None:

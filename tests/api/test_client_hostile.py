@@ -12,6 +12,7 @@ import socketserver
 import threading
 import time
 import tracemalloc
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -44,6 +45,15 @@ ANSWERS = {
 }
 
 
+def gzip_bomb(size: int) -> bytes:
+    """`size` zero bytes gzipped: about a thousandth of it on the wire."""
+    packer = zlib.compressobj(9, zlib.DEFLATED, 31)  # 31: the gzip format
+    return b"".join(packer.compress(bytes(MIB)) for _ in range(size // MIB)) + packer.flush()
+
+
+BOMB = gzip_bomb(256 * MIB)  # 255 KB
+
+
 def head(status: str, *headers: str) -> bytes:
     return "\r\n".join((f"HTTP/1.1 {status}", "Connection: close", *headers, "", "")).encode()
 
@@ -61,7 +71,7 @@ class Hostile(socketserver.StreamRequestHandler):
         while (line := self.rfile.readline().decode().strip()) and ":" in line:
             name, value = line.split(":", 1)
             headers[name.strip().lower()] = value.strip()
-        self.name = request_line.split()[1].split("/")[1]
+        self.name, self.request_headers = request_line.split()[1].split("/")[1], headers
         self.server.requests[self.name] += 1
         if self.name != "slowread":  # the others read the upload whole before they answer
             self.rfile.read(int(headers.get("content-length", 0)))
@@ -109,6 +119,19 @@ class Hostile(socketserver.StreamRequestHandler):
         while self.server.sent[self.name] < CAPPED:
             self.send(bytes(MIB))
 
+    def do_gzipbomb(self) -> None:  # compressed though the client asks for identity; 256 MiB once inflated
+        self.server.encodings.append(self.request_headers.get("accept-encoding", ""))
+        self.send(head("200 OK", "Content-Encoding: gzip", f"Content-Length: {len(BOMB)}") + BOMB)
+
+    def do_redirect(self) -> None:  # to itself, for ever
+        self.send(head("302 Found", f"Location: /{self.name}", "Content-Length: 0"))
+
+    def do_hugeheader(self) -> None:  # a header of 1 MiB
+        self.send(head("200 OK", "X-Big: " + "a" * MIB, "Content-Length: 2") + b"{}")
+
+    def do_chunklie(self) -> None:  # a chunk of 2**60 bytes announced, 1 KB sent, then the end
+        self.send(head("200 OK", "Transfer-Encoding: chunked") + b"fffffffffffffff\r\n" + b"{" * 1000)
+
     def do_cut(self) -> None:
         self.send(head("200 OK", "Content-Length: 1000") + b'{"width": ')
 
@@ -124,6 +147,7 @@ class HostileServer(socketserver.ThreadingTCPServer):
         super().__init__(("127.0.0.1", 0), Hostile)
         self.requests: Counter[str] = Counter()
         self.sent: Counter[str] = Counter()
+        self.encodings: list[str] = []  # the Accept-Encoding of each request for gzipbomb
 
     def url(self, scenario: str) -> str:
         return f"http://127.0.0.1:{self.server_address[1]}/{scenario}"
@@ -275,6 +299,36 @@ def test_an_answer_past_max_answer_bytes_stops_being_read(call, hostile, scenari
     assert hostile.sent[scenario] < 40 * MIB, "the client stopped reading (what it sent is in socket buffers)"
 
 
+def test_a_compressed_answer_is_refused_before_it_is_inflated(call, hostile):
+    """Issue 26's fixes attacked again: 255 KB of gzip that inflate to 256 MiB. httpx inflates each piece read
+    whole (64 KiB of it: 64 MiB), so the cap on the answer's size came after the memory was taken: 397 MiB held
+    for a cap of 256. The client asks for no compression (the service never compresses) and refuses it."""
+    outcome = call(hostile.url("gzipbomb"), "segment", GRAY, format="png", client={"max_answer_bytes": 4 * MIB})
+    raised(outcome, 200, "the answer is compressed (gzip)")
+    assert outcome.peak_bytes < 20 * MIB, outcome.peak_bytes
+    assert hostile.encodings.pop() == "identity"
+
+
+@pytest.mark.parametrize(
+    ("scenario", "status", "message"),
+    [
+        ("busy_1e308", 503, "cellseg answered 503"),
+        ("redirect", 302, "cellseg answered 302"),
+        ("hugeheader", None, "RemoteProtocolError"),
+        ("chunklie", 200, "RemoteProtocolError"),
+    ],
+)
+def test_a_redirect_loop_an_endless_retry_after_a_huge_header_or_a_lying_chunk_end_at_once(
+    call, hostile, scenario, status, message
+):
+    """Issue 26's fixes attacked again, and they hold: one request each, a ServiceError, no wait, little memory."""
+    hostile.requests.clear()
+    outcome = call(hostile.url(scenario), "segment", GRAY)
+    raised(outcome, status, message)
+    assert outcome.seconds < 1 and outcome.peak_bytes < 8 * MIB, outcome
+    assert hostile.requests[scenario] == 1
+
+
 def measure() -> None:
     """The figures of docs/reliability.md's client rows: `python -m tests.api.test_client_hostile`."""
     server = HostileServer()
@@ -290,6 +344,7 @@ def measure() -> None:
         ("labels, 10000x10000 claimed in a small body", "hugedims", "labels", (GRAY,), {}, {}),
         ("segment png, Content-Length 1.5 GB", "hugelength", "segment", (GRAY,), {"format": "png"}, {}),
         ("segment png, endless body", "endless", "segment", (GRAY,), {"format": "png"}, {}),
+        ("segment png, 255 KB of gzip inflating to 256 MiB", "gzipbomb", "segment", (GRAY,), {"format": "png"}, {}),
     ]  # fmt: skip
     for label, scenario, method, args, kwargs, client in cases:
         server.requests.clear()

@@ -25,6 +25,7 @@ from app.ml.data.synth import generate_image
 from app.ml.imageio import to_uint8
 from tests.api.conftest import png, running_server
 from tests.api.test_operations import metric
+from tests.conftest import MODEL_STORE
 
 SMALL = png(np.random.default_rng(3).integers(0, 256, (300, 400)).astype(np.uint8))  # 120,000 pixels
 JUNK = b"this is not an image at all"
@@ -345,3 +346,35 @@ def test_an_unexpected_error_is_a_json_500_naming_the_request_id(caplog):
     assert answer.json() == {"detail": "internal error; the service's log has it under request id req-500"}
     assert answer.headers["x-request-id"] == "req-500"
     assert any("something unforeseen" in record.getMessage() for record in caplog.records)
+
+
+def test_a_request_given_up_mid_step_answers_once_its_threads_have_stopped(trained_model):
+    """Issue 26, attacked again: a step in a thread (decoding, the instance step at full size) cannot be stopped
+    midway. The 504 used to be sent, and the request's pixels freed, while the step went on: a client leaving in
+    that step (or a deadline there), again and again, got more memory in use than the budget admits. Now the answer
+    waits for the step to end, so no stage ends after it."""
+    image = png((np.random.default_rng(5).random((4000, 4000)) * 255).astype(np.uint8))  # resize mode: threads
+    with running_server(trained_model.parent, request_timeout_seconds="0.8") as url, httpx.Client(base_url=url) as http:
+        files, stream = {"file": ("a.png", image)}, {"Accept": "text/event-stream"}
+        for headers in ({}, stream):
+            answer = http.post("/segment", params={"mode": "resize"}, files=files, headers=headers, timeout=60)
+            assert answer.status_code == 504 or "504" in answer.text, answer.text[-300:]
+            ended = metric(http.get("/metrics").text, "cellseg_stage_seconds_count")
+            time.sleep(2.0)
+            assert metric(http.get("/metrics").text, "cellseg_stage_seconds_count") == ended, "a step outlived it"
+
+
+def test_a_validation_error_echoes_a_bounded_sample_of_what_was_sent(tmp_path):
+    """Issue 26's fixes attacked again: error details were capped, but not the 422s of request validation, which
+    echo each bad input whole, as repr: 40 text parts of 1 MB of \\x01 in `files` (40 MB, under the upload limit)
+    came back as a 200 MB 422, the server's peak memory up 688 MiB, with no admission cost."""
+    part = b'--b\r\nContent-Disposition: form-data; name="files"\r\n\r\n' + b"\x01" * 1_000_000 + b"\r\n"
+    body, headers = part * 10 + b"--b--\r\n", {"content-type": "multipart/form-data; boundary=b"}
+    with start_server(tmp_path / "server.log", model_store=str(MODEL_STORE), compile="false") as server:
+        before = server.memory_kib()["VmHWM"]
+        answer = httpx.post(f"{server.url}/segment", content=body, headers=headers, timeout=60)
+        assert answer.status_code == 422 and len(answer.content) < 2500, len(answer.content)
+        assert answer.json()["detail"].startswith("body parameter 'files.0': Value error, Expected UploadFile")
+        assert server.memory_kib()["VmHWM"] - before < 40 * 1024
+        long_format = httpx.post(f"{server.url}/segment", params={"format": "x" * 60_000}, files={"file": SMALL})
+        assert long_format.status_code == 422 and len(long_format.content) < 2500

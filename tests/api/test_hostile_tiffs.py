@@ -162,3 +162,14 @@ def test_a_tiff_of_200000_pages_is_refused_while_the_server_keeps_answering(serv
         poller.join()
     assert answer.status_code == 413 and "more than 10,000 pages" in answer.json()["detail"]
     assert slowest[0] < 1.0, f"/health took {slowest[0]:.2f} s meanwhile"
+
+
+def test_a_stacks_frame_axes_come_back_percent_encoded_in_x_frame_axes(server):
+    """Issue 26's fixes attacked again: X-Channel was encoded, X-Frame-Axes was not. A 500-byte TIFF whose
+    tifffile "shaped" description names its frame axis "€" got a 500; CR or LF, the connection closed unanswered."""
+    for escaped, axis in (("\\u20ac", "€"), ("\\r", "\r"), ("\\n", "\n"), ("Z", "Z")):
+        data = hostile.shaped_axes(f"{escaped}YX")
+        answer = httpx.post(f"{server.url}/segment", params={"format": "tiff"}, files={"file": ("s.tif", data)})
+        assert answer.status_code == 200, answer.text
+        assert unquote(answer.headers["x-frame-axes"]) == axis
+    assert answer.headers["x-frame-axes"] == "Z"  # printable ASCII as it is

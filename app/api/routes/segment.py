@@ -26,6 +26,7 @@ from app.ml.outputs import OutputFormat
 from app.ml.postprocess import THRESHOLD_RANGES
 from app.ml.rules import InstanceRules
 from app.ml.serving.pipeline import SegmentationPipeline, SegmentedFile, TileProgress, all_or_none
+from app.ml.stopping import until_done
 
 router = APIRouter(tags=["segmentation"])
 log = logging.getLogger("cellseg.api")
@@ -236,13 +237,16 @@ async def _cancel_on_disconnect(
         await asyncio.wait({task, watcher}, timeout=deadline, return_when=asyncio.FIRST_COMPLETED)
     except asyncio.CancelledError:  # the server itself is cancelling this request (e.g. shutting down)
         task.cancel()
+        await until_done({task})
         raise
     finally:
         watcher.cancel()
     if task.done():
         return task.result()
+    left = watcher.done() and not watcher.cancelled()
     task.cancel()
-    if watcher.done():
+    await until_done({task})  # its threads' memory is freed before its pixels are (a step at most)
+    if left:
         metrics.disconnects.inc()
         raise HTTPException(499, "client closed the request")
     raise HTTPException(504, _too_long(deadline))

@@ -88,14 +88,15 @@ class TileProgress:
 
 
 async def all_or_none(work: list[Awaitable[T]]) -> list[T]:
-    """Every result, or the first error; then the others' work is cancelled, queued network inputs included, so
-    no work outlives the answer."""
+    """Every result, or the first error; then the others' work is cancelled, queued network inputs included, and
+    waited for (a step in a thread at most), so no work outlives the answer."""
     tasks = [asyncio.ensure_future(item) for item in work]
     try:
         return await asyncio.gather(*tasks)
     finally:
         for task in tasks:
             task.cancel()  # a no-op for the tasks that finished
+        await stopping.until_done(set(tasks))
 
 
 class SegmentationPipeline:
