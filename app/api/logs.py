@@ -9,6 +9,12 @@ from datetime import UTC, datetime
 
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
+
+def internal_error(rid: str) -> str:
+    """What an answer says of an error nobody foresaw: where to find it, not what it was."""
+    return f"internal error; the service's log has it under request id {rid}"
+
+
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
 
 

@@ -15,7 +15,7 @@ from urllib.parse import parse_qs
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.api.logs import request_id
+from app.api.logs import internal_error, request_id
 from app.api.metrics import Metrics
 
 log = logging.getLogger("cellseg.access")
@@ -200,7 +200,7 @@ class RequestContextMiddleware:
             if answered:  # the answer has begun; the connection is cut and uvicorn logs it
                 raise
             log.error("unexpected error: %s", exc, exc_info=exc)
-            await send_json(send_with_id, 500, f"internal error; the service's log has it under request id {rid}")
+            await send_json(send_with_id, 500, internal_error(rid))
         finally:
             self._record(scope, status, time.perf_counter() - started)
             request_id.reset(token)

@@ -16,7 +16,7 @@ from fastapi.responses import Response, StreamingResponse
 from app.api import answers, schemas
 from app.api.deps import MetricsDep, ModelDep, SettingsDep
 from app.api.errors import public_detail, status_of
-from app.api.logs import request_id
+from app.api.logs import internal_error, request_id
 from app.api.metrics import Metrics
 from app.api.middleware import release_slot
 from app.ml.errors import CellSegError
@@ -165,8 +165,7 @@ def _event_stream(
             events.put_nowait(("error", {"status": status_of(exc), "detail": public_detail(exc)}))
         except Exception as exc:  # the stream has begun, so the error goes in it; the log has the details
             log.error("unexpected error in a progress stream: %s", exc, exc_info=exc)
-            detail = f"internal error; the service's log has it under request id {request_id.get()}"
-            events.put_nowait(("error", {"status": 500, "detail": detail}))
+            events.put_nowait(("error", {"status": 500, "detail": internal_error(request_id.get())}))
         finally:
             admitted.close()
             release_slot(request.scope)
