@@ -23,7 +23,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' hostile files, run from anywhere
 
-from app.bench.localserver import free_port, running_server
+from app.bench.localserver import LocalServer, free_port, running_server
 from app.ml.outputs import coco
 from app.ml.postprocess import Instances
 from tests.ml import hostile_tiffs as hostile
@@ -158,7 +158,8 @@ def round_two(http: httpx.Client, pid: int) -> dict[str, object]:
     }
     with contextlib.suppress(httpx.TimeoutException):  # the client gives up after 2 s
         http.post("/segment", params={"format": "coco", "mode": "tile"}, files={"file": ("n.png", noise)}, timeout=2)
-    rows["CPU seconds the server spends in the 5 s after that client gave up at 2 s"] = cpu_seconds(pid, 5.0)
+    server = LocalServer(str(http.base_url), pid)
+    rows["CPU seconds the server spends in the 5 s after that client gave up at 2 s"] = cpu_seconds(server, 5.0)
 
     pages = hostile.write([hostile.small_page() for _ in range(430_000)])
     slowest, status = health_beside(http, lambda: http.post("/segment", files={"file": ("p.tif", pages)}))
@@ -186,14 +187,10 @@ def coco_seconds() -> float:
     return round(time.perf_counter() - started, 2)
 
 
-def cpu_seconds(pid: int, seconds: float) -> float:
-    def used() -> float:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    before = used()
+def cpu_seconds(server: LocalServer, seconds: float) -> float:
+    before = server.cpu_seconds()
     time.sleep(seconds)
-    return round(used() - before, 2)
+    return round(server.cpu_seconds() - before, 2)
 
 
 def health_beside(http: httpx.Client, request: Callable[[], httpx.Response]) -> tuple[float, int]:

@@ -31,6 +31,11 @@ class LocalServer:
                     fields[key] += int(value.split()[0])
         return fields
 
+    def cpu_seconds(self) -> float:
+        """CPU time the server process has used so far (user and system), from /proc (Linux)."""
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
 
 def process_tree(pid: int) -> list[int]:
     """`pid` and every process under it (Linux /proc)."""

@@ -12,14 +12,13 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import httpx
 import numpy as np
 
 from app.api.metrics import Metrics
 from app.api.middleware import RequestContextMiddleware
-from app.bench.localserver import free_port
+from app.bench.localserver import LocalServer, free_port
 from app.bench.localserver import running_server as start_server
 from app.ml.data.synth import generate_image
 from app.ml.imageio import to_uint8
@@ -276,7 +275,7 @@ def test_work_past_its_deadline_stops_and_answers_504(trained_model):
         answer = httpx.post(f"{server.url}/segment", params={"format": "coco", "mode": "tile"}, files=files, timeout=60)
         assert answer.status_code == 504, answer.text
         assert "CELLSEG_REQUEST_TIMEOUT_SECONDS" in answer.json()["detail"]
-        assert cpu_seconds_over(server.pid, 2.0) < 0.5, "the work went on after its answer"
+        assert cpu_seconds_over(server, 2.0) < 0.5, "the work went on after its answer"
 
         headers = {"Accept": "text/event-stream"}
         streamed = httpx.post(
@@ -284,21 +283,16 @@ def test_work_past_its_deadline_stops_and_answers_504(trained_model):
         )
         error = json.loads(streamed.text.strip().split("\n\n")[-1].split("\n")[1].removeprefix("data: "))
         assert error["status"] == 504 and "limit of 1 s" in error["detail"]
-        assert cpu_seconds_over(server.pid, 2.0) < 0.5
+        assert cpu_seconds_over(server, 2.0) < 0.5
         assert httpx.post(f"{server.url}/segment", files={"file": ("a.png", SMALL)}, timeout=60).status_code == 200
 
 
-def cpu_seconds_over(pid: int, seconds: float) -> float:
-    """CPU seconds the process spends in the next `seconds`, after a short settling pause."""
+def cpu_seconds_over(server: LocalServer, seconds: float) -> float:
+    """CPU seconds the server spends in the next `seconds`, after a short settling pause."""
     time.sleep(0.5)
-    before = _cpu_seconds(pid)
+    before = server.cpu_seconds()
     time.sleep(seconds)
-    return _cpu_seconds(pid) - before
-
-
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+    return server.cpu_seconds() - before
 
 
 def test_every_answer_carries_the_security_headers_for_what_it_is(server):
