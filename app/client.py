@@ -377,8 +377,8 @@ class _Exchange:
         declared = response.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
             raise ServiceError(self.status, f"the answer is {declared} bytes, over max_answer_bytes ({limit})")
-        # httpx inflates each piece read whole, before the cap sees it (64 KiB of gzip: 64 MiB); the service never
-        # compresses, and the client asks for no compression, so an answer that is compressed is refused unread.
+        # httpx inflates each piece read whole, before the cap sees it, and gzip shrinks zeros a thousandfold; the
+        # service never compresses, and the client asks for no compression, so a compressed answer is refused unread.
         encoding = response.headers.get("content-encoding", "identity").strip().lower()
         if encoding not in ("", "identity"):
             raise ServiceError(self.status, f"the answer is compressed ({encoding}), which the client did not ask for")

@@ -147,15 +147,24 @@ _DOCS_POLICY = (
 _ANSWER_POLICY = "default-src 'none'; frame-ancestors 'none'"
 
 
-def security_headers(path: str) -> list[tuple[bytes, bytes]]:
-    policy = _PAGE_POLICY if path == "/" or path.startswith("/static/page/") else _ANSWER_POLICY
-    if path == "/docs" or path.startswith("/static/docs/"):
-        policy = _DOCS_POLICY
+def _security_headers(policy: str) -> list[tuple[bytes, bytes]]:
     return [
         (b"content-security-policy", policy.encode()),
         (b"x-content-type-options", b"nosniff"),
         (b"x-frame-options", b"DENY"),
     ]
+
+
+_PAGE_HEADERS, _DOCS_HEADERS, _ANSWER_HEADERS = map(_security_headers, (_PAGE_POLICY, _DOCS_POLICY, _ANSWER_POLICY))
+
+
+def security_headers(path: str) -> list[tuple[bytes, bytes]]:
+    """The security headers of the answer at `path` (built once, shared by every answer)."""
+    if path == "/docs" or path.startswith("/static/docs/"):
+        return _DOCS_HEADERS
+    if path == "/" or path.startswith("/static/page/"):
+        return _PAGE_HEADERS
+    return _ANSWER_HEADERS
 
 
 class RequestContextMiddleware:

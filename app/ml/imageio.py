@@ -199,8 +199,8 @@ def _ome_channel_names(tif: tifffile.TiffFile) -> tuple[str, ...]:
 
 
 def _shortened(name: str) -> str:
-    """A channel's name as far as a request can name it (`channel=` takes 100 characters): a file's 5 MB name is
-    not echoed back in errors and headers."""
+    """A channel's name as far as a request can name it (`channel=` takes MAX_CHANNEL_NAME characters): a file's
+    name of megabytes is not echoed back in errors and headers."""
     return name if len(name) <= MAX_CHANNEL_NAME else name[: MAX_CHANNEL_NAME - 1] + "…"
 
 
